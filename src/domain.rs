@@ -1,0 +1,242 @@
+//! The chat domain: conversations, messages, roles, ids and times, serialized as the API contract says.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// How many characters of the first user message make a conversation's title.
+const TITLE_CHARS: usize = 50;
+/// The longest conversation id a client may choose.
+const MAX_CONVERSATION_ID_LEN: usize = 128;
+
+/// A point in time, serialized as RFC 3339 UTC with milliseconds (`2026-11-26T19:45:22.123Z`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl Timestamp {
+    /// The current time, truncated to milliseconds so that what is stored equals what is sent.
+    pub fn now() -> Self {
+        let now = Utc::now();
+        let millis = now.timestamp_millis();
+        Timestamp(DateTime::from_timestamp_millis(millis).unwrap_or(now))
+    }
+
+    /// The RFC 3339 text of this time, with milliseconds and a `Z`.
+    pub fn to_rfc3339(&self) -> String {
+        self.0.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn millis(&self) -> i64 {
+        self.0.timestamp_millis()
+    }
+
+    /// The time `millis` milliseconds after the Unix epoch.
+    pub fn from_millis(millis: i64) -> Self {
+        Timestamp(DateTime::from_timestamp_millis(millis).unwrap_or_default())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_rfc3339())
+    }
+}
+
+/// Who wrote a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+    System,
+}
+
+impl Role {
+    /// The role's name on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::System => "system",
+        }
+    }
+
+    /// The role named `name`, if any.
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            "system" => Some(Role::System),
+            _ => None,
+        }
+    }
+}
+
+/// Where an assistant reply stands (an extension field a client may ignore).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Streaming,
+    Complete,
+    Cancelled,
+    Error,
+}
+
+impl MessageStatus {
+    /// The status's name on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Streaming => "streaming",
+            MessageStatus::Complete => "complete",
+            MessageStatus::Cancelled => "cancelled",
+            MessageStatus::Error => "error",
+        }
+    }
+
+    /// The status named `name`, if any.
+    pub fn parse(name: &str) -> Option<MessageStatus> {
+        match name {
+            "streaming" => Some(MessageStatus::Streaming),
+            "complete" => Some(MessageStatus::Complete),
+            "cancelled" => Some(MessageStatus::Cancelled),
+            "error" => Some(MessageStatus::Error),
+            _ => None,
+        }
+    }
+}
+
+/// One message of a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub id: String,
+    pub content: String,
+    pub role: Role,
+    pub timestamp: Timestamp,
+    pub conversation_id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status: Option<MessageStatus>,
+}
+
+impl Message {
+    /// A new message with a fresh id, stamped now.
+    pub fn new(conversation_id: &str, role: Role, content: String) -> Self {
+        Message {
+            id: new_id(),
+            content,
+            role,
+            timestamp: Timestamp::now(),
+            conversation_id: conversation_id.to_owned(),
+            status: None,
+        }
+    }
+}
+
+/// A conversation with all its messages, in the order they were added.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Conversation {
+    pub id: String,
+    pub title: String,
+    pub messages: Vec<Message>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl Conversation {
+    /// An empty conversation titled after its first message.
+    pub fn new(id: String, first_message: &str) -> Self {
+        let now = Timestamp::now();
+        Conversation {
+            id,
+            title: title_from(first_message),
+            messages: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// A fresh UUID v4 as text.
+pub fn new_id() -> String {
+    Uuid::new_v4().to_string()
+}
+
+/// The title rule: the first 50 characters of the message, plus `...` when it was longer.
+pub fn title_from(message: &str) -> String {
+    let mut chars = message.char_indices();
+    match chars.nth(TITLE_CHARS) {
+        Some((cut, _)) => format!("{}...", &message[..cut]),
+        None => message.to_owned(),
+    }
+}
+
+/// Checks a conversation id a client chose: 1 to 128 letters, digits, `-` and `_`.
+pub fn validate_conversation_id(id: &str) -> Result<(), ApiError> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_CONVERSATION_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidRequest(
+            "conversationId must be 1 to 128 letters, digits, '-' or '_'".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn title_keeps_short_messages_whole() {
+        assert_eq!(title_from("Hello"), "Hello");
+        let fifty = "a".repeat(50);
+        assert_eq!(title_from(&fifty), fifty);
+    }
+
+    #[test]
+    fn title_cuts_at_fifty_characters_not_bytes() {
+        let long = "é".repeat(51);
+        let title = title_from(&long);
+        assert_eq!(title, format!("{}...", "é".repeat(50)));
+        let emoji = "😀".repeat(60);
+        assert_eq!(title_from(&emoji).chars().count(), 53);
+    }
+
+    #[test]
+    fn timestamps_have_milliseconds_and_z() {
+        let t = Timestamp::from_millis(1_795_000_000_123);
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2026-11-18T08:26:40.123Z\"");
+        assert_eq!(Timestamp::from_millis(t.millis()), t);
+    }
+
+    #[test]
+    fn conversation_ids_are_checked() {
+        assert!(validate_conversation_id("abc-DEF_123").is_ok());
+        assert!(validate_conversation_id(&"a".repeat(128)).is_ok());
+        assert!(validate_conversation_id(&"a".repeat(129)).is_err());
+        assert!(validate_conversation_id("").is_err());
+        assert!(validate_conversation_id("a b").is_err());
+        assert!(validate_conversation_id("é").is_err());
+    }
+
+    #[test]
+    fn messages_serialize_in_camel_case() {
+        let mut m = Message::new("c1", Role::Assistant, "hi".into());
+        m.status = Some(MessageStatus::Complete);
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["conversationId"], "c1");
+        assert_eq!(v["role"], "assistant");
+        assert_eq!(v["status"], "complete");
+        assert!(Uuid::parse_str(v["id"].as_str().unwrap()).is_ok());
+    }
+}

@@ -1,0 +1,250 @@
+//! The HTTP side: warp routes for REST and `/ws`, wrapped in tower layers and served by hyper
+//! with connection upgrades.
+
+mod payload;
+mod rest;
+mod session;
+mod ws;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use futures::{Stream, StreamExt};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use warp::http::{HeaderValue, Method, header};
+use warp::reply::{Reply, Response};
+use warp::{Filter, Rejection};
+
+use crate::actors::Conversations;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// What every route and connection shares.
+pub struct Shared {
+    pub conversations: Conversations,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+    /// Cancelled when the server shuts down; open WebSockets close on it.
+    pub shutdown: CancellationToken,
+}
+
+/// The client's address, put on every request by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+fn with_shared(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Arc<Shared>,), Error = Infallible> + Clone {
+    warp::any().map(move || shared.clone())
+}
+
+/// A JSON body of at most `limit` bytes: 413 above it, 400 when it is not JSON.
+fn json_body(
+    limit: usize,
+) -> impl Filter<Extract = (serde_json::Value,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |length: Option<u64>, body| async move {
+            if length.is_some_and(|l| l > limit as u64) {
+                return Err(warp::reject::custom(ApiError::PayloadTooLarge));
+            }
+            let bytes = read_limited(body, limit)
+                .await
+                .map_err(warp::reject::custom)?;
+            payload::parse_json(&bytes).map_err(warp::reject::custom)
+        })
+}
+
+async fn read_limited<B: Buf>(
+    body: impl Stream<Item = Result<B, warp::Error>>,
+    limit: usize,
+) -> Result<BytesMut, ApiError> {
+    let mut body = std::pin::pin!(body);
+    let mut bytes = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|e| ApiError::InvalidRequest(format!("Unreadable body: {e}")))?;
+        if bytes.len() + chunk.remaining() > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        while chunk.has_remaining() {
+            let piece = chunk.chunk();
+            bytes.extend_from_slice(piece);
+            let n = piece.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Every route of the server, with errors turned into `{message, code}` answers.
+pub fn routes(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let limit = shared.config.body_limit_bytes;
+    let state = with_shared(shared.clone());
+    let conversation_path = || warp::path!("api" / "conversations" / String);
+
+    let health = warp::path!("api" / "health")
+        .and(warp::get())
+        .and(state.clone())
+        .map(|shared: Arc<Shared>| rest::health(&shared));
+    let chat = warp::path!("api" / "chat")
+        .and(warp::post())
+        .and(state.clone())
+        .and(json_body(limit))
+        .then(rest::chat);
+    let list = warp::path!("api" / "conversations")
+        .and(warp::get())
+        .and(state.clone())
+        .and(warp::query::<rest::ListQuery>())
+        .then(rest::list);
+    let get = conversation_path()
+        .and(warp::get())
+        .and(state.clone())
+        .then(|id, shared| rest::get(shared, id));
+    let delete = conversation_path()
+        .and(warp::delete())
+        .and(state.clone())
+        .then(|id, shared| rest::delete(shared, id));
+    let rename = conversation_path()
+        .and(warp::patch())
+        .and(state.clone())
+        .and(json_body(limit))
+        .then(|id, shared, body| rest::rename(shared, id, body));
+    let stop = warp::path!("api" / "conversations" / String / "stop")
+        .and(warp::post())
+        .and(state.clone())
+        .then(|id, shared| rest::stop(shared, id));
+    let regenerate = warp::path!("api" / "conversations" / String / "regenerate")
+        .and(warp::post())
+        .and(state.clone())
+        .then(|id, shared| rest::regenerate(shared, id));
+    let websocket = warp::path!("ws").and(warp::ws()).and(state).map(
+        |upgrade: warp::ws::Ws, shared: Arc<Shared>| {
+            let frame_limit = shared.config.ws_max_frame_bytes;
+            upgrade
+                .max_frame_size(frame_limit)
+                .max_message_size(frame_limit)
+                .on_upgrade(move |socket| ws::serve(socket, shared))
+                .into_response()
+        },
+    );
+
+    let api = chat
+        .or(list)
+        .unify()
+        .or(get)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(rename)
+        .unify()
+        .or(stop)
+        .unify()
+        .or(regenerate)
+        .unify()
+        .map(|result: Result<Response, ApiError>| result.unwrap_or_else(|e| error_response(&e)));
+    health
+        .or(api)
+        .unify()
+        .or(websocket)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+/// The `{message, code}` answer for an error.
+pub fn error_response(error: &ApiError) -> Response {
+    warp::reply::with_status(warp::reply::json(&error.body()), error.status()).into_response()
+}
+
+async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let error = if let Some(e) = rejection.find::<ApiError>() {
+        e.clone()
+    } else if rejection.is_not_found() {
+        ApiError::NotFound
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::MethodNotAllowed
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::PayloadTooLarge
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
+        ApiError::InvalidRequest(e.to_string())
+    } else {
+        ApiError::InvalidRequest(format!("Bad request: {rejection:?}"))
+    };
+    Ok(error_response(&error))
+}
+
+fn cors(frontend_url: &str) -> CorsLayer {
+    let origin = AllowOrigin::list(HeaderValue::from_str(frontend_url).ok());
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_credentials(true)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+}
+
+/// Accepts connections until `shutdown` is cancelled, then waits up to `grace` for the open
+/// ones to finish.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
+    let routes = routes(shared.clone());
+    let cors = cors(&shared.config.frontend_url);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let shutdown = shared.shutdown.clone();
+    loop {
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = ServiceBuilder::new()
+            .map_request(move |mut request: http::Request<_>| {
+                request.extensions_mut().insert(ClientAddr(addr));
+                request
+            })
+            .layer(cors.clone())
+            .service(warp::service(routes.clone()));
+        let connection = auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the grace period");
+    }
+}

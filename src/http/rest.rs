@@ -1,0 +1,108 @@
+//! The REST routes of the contract, and the extensions for stop, regenerate and rename.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+use super::Shared;
+use super::payload::Payload;
+use crate::domain::{Timestamp, validate_conversation_id};
+use crate::error::ApiError;
+use crate::store::Page;
+
+/// `GET /api/health`.
+pub fn health(shared: &Shared) -> Response {
+    let metrics = shared.metrics.snapshot();
+    let body = json!({
+        "status": "OK",
+        "timestamp": Timestamp::now(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime": shared.started.elapsed().as_secs_f64(),
+        "memory": { "rss": crate::metrics::resident_bytes() },
+        "activeConnections": metrics.open_connections,
+        "activeConversations": shared.conversations.active(),
+        "repliesInProgress": metrics.replies_in_progress,
+    });
+    warp::reply::json(&body).into_response()
+}
+
+/// `POST /api/chat`: the user message and the model's whole reply.
+pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Response, ApiError> {
+    let payload = Payload::new(&body)?;
+    let message = payload.message(shared.config.max_message_chars)?;
+    let id = payload.optional_conversation_id()?;
+    let done = shared.conversations.chat(id, message).await?;
+    Ok(warp::reply::json(&json!({
+        "message": done.message,
+        "conversation": done.conversation,
+    }))
+    .into_response())
+}
+
+/// Query of `GET /api/conversations`: both optional; none answers every conversation.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// `GET /api/conversations`.
+pub async fn list(shared: Arc<Shared>, query: ListQuery) -> Result<Response, ApiError> {
+    let page = Page {
+        limit: query.limit,
+        offset: query.offset.unwrap_or(0),
+    };
+    let conversations = shared.conversations.list(page).await?;
+    Ok(warp::reply::json(&conversations).into_response())
+}
+
+/// `GET /api/conversations/:id`.
+pub async fn get(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+    validate_conversation_id(&id)?;
+    let conversation = shared.conversations.get(&id).await?;
+    Ok(warp::reply::json(&conversation).into_response())
+}
+
+/// `DELETE /api/conversations/:id`.
+pub async fn delete(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+    validate_conversation_id(&id)?;
+    shared.conversations.delete(&id).await?;
+    Ok(
+        warp::reply::json(&json!({ "message": "Conversation deleted successfully" }))
+            .into_response(),
+    )
+}
+
+/// `PATCH /api/conversations/:id` `{title}`.
+pub async fn rename(
+    shared: Arc<Shared>,
+    id: String,
+    body: serde_json::Value,
+) -> Result<Response, ApiError> {
+    validate_conversation_id(&id)?;
+    let title = Payload::new(&body)?.title()?;
+    let conversation = shared.conversations.rename(&id, title).await?;
+    Ok(warp::reply::json(&conversation).into_response())
+}
+
+/// `POST /api/conversations/:id/stop`.
+pub async fn stop(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+    shared.conversations.stop_reply(&id).await?;
+    Ok(
+        warp::reply::json(&json!({ "message": "Generation stopped", "conversationId": id }))
+            .into_response(),
+    )
+}
+
+/// `POST /api/conversations/:id/regenerate`: the new reply streams to the members.
+pub async fn regenerate(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+    let started = shared.conversations.regenerate(&id, None).await?;
+    let body = json!({
+        "conversationId": started.conversation_id,
+        "messageId": started.message_id,
+    });
+    Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
+}

@@ -1,0 +1,143 @@
+//! One real-time connection, whatever its transport: turns client events into requests to the
+//! conversations and remembers which conversations it joined.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{Value, json};
+
+use super::payload::Payload;
+use crate::actors::{Conversations, Subscriber, SubscriberInbox};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+/// A connected client's state.
+pub struct Session {
+    conversations: Conversations,
+    subscriber: Subscriber,
+    joined: HashSet<String>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl Session {
+    /// A new session and the inbox its transport writes out from.
+    pub fn open(
+        conversations: Conversations,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> (Session, SubscriberInbox) {
+        let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+        let (subscriber, inbox) = Subscriber::new(id, config.subscriber_queue);
+        metrics.connection_opened();
+        let session = Session {
+            conversations,
+            subscriber,
+            joined: HashSet::new(),
+            config,
+            metrics,
+        };
+        (session, inbox)
+    }
+
+    /// The connection's id.
+    pub fn id(&self) -> u64 {
+        self.subscriber.id()
+    }
+
+    /// Handles one client event; the value is the acknowledgement.
+    pub async fn handle(&mut self, event: &str, data: &Value) -> Result<Value, ApiError> {
+        match event {
+            "join_conversation" => {
+                let payload = Payload::new(data)?;
+                let id = payload.conversation_id()?;
+                let resume = payload.resume()?;
+                self.check_join_limit(&id)?;
+                let subscriber = self.subscriber.clone();
+                self.conversations.join(&id, subscriber, resume).await?;
+                self.joined.insert(id.clone());
+                Ok(json!({ "conversationId": id }))
+            }
+            "leave_conversation" => {
+                let id = Payload::new(data)?.conversation_id()?;
+                if self.joined.remove(&id) {
+                    self.conversations.leave(&id, self.id()).await;
+                }
+                Ok(json!({ "conversationId": id }))
+            }
+            "stream_chat" => {
+                let payload = Payload::new(data)?;
+                let message = payload.message(self.config.max_message_chars)?;
+                let id = payload.optional_conversation_id()?;
+                if let Some(id) = &id {
+                    self.check_join_limit(id)?;
+                } else if self.joined.len() >= self.config.max_joined_conversations {
+                    return Err(self.too_many_joined());
+                }
+                let sender = Some(self.subscriber.clone());
+                let started = self.conversations.stream_chat(id, message, sender).await?;
+                self.joined.insert(started.conversation_id.clone());
+                Ok(json!({
+                    "conversationId": started.conversation_id,
+                    "messageId": started.message_id,
+                }))
+            }
+            "stop_generation" => {
+                let id = Payload::new(data)?.conversation_id()?;
+                self.conversations.stop_reply(&id).await?;
+                Ok(json!({ "conversationId": id }))
+            }
+            "regenerate" => {
+                let id = Payload::new(data)?.conversation_id()?;
+                self.check_join_limit(&id)?;
+                let sender = Some(self.subscriber.clone());
+                let started = self.conversations.regenerate(&id, sender).await?;
+                self.joined.insert(id);
+                Ok(json!({
+                    "conversationId": started.conversation_id,
+                    "messageId": started.message_id,
+                }))
+            }
+            other => Err(ApiError::InvalidRequest(format!("Unknown event: {other}"))),
+        }
+    }
+
+    fn check_join_limit(&self, id: &str) -> Result<(), ApiError> {
+        if self.joined.contains(id) || self.joined.len() < self.config.max_joined_conversations {
+            Ok(())
+        } else {
+            Err(self.too_many_joined())
+        }
+    }
+
+    fn too_many_joined(&self) -> ApiError {
+        ApiError::InvalidRequest(format!(
+            "A connection may join at most {} conversations",
+            self.config.max_joined_conversations
+        ))
+    }
+
+    /// Joins again a conversation whose actor lost this connection (it failed and restarted).
+    pub async fn rejoin(&mut self, id: String) {
+        if !self.joined.contains(&id) {
+            return;
+        }
+        let subscriber = self.subscriber.clone();
+        if let Err(e) = self.conversations.join(&id, subscriber, None).await {
+            tracing::warn!(connection = self.id(), conversation = %id, error = %e, "rejoin failed");
+            self.joined.remove(&id);
+        }
+    }
+
+    /// Leaves every conversation; the connection is gone.
+    pub async fn close(self) {
+        for id in &self.joined {
+            self.conversations.leave(id, self.subscriber.id()).await;
+        }
+        self.metrics.connection_closed();
+    }
+}

@@ -1,0 +1,124 @@
+//! An AI chat server: conversations kept by one actor each, replies streamed from any
+//! OpenAI-compatible model to every client watching, over REST, WebSocket and Socket.IO.
+
+pub mod actors;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod llm;
+pub mod metrics;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::{ConversationContext, Conversations, Registry};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::http::Shared;
+use crate::llm::ModelProvider;
+use crate::metrics::Metrics;
+use crate::store::{ConversationStore, MemoryStore};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start: {0:?}")]
+    Setup(ApiError),
+}
+
+/// A running server.
+pub struct App {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+}
+
+impl App {
+    /// Starts the whole server as `config` says, on `config.host:config.port`.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let store: Arc<dyn ConversationStore> = Arc::new(MemoryStore::new());
+        let provider = llm::from_config(&config.model, config.conversations.upstream_timeout);
+        App::start_with(config, store, provider).await
+    }
+
+    /// Starts the server with a given store and model provider.
+    pub async fn start_with(
+        config: Config,
+        store: Arc<dyn ConversationStore>,
+        provider: Arc<dyn ModelProvider>,
+    ) -> Result<App, StartError> {
+        let interrupted = store.mark_interrupted().await.map_err(StartError::Setup)?;
+        if interrupted > 0 {
+            tracing::warn!(
+                count = interrupted,
+                "replies interrupted by the last stop marked as errors"
+            );
+        }
+        let addr = SocketAddr::new(config.host, config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let metrics = Arc::new(Metrics::default());
+        let conversations = Conversations::start(ConversationContext {
+            store,
+            provider,
+            settings: config.conversations.clone(),
+            registry: Registry::default(),
+            metrics: metrics.clone(),
+        })
+        .await
+        .map_err(StartError::Setup)?;
+        let shared = Arc::new(Shared {
+            conversations,
+            config: Arc::new(config),
+            metrics,
+            started: Instant::now(),
+            shutdown: CancellationToken::new(),
+        });
+        let server = tokio::spawn(http::serve(
+            listener,
+            shared.clone(),
+            Duration::from_secs(10),
+        ));
+        Ok(App {
+            addr,
+            shared,
+            server,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The conversations, for in-process use.
+    pub fn conversations(&self) -> &Conversations {
+        &self.shared.conversations
+    }
+
+    /// Stops accepting, closes real-time connections, lets open requests finish, and stops
+    /// every actor.
+    pub async fn shutdown(self) {
+        self.shared.shutdown.cancel();
+        let _ = self.server.await;
+        self.shared.conversations.stop();
+    }
+}

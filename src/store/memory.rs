@@ -1,0 +1,129 @@
+//! The in-memory store: fast, and gone when the process ends.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+
+use super::{ConversationStore, Page};
+use crate::domain::{Conversation, Message, MessageStatus, Timestamp};
+use crate::error::ApiError;
+
+/// Conversations in a map, for tests and for `DATABASE_URL=memory`.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    conversations: RwLock<HashMap<String, Conversation>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryStore::default()
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, Conversation>) -> T,
+    ) -> Result<T, ApiError> {
+        let mut map = self
+            .conversations
+            .write()
+            .map_err(|_| ApiError::internal("memory store lock poisoned"))?;
+        Ok(f(&mut map))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&HashMap<String, Conversation>) -> T) -> Result<T, ApiError> {
+        let map = self
+            .conversations
+            .read()
+            .map_err(|_| ApiError::internal("memory store lock poisoned"))?;
+        Ok(f(&map))
+    }
+
+    fn update(
+        &self,
+        id: &str,
+        updated_at: Timestamp,
+        change: impl FnOnce(&mut Conversation),
+    ) -> Result<(), ApiError> {
+        self.write(|map| match map.get_mut(id) {
+            Some(conversation) => {
+                change(conversation);
+                conversation.updated_at = updated_at;
+                Ok(())
+            }
+            None => Err(ApiError::ConversationNotFound),
+        })?
+    }
+}
+
+#[async_trait]
+impl ConversationStore for MemoryStore {
+    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError> {
+        self.write(|map| {
+            map.insert(conversation.id.clone(), conversation.clone());
+        })
+    }
+
+    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError> {
+        self.read(|map| map.get(id).cloned())
+    }
+
+    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError> {
+        self.read(|map| {
+            let mut all: Vec<&Conversation> = map.values().collect();
+            all.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
+            all.into_iter()
+                .skip(page.offset)
+                .take(page.limit.unwrap_or(usize::MAX))
+                .cloned()
+                .collect()
+        })
+    }
+
+    async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
+        self.update(&message.conversation_id, updated_at, |c| {
+            match c.messages.iter_mut().find(|m| m.id == message.id) {
+                Some(stored) => *stored = message.clone(),
+                None => c.messages.push(message.clone()),
+            }
+        })
+    }
+
+    async fn delete_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        updated_at: Timestamp,
+    ) -> Result<(), ApiError> {
+        self.update(conversation_id, updated_at, |c| {
+            c.messages.retain(|m| m.id != message_id)
+        })
+    }
+
+    async fn rename_conversation(
+        &self,
+        id: &str,
+        title: &str,
+        updated_at: Timestamp,
+    ) -> Result<(), ApiError> {
+        self.update(id, updated_at, |c| c.title = title.to_owned())
+    }
+
+    async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError> {
+        self.write(|map| map.remove(id).is_some())
+    }
+
+    async fn mark_interrupted(&self) -> Result<u64, ApiError> {
+        self.write(|map| {
+            let mut count = 0;
+            for message in map.values_mut().flat_map(|c| c.messages.iter_mut()) {
+                if message.status == Some(MessageStatus::Streaming) {
+                    message.status = Some(MessageStatus::Error);
+                    count += 1;
+                }
+            }
+            count
+        })
+    }
+}
