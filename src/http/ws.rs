@@ -15,6 +15,8 @@ use crate::error::ApiError;
 
 /// Close code for a client that could not keep up with its events.
 const CLOSE_TOO_SLOW: u16 = 1008;
+/// Close code for a frame over the size limit (or otherwise unreadable).
+const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
 
@@ -30,7 +32,15 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             frame = frames.next() => {
-                let Some(Ok(frame)) = frame else { break };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(e)) => {
+                        tracing::debug!(connection = session.id(), error = %e, "unreadable frame");
+                        let _ = sink.send(Message::close_with(CLOSE_TOO_BIG, "frame too large or malformed")).await;
+                        break;
+                    }
+                    None => break,
+                };
                 if frame.is_close() {
                     break;
                 }
