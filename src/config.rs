@@ -43,6 +43,8 @@ pub struct Config {
     pub ws_max_frame_bytes: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,
+    /// `SHUTDOWN_GRACE_MS`: how long replies in progress may go on after SIGINT or SIGTERM.
+    pub shutdown_grace: Duration,
     /// Events queued for one connection before it counts as too slow and is dropped
     /// (`SUBSCRIBER_QUEUE`).
     pub subscriber_queue: usize,
@@ -142,6 +144,7 @@ impl Config {
             ws_max_frame_bytes: vars.positive("WS_MAX_FRAME_BYTES", 1024 * 1024)?,
             max_joined_conversations: vars.positive("MAX_JOINED_CONVERSATIONS", 100)?,
             subscriber_queue: vars.positive("SUBSCRIBER_QUEUE", 1024)?,
+            shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
         })
     }
 }

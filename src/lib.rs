@@ -90,13 +90,11 @@ impl App {
             config: Arc::new(config),
             metrics,
             started: Instant::now(),
+            stop_accepting: CancellationToken::new(),
             shutdown: CancellationToken::new(),
         });
-        let server = tokio::spawn(http::serve(
-            listener,
-            shared.clone(),
-            Duration::from_secs(10),
-        ));
+        let grace = shared.config.shutdown_grace;
+        let server = tokio::spawn(http::serve(listener, shared.clone(), grace));
         Ok(App {
             addr,
             shared,
@@ -114,11 +112,12 @@ impl App {
         &self.shared.conversations
     }
 
-    /// Stops accepting, closes real-time connections, lets open requests finish, and stops
-    /// every actor.
-    pub async fn shutdown(self) {
+    /// Stops accepting, lets replies in progress finish for up to `grace` and interrupts the
+    /// rest, closes real-time connections, and lets open requests finish.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shared.stop_accepting.cancel();
+        self.shared.conversations.shutdown(grace).await;
         self.shared.shutdown.cancel();
         let _ = self.server.await;
-        self.shared.conversations.stop();
     }
 }

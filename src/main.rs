@@ -26,6 +26,7 @@ async fn main() -> ExitCode {
         Some(_) => config.model.model.clone(),
         None => "the built-in demo model".to_owned(),
     };
+    let grace = config.shutdown_grace;
     let app = match App::start(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -36,7 +37,7 @@ async fn main() -> ExitCode {
     tracing::info!(address = %app.addr(), %model, "AI chat server listening on http://{}", app.addr());
     wait_for_signal().await;
     tracing::info!("shutting down");
-    app.shutdown().await;
+    app.shutdown(grace).await;
     ExitCode::SUCCESS
 }
 

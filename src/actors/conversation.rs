@@ -104,6 +104,8 @@ pub enum Request {
     },
     /// Delete the conversation and its messages.
     Delete(Answer<()>),
+    /// The server is stopping: end the reply in progress as interrupted.
+    Interrupt(Answer<()>),
 }
 
 /// The conversation actor's mailbox.
@@ -343,6 +345,19 @@ impl ConversationState {
             }
             Request::Delete(answer) => {
                 let _ = answer.send(self.delete().await);
+            }
+            Request::Interrupt(answer) => {
+                if let Some(reply) = self.reply.as_mut() {
+                    reply.task.abort();
+                    if let Some(waiter) = reply.waiter.take() {
+                        let _ = waiter.send(Err(ApiError::Upstream));
+                        self.reply = None;
+                        self.ctx.metrics.reply_finished();
+                    } else {
+                        self.finish(MessageStatus::Error, String::new()).await;
+                    }
+                }
+                let _ = answer.send(Ok(()));
             }
         }
     }

@@ -84,6 +84,11 @@ impl Registry {
         unused
     }
 
+    fn ids(&self) -> Vec<Arc<str>> {
+        let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
+        actors.keys().cloned().collect()
+    }
+
     /// How many conversation actors are running.
     pub fn len(&self) -> usize {
         self.actors.read().unwrap_or_else(|e| e.into_inner()).len()
@@ -229,8 +234,20 @@ impl Conversations {
         Ok(Conversations { ctx, supervisor })
     }
 
-    /// Stops the supervisor and every conversation actor.
-    pub fn stop(&self) {
+    /// Lets replies in progress finish for up to `grace`, then ends the rest as interrupted
+    /// (stored with status `error`, members told), and stops every actor.
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.ctx.metrics.snapshot().replies_in_progress > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        for id in self.ctx.registry.ids() {
+            if self.ctx.registry.contains(&id) {
+                let _ = self.request(&id, Activation::Existing, Request::Interrupt).await;
+            }
+        }
         self.supervisor.stop(None);
     }
 

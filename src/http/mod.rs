@@ -35,7 +35,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub started: Instant,
-    /// Cancelled when the server shuts down; open WebSockets close on it.
+    /// Cancelled when the server stops accepting connections.
+    pub stop_accepting: CancellationToken,
+    /// Cancelled once replies in progress are over; open WebSockets close on it.
     pub shutdown: CancellationToken,
 }
 
@@ -209,7 +211,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
     let routes = routes(shared.clone());
     let cors = cors(&shared.config.frontend_url);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let shutdown = shared.shutdown.clone();
+    let stop_accepting = shared.stop_accepting.clone();
     loop {
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -220,7 +222,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
                     continue;
                 }
             },
-            _ = shutdown.cancelled() => break,
+            _ = stop_accepting.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
         let service = ServiceBuilder::new()
