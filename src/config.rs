@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::store::Durability;
+
 /// Start-up configuration problem: names the variable and what was wrong with it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid configuration: {variable}={value:?}: {reason}")]
@@ -43,6 +45,10 @@ pub struct Config {
     pub ws_max_frame_bytes: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,
+    /// `DATABASE_URL`: `memory`, or a SQLite database such as `sqlite://data/chat.db`.
+    pub database_url: String,
+    /// `SQLITE_SYNCHRONOUS`: `normal` or `full`.
+    pub sqlite_durability: Durability,
     /// `SHUTDOWN_GRACE_MS`: how long replies in progress may go on after SIGINT or SIGTERM.
     pub shutdown_grace: Duration,
     /// Events queued for one connection before it counts as too slow and is dropped
@@ -145,6 +151,8 @@ impl Config {
             max_joined_conversations: vars.positive("MAX_JOINED_CONVERSATIONS", 100)?,
             subscriber_queue: vars.positive("SUBSCRIBER_QUEUE", 1024)?,
             shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
+            database_url: vars.text("DATABASE_URL", "sqlite://data/chat.db"),
+            sqlite_durability: vars.parse("SQLITE_SYNCHRONOUS", Durability::Normal)?,
         })
     }
 }

@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::http::Shared;
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
-use crate::store::{ConversationStore, MemoryStore};
+use crate::store::ConversationStore;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,9 @@ pub struct App {
 impl App {
     /// Starts the whole server as `config` says, on `config.host:config.port`.
     pub async fn start(config: Config) -> Result<App, StartError> {
-        let store: Arc<dyn ConversationStore> = Arc::new(MemoryStore::new());
+        let store = store::open(&config.database_url, config.sqlite_durability)
+            .await
+            .map_err(StartError::Setup)?;
         let provider = llm::from_config(&config.model, config.conversations.upstream_timeout);
         App::start_with(config, store, provider).await
     }

@@ -1,10 +1,14 @@
 //! Persistence behind one async, fallible trait.
 
 mod memory;
+mod sqlite;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 pub use memory::MemoryStore;
+pub use sqlite::{Durability, SqliteStore};
 
 use crate::domain::{Conversation, Message, Timestamp};
 use crate::error::ApiError;
@@ -48,4 +52,107 @@ pub trait ConversationStore: Send + Sync {
     async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError>;
     /// Marks every reply still `streaming` as `error` (interrupted); run at start-up.
     async fn mark_interrupted(&self) -> Result<u64, ApiError>;
+}
+
+/// The store `DATABASE_URL` names: `memory`, or a `sqlite:` URL.
+pub async fn open(
+    url: &str,
+    durability: Durability,
+) -> Result<Arc<dyn ConversationStore>, ApiError> {
+    if url == "memory" {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    if url.starts_with("sqlite:") {
+        return Ok(Arc::new(SqliteStore::open(url, durability).await?));
+    }
+    Err(ApiError::InvalidRequest(format!(
+        "DATABASE_URL must be `memory` or a `sqlite:` URL, not {url:?}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{MessageStatus, Role};
+
+    async fn stores() -> (tempfile::TempDir, Vec<Arc<dyn ConversationStore>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/chat.db", dir.path().display());
+        let sqlite = open(&url, Durability::Normal).await.unwrap();
+        (
+            dir,
+            vec![open("memory", Durability::Normal).await.unwrap(), sqlite],
+        )
+    }
+
+    fn at(millis: i64) -> Timestamp {
+        Timestamp::from_millis(millis)
+    }
+
+    #[tokio::test]
+    async fn both_stores_keep_the_same_contract() {
+        let (_dir, stores) = stores().await;
+        for store in stores {
+            let mut a = Conversation::new("a".into(), "first");
+            a.updated_at = at(1_000);
+            store.create_conversation(&a).await.unwrap();
+            let mut b = Conversation::new("b".into(), "second");
+            b.updated_at = at(2_000);
+            store.create_conversation(&b).await.unwrap();
+
+            let question = Message::new("a", Role::User, "question".into());
+            store.save_message(&question, at(3_000)).await.unwrap();
+            let mut answer = Message::new("a", Role::Assistant, "par".into());
+            answer.status = Some(MessageStatus::Streaming);
+            store.save_message(&answer, at(3_001)).await.unwrap();
+            answer.content = "partial".into();
+            store.save_message(&answer, at(3_002)).await.unwrap();
+
+            let loaded = store.load_conversation("a").await.unwrap().unwrap();
+            assert_eq!(loaded.messages, vec![question.clone(), answer.clone()]);
+            assert_eq!(loaded.updated_at, at(3_002));
+            assert_eq!(loaded.title, "first");
+
+            let listed = store.list_conversations(Page::default()).await.unwrap();
+            assert_eq!(
+                listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+                ["a", "b"]
+            );
+            assert_eq!(listed[0], loaded);
+            let page = Page {
+                limit: Some(1),
+                offset: 1,
+            };
+            assert_eq!(store.list_conversations(page).await.unwrap()[0].id, "b");
+
+            assert_eq!(store.mark_interrupted().await.unwrap(), 1);
+            let loaded = store.load_conversation("a").await.unwrap().unwrap();
+            assert_eq!(loaded.messages[1].status, Some(MessageStatus::Error));
+            assert_eq!(loaded.messages[1].content, "partial");
+
+            store
+                .delete_message("a", &answer.id, at(4_000))
+                .await
+                .unwrap();
+            store
+                .rename_conversation("a", "renamed", at(4_001))
+                .await
+                .unwrap();
+            let loaded = store.load_conversation("a").await.unwrap().unwrap();
+            assert_eq!(loaded.messages, vec![question]);
+            assert_eq!(loaded.title, "renamed");
+            assert_eq!(loaded.updated_at, at(4_001));
+
+            assert!(store.delete_conversation("a").await.unwrap());
+            assert!(!store.delete_conversation("a").await.unwrap());
+            assert!(store.load_conversation("a").await.unwrap().is_none());
+            let orphan = Message::new("a", Role::User, "late".into());
+            assert!(store.save_message(&orphan, at(5_000)).await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_database_urls_are_refused() {
+        assert!(open("postgres://x", Durability::Normal).await.is_err());
+    }
 }

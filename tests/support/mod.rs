@@ -25,6 +25,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.port = 0;
+    config.database_url = "memory".into();
     config.rate_limit_max_requests = 0;
     config.model.demo_token_delay = Duration::from_millis(1);
     config.conversations.upstream_timeout = Duration::from_secs(10);

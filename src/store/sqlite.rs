@@ -1,0 +1,284 @@
+//! The SQL store on an embedded SQLite database: WAL journal, migrations shipped in the binary.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row};
+
+use super::{ConversationStore, Page};
+use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
+use crate::error::ApiError;
+
+/// Conversations in a SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// How hard each commit waits for the disk (`SQLITE_SYNCHRONOUS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Survives a crash or kill of the process; a power cut may lose the last commits.
+    Normal,
+    /// Survives a power cut too; every commit waits for the disk.
+    Full,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Durability::Normal),
+            "full" => Ok(Durability::Full),
+            _ => Err("expected normal or full".into()),
+        }
+    }
+}
+
+fn db_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("database: {e}"))
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing, with its folder) the database at `url`
+    /// (`sqlite://path/to/file.db`), and brings its schema up to date.
+    pub async fn open(url: &str, durability: Durability) -> Result<SqliteStore, ApiError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(db_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match durability {
+                Durability::Normal => SqliteSynchronous::Normal,
+                Durability::Full => SqliteSynchronous::Full,
+            })
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        if let Some(folder) = Path::new(options.get_filename()).parent()
+            && !folder.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(folder).map_err(db_error)?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        sqlx::migrate!("src/store/migrations")
+            .run(&pool)
+            .await
+            .map_err(db_error)?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Runs SQLite's own consistency check; `ok` when the file is sound.
+    pub async fn integrity_check(&self) -> Result<String, ApiError> {
+        sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_error)
+    }
+
+    /// Fills `conversations` with their messages, in order.
+    async fn with_messages(
+        &self,
+        mut conversations: Vec<Conversation>,
+    ) -> Result<Vec<Conversation>, ApiError> {
+        if conversations.is_empty() {
+            return Ok(conversations);
+        }
+        let mut query = QueryBuilder::new(
+            "SELECT id, conversation_id, role, content, status, timestamp FROM messages \
+             WHERE conversation_id IN (",
+        );
+        let mut ids = query.separated(", ");
+        for conversation in &conversations {
+            ids.push_bind(conversation.id.clone());
+        }
+        query.push(") ORDER BY rowid");
+        let rows = query
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let position: HashMap<String, usize> = conversations
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i))
+            .collect();
+        for row in rows {
+            let message = message_from(&row)?;
+            if let Some(&i) = position.get(&message.conversation_id) {
+                conversations[i].messages.push(message);
+            }
+        }
+        Ok(conversations)
+    }
+}
+
+fn conversation_from(row: &SqliteRow) -> Conversation {
+    Conversation {
+        id: row.get("id"),
+        title: row.get("title"),
+        messages: Vec::new(),
+        created_at: Timestamp::from_millis(row.get("created_at")),
+        updated_at: Timestamp::from_millis(row.get("updated_at")),
+    }
+}
+
+fn message_from(row: &SqliteRow) -> Result<Message, ApiError> {
+    let role: String = row.get("role");
+    let status: Option<String> = row.get("status");
+    Ok(Message {
+        id: row.get("id"),
+        conversation_id: row.get("conversation_id"),
+        role: Role::parse(&role).ok_or_else(|| db_error(format!("unknown role {role}")))?,
+        content: row.get("content"),
+        status: status.as_deref().and_then(MessageStatus::parse),
+        timestamp: Timestamp::from_millis(row.get("timestamp")),
+    })
+}
+
+#[async_trait]
+impl ConversationStore for SqliteStore {
+    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError> {
+        sqlx::query(
+            "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&conversation.id)
+        .bind(&conversation.title)
+        .bind(conversation.created_at.millis())
+        .bind(conversation.updated_at.millis())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError> {
+        let row =
+            sqlx::query("SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut loaded = self.with_messages(vec![conversation_from(&row)]).await?;
+        Ok(loaded.pop())
+    }
+
+    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError> {
+        let limit = page.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
+        let rows = sqlx::query(
+            "SELECT id, title, created_at, updated_at FROM conversations \
+             ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?",
+        )
+        .bind(limit)
+        .bind(page.offset.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        self.with_messages(rows.iter().map(conversation_from).collect())
+            .await
+    }
+
+    async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        sqlx::query(
+            "INSERT INTO messages (id, conversation_id, role, content, status, timestamp) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status",
+        )
+        .bind(&message.id)
+        .bind(&message.conversation_id)
+        .bind(message.role.as_str())
+        .bind(&message.content)
+        .bind(message.status.map(MessageStatus::as_str))
+        .bind(message.timestamp.millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        touch(&mut tx, &message.conversation_id, updated_at).await?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn delete_message(
+        &self,
+        conversation_id: &str,
+        message_id: &str,
+        updated_at: Timestamp,
+    ) -> Result<(), ApiError> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        sqlx::query("DELETE FROM messages WHERE id = ? AND conversation_id = ?")
+            .bind(message_id)
+            .bind(conversation_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        touch(&mut tx, conversation_id, updated_at).await?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn rename_conversation(
+        &self,
+        id: &str,
+        title: &str,
+        updated_at: Timestamp,
+    ) -> Result<(), ApiError> {
+        let done = sqlx::query("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?")
+            .bind(title)
+            .bind(updated_at.millis())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Err(ApiError::ConversationNotFound);
+        }
+        Ok(())
+    }
+
+    async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError> {
+        let done = sqlx::query("DELETE FROM conversations WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn mark_interrupted(&self) -> Result<u64, ApiError> {
+        let done = sqlx::query("UPDATE messages SET status = 'error' WHERE status = 'streaming'")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Moves a conversation's `updated_at`; not found when it does not exist.
+async fn touch(
+    tx: &mut sqlx::SqliteConnection,
+    id: &str,
+    updated_at: Timestamp,
+) -> Result<(), ApiError> {
+    let done = sqlx::query("UPDATE conversations SET updated_at = ? WHERE id = ?")
+        .bind(updated_at.millis())
+        .bind(id)
+        .execute(tx)
+        .await
+        .map_err(db_error)?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::ConversationNotFound);
+    }
+    Ok(())
+}
