@@ -638,13 +638,18 @@ impl ConversationState {
         }
     }
 
+    /// Saves the streaming reply as it is now, and moves `updatedAt` with it.
     async fn save_streaming_message(&mut self) {
         let store = self.ctx.store.clone();
-        if let Some(message) = self.streaming_message() {
-            let message = message.clone();
-            if let Err(e) = store.save_message(&message, Timestamp::now()).await {
-                tracing::error!(conversation = %self.id, error = %e, "could not save reply");
-            }
+        let now = Timestamp::now();
+        let Some(message) = self.streaming_message().cloned() else {
+            return;
+        };
+        if let Some(conversation) = self.conversation.as_mut() {
+            conversation.updated_at = now;
+        }
+        if let Err(e) = store.save_message(&message, now).await {
+            tracing::error!(conversation = %self.id, error = %e, "could not save reply");
         }
     }
 
@@ -660,9 +665,6 @@ impl ConversationState {
         let content = message.content.clone();
         let length = content.len();
         self.save_streaming_message().await;
-        if let Some(conversation) = self.conversation.as_mut() {
-            conversation.updated_at = Timestamp::now();
-        }
         let Some(mut reply) = self.reply.take() else {
             return;
         };

@@ -1,8 +1,9 @@
 //! What the black-box tests share: a real server on `127.0.0.1:0`, a test model server, and
 //! HTTP and WebSocket clients.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod model_server;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -41,6 +42,28 @@ pub fn config_for(model: &ModelServer) -> Config {
     config
 }
 
+/// An HTTP client for a server at `addr`, as (status, JSON) pairs.
+pub async fn call_at(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut request = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = tokio::time::timeout(WAIT, request.send())
+        .await
+        .expect("answer in time")
+        .expect("request sent");
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
 /// A running chat server and an HTTP client for it.
 pub struct TestServer {
     pub app: App,
@@ -73,19 +96,7 @@ impl TestServer {
 
     /// Sends a request and reads the JSON answer.
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.http.request(method, self.url(path));
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = tokio::time::timeout(WAIT, request.send())
-            .await
-            .expect("answer in time")
-            .expect("request sent");
-        let status = response.status();
-        let text = response.text().await.unwrap();
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, value)
+        call_at(self.addr(), method, path, body).await
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {

@@ -1,0 +1,294 @@
+//! Conversations that outlive the process: restart, SIGKILL mid-stream, passivation, and an
+//! actor that panics.
+
+mod support;
+
+use std::time::Duration;
+
+use ai_chat_server::store::{Durability, SqliteStore};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::process::ServerProcess;
+use support::{
+    ModelServer, TestServer, WsClient, call_at, config_for, final_content, names, pieces_of,
+};
+
+fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite://{}/chat.db", dir.path().join("data").display())
+}
+
+#[tokio::test]
+async fn a_restart_keeps_every_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.database_url = sqlite_url(&dir);
+
+    let server = TestServer::start(config.clone()).await;
+    let (_, first) = server
+        .post("/api/chat", json!({"message": "over REST"}))
+        .await;
+    let rest_id = first["conversation"]["id"].as_str().unwrap().to_owned();
+    server
+        .post(
+            "/api/chat",
+            json!({"message": "and again", "conversationId": rest_id}),
+        )
+        .await;
+    let mut client = server.ws().await;
+    client.chat("over-ws", "streamed").await;
+    let (_, list_before) = server.get("/api/conversations").await;
+    let (_, rest_before) = server.get(&format!("/api/conversations/{rest_id}")).await;
+    let (_, ws_before) = server.get("/api/conversations/over-ws").await;
+    client.close().await;
+    server.app.shutdown(Duration::from_secs(1)).await;
+
+    let server = TestServer::start(config).await;
+    let (_, list_after) = server.get("/api/conversations").await;
+    assert_eq!(list_after, list_before);
+    assert_eq!(list_after.as_array().unwrap().len(), 2);
+    assert_eq!(
+        server.get(&format!("/api/conversations/{rest_id}")).await.1,
+        rest_before
+    );
+    assert_eq!(server.get("/api/conversations/over-ws").await.1, ws_before);
+
+    let mut client = server.ws().await;
+    client.chat(&rest_id, "after the restart").await;
+    let sent = model.received().last().unwrap()["messages"].clone();
+    let contents: Vec<&str> = sent
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    let reply = model.reply_text();
+    assert_eq!(
+        contents,
+        [
+            "You are a helpful assistant.",
+            "over REST",
+            &reply,
+            "and again",
+            &reply,
+            "after the restart"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn sigkill_mid_stream_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelServer::start().await;
+    let env = [
+        ("DATABASE_URL", sqlite_url(&dir)),
+        ("OPENAI_API_KEY", "test".to_owned()),
+        ("OPENAI_BASE_URL", model.base_url()),
+        ("CHECKPOINT_INTERVAL_MS", "50".to_owned()),
+    ];
+    let server = ServerProcess::spawn(&env);
+    let mut client = WsClient::connect(server.addr).await;
+    client.chat("crash", "before the crash").await;
+
+    let words: Vec<String> = (0..60).map(|i| format!("word{i} ")).collect();
+    model.set_reply(words, Duration::from_millis(40));
+    client
+        .send(
+            "stream_chat",
+            json!({"conversationId": "crash", "message": "during the crash"}),
+        )
+        .await;
+    let (name, start) = client.next().await;
+    assert_eq!(name, "stream_start");
+    let mut streamed = String::new();
+    for _ in 0..10 {
+        let (name, chunk) = client.next().await;
+        assert_eq!(name, "stream_chunk");
+        streamed = chunk["content"].as_str().unwrap().to_owned();
+    }
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    server.kill();
+
+    let store = SqliteStore::open(&sqlite_url(&dir), Durability::Normal)
+        .await
+        .unwrap();
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+    drop(store);
+
+    let server = ServerProcess::spawn(&env);
+    let (status, conversation) =
+        call_at(server.addr, "GET", "/api/conversations/crash", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let messages = conversation["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{conversation}");
+    assert_eq!(messages[0]["content"], "before the crash");
+    assert_eq!(messages[1]["status"], "complete");
+    assert_eq!(messages[2]["content"], "during the crash");
+    let partial = &messages[3];
+    assert_eq!(partial["id"], start["messageId"]);
+    assert_eq!(partial["status"], "error");
+    let saved = partial["content"].as_str().unwrap();
+    assert!(
+        saved.len() >= streamed.len(),
+        "saved {saved:?}, streamed {streamed:?}"
+    );
+    assert!(model.reply_text().starts_with(saved));
+
+    model.set_reply(pieces_of("fine again"), Duration::ZERO);
+    let mut client = WsClient::connect(server.addr).await;
+    let events = client.chat("crash", "after the crash").await;
+    assert_eq!(final_content(&events), "fine again");
+}
+
+#[tokio::test]
+async fn idle_conversations_leave_memory_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.database_url = sqlite_url(&dir);
+    config.conversations.idle_timeout = Duration::from_millis(150);
+    let server = TestServer::start(config).await;
+
+    let mut client = server.ws().await;
+    for id in ["p1", "p2", "p3"] {
+        client.chat(id, "hello").await;
+    }
+    let health = server.get("/api/health").await.1;
+    assert_eq!(health["activeConversations"], 3);
+    client
+        .send("leave_conversation", json!({"conversationId": "p1"}))
+        .await;
+    client
+        .send("leave_conversation", json!({"conversationId": "p2"}))
+        .await;
+    server
+        .wait_for_health(|h| h["activeConversations"] == 1)
+        .await;
+
+    let (status, p1) = server.get("/api/conversations/p1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(p1["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(server.get("/api/health").await.1["activeConversations"], 1);
+
+    let events = client.chat("p1", "back again").await;
+    assert_eq!(final_content(&events), model.reply_text());
+    assert_eq!(
+        model.received().last().unwrap()["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    client.close().await;
+    server
+        .wait_for_health(|h| h["activeConversations"] == 0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_panicking_actor_restarts_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.database_url = sqlite_url(&dir);
+    config.conversations.fault_trigger = Some("panic now".into());
+    let server = TestServer::start(config).await;
+
+    let mut sender = server.ws().await;
+    let mut watcher = server.ws().await;
+    watcher
+        .send("join_conversation", json!({"conversationId": "fragile"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sender.chat("fragile", "hello").await;
+    watcher.until_complete().await;
+
+    let bystander = tokio::spawn({
+        let addr = server.addr();
+        let model = model.clone();
+        async move {
+            let mut client = WsClient::connect(addr).await;
+            model.set_reply(
+                pieces_of("a steady reply in many small words"),
+                Duration::from_millis(20),
+            );
+            client.chat("steady", "keep going").await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    sender
+        .send(
+            "stream_chat",
+            json!({"conversationId": "fragile", "message": "panic now"}),
+        )
+        .await;
+    let (name, error) = sender.next().await;
+    assert_eq!(name, "error");
+    assert_eq!(error["code"], "INTERNAL_ERROR");
+
+    let events = sender.chat("fragile", "still there?").await;
+    assert_eq!(names(&events)[0], "stream_start");
+    let seen = watcher.until_complete().await;
+    assert_eq!(seen, events, "the watcher was kept across the restart");
+
+    let (_, conversation) = server.get("/api/conversations/fragile").await;
+    let texts: Vec<&str> = conversation["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts.len(), 4);
+    assert_eq!(texts[0], "hello");
+    assert_eq!(texts[2], "still there?");
+
+    let steady = bystander.await.unwrap();
+    assert_eq!(final_content(&steady), "a steady reply in many small words");
+
+    let (status, body) = server
+        .post(
+            "/api/chat",
+            json!({"conversationId": "fragile", "message": "panic now"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(body["code"], "INTERNAL_ERROR");
+    let (status, _) = server
+        .post(
+            "/api/chat",
+            json!({"conversationId": "fragile", "message": "fine"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn deleting_tells_the_members_and_frees_the_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.database_url = sqlite_url(&dir);
+    let server = TestServer::start(config).await;
+    let mut member = server.ws().await;
+    member.chat("doomed", "hello").await;
+    let (status, _) = server
+        .call("DELETE", "/api/conversations/doomed", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (name, data) = member.next().await;
+    assert_eq!(name, "conversation_deleted");
+    assert_eq!(data, json!({"conversationId": "doomed"}));
+    for path in ["/api/conversations/doomed"] {
+        let (status, body) = server.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["code"], "CONVERSATION_NOT_FOUND");
+    }
+    let (_, list) = server.get("/api/conversations").await;
+    assert_eq!(list, Value::Array(vec![]));
+    let store = SqliteStore::open(&sqlite_url(&dir), Durability::Normal)
+        .await
+        .unwrap();
+    use ai_chat_server::store::ConversationStore;
+    assert!(store.load_conversation("doomed").await.unwrap().is_none());
+}
