@@ -24,10 +24,12 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A configuration for tests: any free port, no rate limit, quick timings.
 pub fn test_config() -> Config {
-    let mut config = Config::default();
-    config.port = 0;
-    config.database_url = "memory".into();
-    config.rate_limit_max_requests = 0;
+    let mut config = Config {
+        port: 0,
+        database_url: "memory".into(),
+        rate_limit_max_requests: 0,
+        ..Config::default()
+    };
     config.model.demo_token_delay = Duration::from_millis(1);
     config.conversations.upstream_timeout = Duration::from_secs(10);
     config
