@@ -1,0 +1,456 @@
+//! Load benchmarks: the real server in this process on `127.0.0.1:0`, a fast test model server,
+//! and real clients in a child process. `cargo bench` runs every scenario at full size;
+//! `cargo bench -- --quick` (or `BENCH_QUICK=1`) runs them small; naming scenarios after `--`
+//! runs only those. Prints one table and writes the figures to `target/bench/load.json`.
+
+#[path = "../../tests/support/model_server.rs"]
+#[allow(dead_code)]
+mod model_server;
+
+mod client;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ai_chat_server::App;
+use ai_chat_server::config::Config;
+use ai_chat_server::llm::DemoProvider;
+use ai_chat_server::metrics::resident_bytes;
+use ai_chat_server::store;
+use client::{Latency, Outcome, Spec};
+use model_server::ModelServer;
+use serde_json::{Value, json};
+
+/// Sizes of one run.
+struct Sizes {
+    seconds: f64,
+    fanout: [usize; 2],
+    streams: usize,
+    idle: usize,
+    conversations: usize,
+    routing_conversations: usize,
+}
+
+const FULL: Sizes = Sizes {
+    seconds: 10.0,
+    fanout: [1_000, 10_000],
+    streams: 2_000,
+    idle: 10_000,
+    conversations: 100_000,
+    routing_conversations: 1_000,
+};
+
+const QUICK: Sizes = Sizes {
+    seconds: 2.0,
+    fanout: [100, 1_000],
+    streams: 200,
+    idle: 1_000,
+    conversations: 5_000,
+    routing_conversations: 200,
+};
+
+/// One line of the result table.
+struct Row {
+    scenario: String,
+    figures: Vec<(&'static str, String)>,
+    json: Value,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--client") {
+        client::run(&args[2]);
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("BENCH_QUICK").is_some();
+    let wanted: Vec<&str> = args[1..]
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.starts_with(w));
+    let sizes = if quick { QUICK } else { FULL };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let started = Instant::now();
+    let rows = runtime.block_on(async {
+        let mut rows = Vec::new();
+        if run("rest_post") {
+            rows.push(rest_post(&sizes).await);
+        }
+        if run("rest_get") {
+            rows.push(rest_get(&sizes).await);
+        }
+        for subscribers in sizes.fanout {
+            if run("fanout") {
+                rows.push(fanout(subscribers).await);
+            }
+        }
+        if run("streams") {
+            rows.push(streams(&sizes).await);
+        }
+        if run("idle") {
+            rows.push(idle(&sizes).await);
+        }
+        if run("conversations") {
+            rows.push(conversations(&sizes).await);
+        }
+        if run("routing") {
+            rows.push(routing(&sizes).await);
+        }
+        rows
+    });
+    report(&rows, quick, started.elapsed());
+}
+
+/// The server under test, with a durable SQLite store in a temporary folder.
+struct Bench {
+    app: App,
+    model: ModelServer,
+    _dir: tempfile::TempDir,
+}
+
+fn bench_config(dir: &tempfile::TempDir) -> Config {
+    let mut config = Config {
+        port: 0,
+        rate_limit_max_requests: 0,
+        database_url: format!("sqlite://{}/bench.db", dir.path().display()),
+        ..Config::default()
+    };
+    config.model.api_key = Some("bench".into());
+    config.model.model = "bench-model".into();
+    config
+}
+
+async fn bench_server(tweak: impl FnOnce(&mut Config)) -> Bench {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelServer::start().await;
+    model.set_reply(model_server::pieces_of("Hello from the test model."), Duration::ZERO);
+    let mut config = bench_config(&dir);
+    config.model.base_url = Some(model.base_url());
+    tweak(&mut config);
+    let app = App::start(config).await.expect("server starts");
+    Bench { app, model, _dir: dir }
+}
+
+/// A client child process running one spec.
+struct ClientProcess {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl ClientProcess {
+    fn start(spec: &Spec) -> ClientProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .arg("--client")
+            .arg(serde_json::to_string(spec).unwrap())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("client process starts");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut process = ClientProcess { child, lines };
+        let ready = process.read();
+        assert_eq!(ready["ready"], true);
+        process
+    }
+
+    fn read(&mut self) -> Value {
+        let line = self.lines.next().expect("client answers").expect("readable");
+        serde_json::from_str(&line).expect("client speaks JSON")
+    }
+
+    fn tell(&mut self, word: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{word}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Says `go` and waits for the outcome; the client keeps its connections until `finish`.
+    async fn go(mut self) -> (Outcome, ClientProcess) {
+        tokio::task::spawn_blocking(move || {
+            self.tell("go");
+            let outcome = serde_json::from_value(self.read()).expect("an outcome");
+            (outcome, self)
+        })
+        .await
+        .unwrap()
+    }
+
+    fn finish(mut self) {
+        self.tell("stop");
+        let _ = self.child.wait();
+    }
+}
+
+async fn run_client(spec: Spec) -> Outcome {
+    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec)).await.unwrap();
+    let (outcome, process) = process.go().await;
+    process.finish();
+    outcome
+}
+
+fn ms(value: f64) -> String {
+    format!("{value:.1} ms")
+}
+
+fn rate(count: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 { count / seconds } else { 0.0 }
+}
+
+fn latency_json(latency: &Latency) -> Value {
+    serde_json::to_value(latency).unwrap()
+}
+
+async fn rest_post(sizes: &Sizes) -> Row {
+    let bench = bench_server(|_| {}).await;
+    let outcome = run_client(Spec::RestPost {
+        addr: bench.app.addr(),
+        connections: 64,
+        seconds: sizes.seconds,
+    })
+    .await;
+    let per_second = rate(outcome.ok as f64, outcome.seconds);
+    Row {
+        scenario: "rest_post".into(),
+        figures: vec![
+            ("requests/s", format!("{per_second:.0}")),
+            ("p50", ms(outcome.latency.p50_ms)),
+            ("p99", ms(outcome.latency.p99_ms)),
+            ("errors", outcome.errors.to_string()),
+        ],
+        json: json!({"requests_per_second": per_second, "latency": latency_json(&outcome.latency), "errors": outcome.errors, "model_calls": bench.model.received().len()}),
+    }
+}
+
+async fn rest_get(sizes: &Sizes) -> Row {
+    let bench = bench_server(|_| {}).await;
+    let outcome = run_client(Spec::RestGet {
+        addr: bench.app.addr(),
+        connections: 64,
+        seconds: sizes.seconds,
+        conversations: 200,
+    })
+    .await;
+    let per_second = rate(outcome.ok as f64, outcome.seconds);
+    Row {
+        scenario: "rest_get".into(),
+        figures: vec![
+            ("requests/s", format!("{per_second:.0}")),
+            ("p50", ms(outcome.latency.p50_ms)),
+            ("p99", ms(outcome.latency.p99_ms)),
+            ("errors", outcome.errors.to_string()),
+        ],
+        json: json!({"requests_per_second": per_second, "latency": latency_json(&outcome.latency), "errors": outcome.errors}),
+    }
+}
+
+async fn fanout(subscribers: usize) -> Row {
+    let bench = bench_server(|_| {}).await;
+    let words: Vec<String> = (0..200).map(|i| format!("tok{i} ")).collect();
+    bench.model.set_reply(words, Duration::from_millis(2));
+    let outcome = run_client(Spec::Fanout {
+        addr: bench.app.addr(),
+        subscribers,
+        expected: bench.model.reply_text(),
+    })
+    .await;
+    let per_second = rate(outcome.chunks as f64, outcome.seconds);
+    Row {
+        scenario: format!("fanout /ws {subscribers}"),
+        figures: vec![
+            ("chunks/s", format!("{per_second:.0}")),
+            ("p99 complete", ms(outcome.latency.p99_ms)),
+            ("missing", outcome.missing.to_string()),
+            ("complete", format!("{}/{subscribers}", outcome.ok)),
+        ],
+        json: json!({"transport": "ws", "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
+    }
+}
+
+async fn streams(sizes: &Sizes) -> Row {
+    let bench = bench_server(|_| {}).await;
+    let words: Vec<String> = (0..50).map(|i| format!("tok{i} ")).collect();
+    let pace = Duration::from_millis(20) * 50;
+    bench.model.set_reply(words, Duration::from_millis(20));
+    let outcome = run_client(Spec::Streams {
+        addr: bench.app.addr(),
+        conversations: sizes.streams,
+    })
+    .await;
+    let ratio = outcome.latency.p99_ms / pace.as_secs_f64() / 1e3;
+    Row {
+        scenario: format!("streams {}", sizes.streams),
+        figures: vec![
+            ("p99/pace", format!("{ratio:.2}x")),
+            ("p99 complete", ms(outcome.latency.p99_ms)),
+            ("first chunk p99", ms(outcome.first_chunk.p99_ms)),
+            ("failures", outcome.errors.to_string()),
+        ],
+        json: json!({"conversations": sizes.streams, "model_pace_ms": pace.as_millis() as u64, "p99_over_pace": ratio, "complete_latency": latency_json(&outcome.latency), "first_chunk_latency": latency_json(&outcome.first_chunk), "failures": outcome.errors}),
+    }
+}
+
+async fn wait_for(check: impl Fn() -> bool, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+async fn idle(sizes: &Sizes) -> Row {
+    let bench = bench_server(|_| {}).await;
+    let addr = bench.app.addr();
+    let health = || async move {
+        let body: Value = reqwest::get(format!("http://{addr}/api/health")).await.unwrap().json().await.unwrap();
+        body
+    };
+    let warm = run_client(Spec::Idle { addr, connections: 100 }).await;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = resident_bytes();
+    let count = sizes.idle;
+    let spec = Spec::Idle { addr, connections: count };
+    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while health().await["activeConnections"].as_u64() != Some(count as u64) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = resident_bytes();
+    let (_, process) = process.go().await;
+    process.finish();
+    let per_connection = after.saturating_sub(before) as f64 / count as f64;
+    Row {
+        scenario: format!("idle /ws {count}"),
+        figures: vec![
+            ("bytes/connection", format!("{per_connection:.0}")),
+            ("rss before", format!("{:.1} MB", before as f64 / 1e6)),
+            ("rss after", format!("{:.1} MB", after as f64 / 1e6)),
+        ],
+        json: json!({"transport": "ws", "connections": count, "bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
+    }
+}
+
+/// Returns freed heap to the system, so that resident memory shows what is really in use.
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory held by glibc's allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+async fn conversations(sizes: &Sizes) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = bench_config(&dir);
+    config.conversations.idle_timeout = Duration::from_secs(if sizes.conversations > 10_000 { 30 } else { 5 });
+    let store = store::open(&config.database_url, config.sqlite_durability).await.unwrap();
+    let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO))).await.unwrap();
+    let conversations = app.conversations().clone();
+    trim_heap();
+    let before = resident_bytes();
+    let count = sizes.conversations;
+    let created = Instant::now();
+    let workers = 64;
+    let mut tasks = Vec::new();
+    for worker in 0..workers {
+        let conversations = conversations.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in (worker..count).step_by(workers) {
+                conversations.chat(None, "hello".into()).await.expect("created");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let creation = created.elapsed().as_secs_f64();
+    trim_heap();
+    let active = conversations.active();
+    let with_actors = resident_bytes();
+    let passivated = wait_for(|| conversations.active() == 0, Duration::from_secs(120)).await;
+    trim_heap();
+    let after = resident_bytes();
+    let per_active = with_actors.saturating_sub(before) as f64 / active.max(1) as f64;
+    let per_passivated = after.saturating_sub(before) as f64 / count as f64;
+    Row {
+        scenario: format!("conversations {count}"),
+        figures: vec![
+            ("bytes/active", format!("{per_active:.0}")),
+            ("bytes/passivated", format!("{per_passivated:.0}")),
+            ("created/s", format!("{:.0}", rate(count as f64, creation))),
+            ("all passivated", passivated.to_string()),
+        ],
+        json: json!({"conversations": count, "active_at_peak": active, "bytes_per_active_conversation": per_active, "bytes_per_conversation_after_passivation": per_passivated, "created_per_second": rate(count as f64, creation), "rss_before": before, "rss_active": with_actors, "rss_after_passivation": after}),
+    }
+}
+
+async fn routing(sizes: &Sizes) -> Row {
+    let dir = tempfile::tempdir().unwrap();
+    let config = bench_config(&dir);
+    let store = store::open(&config.database_url, config.sqlite_durability).await.unwrap();
+    let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO))).await.unwrap();
+    let conversations = app.conversations().clone();
+    let mut ids = Vec::new();
+    for _ in 0..sizes.routing_conversations {
+        let done = conversations.chat(None, "hello".into()).await.unwrap();
+        ids.push(done.conversation.id);
+    }
+    let ids = Arc::new(ids);
+    let deadline = Instant::now() + Duration::from_secs_f64(sizes.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..64 {
+        let (conversations, ids) = (conversations.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut n = worker;
+            while Instant::now() < deadline {
+                for _ in 0..32 {
+                    conversations.get(&ids[n % ids.len()]).await.expect("routed");
+                    n += 7;
+                    sent += 1;
+                }
+            }
+            sent
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    let per_second = rate(total as f64, started.elapsed().as_secs_f64());
+    Row {
+        scenario: format!("routing {}", ids.len()),
+        figures: vec![("messages/s", format!("{per_second:.0}")), ("tasks", "64".into())],
+        json: json!({"conversations": ids.len(), "tasks": 64, "messages_per_second": per_second}),
+    }
+}
+
+fn report(rows: &[Row], quick: bool, took: Duration) {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nload benchmarks ({} mode, {} cores, {:.0} s)\n",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        took.as_secs_f64()
+    ));
+    for row in rows {
+        let figures: Vec<String> = row.figures.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        out.push_str(&format!("{:<26} {}\n", row.scenario, figures.join("  |  ")));
+    }
+    print!("{out}");
+    let json: Value = rows.iter().map(|r| (r.scenario.clone(), r.json.clone())).collect::<serde_json::Map<_, _>>().into();
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let folder = std::path::Path::new(&target).join("bench");
+    let _ = std::fs::create_dir_all(&folder);
+    let file = folder.join("load.json");
+    let document = json!({"mode": if quick { "quick" } else { "full" }, "seconds": took.as_secs_f64(), "scenarios": json});
+    std::fs::write(&file, serde_json::to_string_pretty(&document).unwrap()).unwrap();
+    println!("figures written to {}", file.display());
+}
