@@ -17,15 +17,34 @@ use tokio_tungstenite::tungstenite::Message;
 #[serde(tag = "scenario", rename_all = "snake_case")]
 pub enum Spec {
     /// Closed-loop `POST /api/chat`, each a new conversation.
-    RestPost { addr: SocketAddr, connections: usize, seconds: f64 },
+    RestPost {
+        addr: SocketAddr,
+        connections: usize,
+        seconds: f64,
+    },
     /// Closed-loop `GET /api/conversations/:id` over `conversations` stored ones.
-    RestGet { addr: SocketAddr, connections: usize, seconds: f64, conversations: usize },
+    RestGet {
+        addr: SocketAddr,
+        connections: usize,
+        seconds: f64,
+        conversations: usize,
+    },
     /// `subscribers` members of one conversation receive one reply.
-    Fanout { addr: SocketAddr, subscribers: usize, expected: String },
+    Fanout {
+        addr: SocketAddr,
+        subscribers: usize,
+        expected: String,
+    },
     /// `conversations` replies streaming at once, one per connection.
-    Streams { addr: SocketAddr, conversations: usize },
+    Streams {
+        addr: SocketAddr,
+        conversations: usize,
+    },
     /// `connections` idle WebSockets, each joined to a conversation.
-    Idle { addr: SocketAddr, connections: usize },
+    Idle {
+        addr: SocketAddr,
+        connections: usize,
+    },
 }
 
 /// Latency figures in milliseconds.
@@ -43,7 +62,9 @@ impl Latency {
             return Latency::default();
         }
         samples.sort();
-        let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+        let at = |q: f64| {
+            samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
         Latency {
             count: samples.len(),
             p50_ms: at(0.50).as_secs_f64() * 1e3,
@@ -72,7 +93,10 @@ pub struct Outcome {
 /// runs, prints the outcome, and holds its connections until `stop` (or end of input).
 pub fn run(spec_json: &str) {
     let spec: Spec = serde_json::from_str(spec_json).expect("a valid spec");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
         let prepared = prepare(&spec).await;
         say(&json!({"ready": true}));
@@ -80,7 +104,9 @@ pub fn run(spec_json: &str) {
         let outcome = execute(&spec, prepared).await;
         say(&serde_json::to_value(&outcome.0).unwrap());
         let held = outcome.1;
-        tokio::task::spawn_blocking(|| wait_for_line("stop")).await.unwrap();
+        tokio::task::spawn_blocking(|| wait_for_line("stop"))
+            .await
+            .unwrap();
         drop(held);
     });
 }
@@ -100,7 +126,8 @@ fn wait_for_line(expected: &str) {
     }
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Connections opened before `go`.
 enum Prepared {
@@ -140,7 +167,11 @@ fn frame(event: &str, data: Value) -> Message {
 async fn prepare(spec: &Spec) -> Prepared {
     match spec {
         Spec::RestPost { .. } => Prepared::None,
-        Spec::RestGet { addr, conversations, .. } => {
+        Spec::RestGet {
+            addr,
+            conversations,
+            ..
+        } => {
             let http = reqwest::Client::new();
             let mut ids = Vec::new();
             for _ in 0..*conversations {
@@ -157,19 +188,33 @@ async fn prepare(spec: &Spec) -> Prepared {
             }
             Prepared::Ids(ids)
         }
-        Spec::Fanout { addr, subscribers, .. } => {
+        Spec::Fanout {
+            addr, subscribers, ..
+        } => {
             let mut sockets = connect_many(*addr, *subscribers).await;
             for socket in sockets.iter_mut() {
-                socket.send(frame("join_conversation", json!({"conversationId": "fanout"}))).await.unwrap();
+                socket
+                    .send(frame(
+                        "join_conversation",
+                        json!({"conversationId": "fanout"}),
+                    ))
+                    .await
+                    .unwrap();
             }
             Prepared::Sockets(sockets)
         }
-        Spec::Streams { addr, conversations } => Prepared::Sockets(connect_many(*addr, *conversations).await),
+        Spec::Streams {
+            addr,
+            conversations,
+        } => Prepared::Sockets(connect_many(*addr, *conversations).await),
         Spec::Idle { addr, connections } => {
             let mut sockets = connect_many(*addr, *connections).await;
             for (i, socket) in sockets.iter_mut().enumerate() {
                 let id = format!("idle-{}", i % 100);
-                socket.send(frame("join_conversation", json!({"conversationId": id}))).await.unwrap();
+                socket
+                    .send(frame("join_conversation", json!({"conversationId": id})))
+                    .await
+                    .unwrap();
             }
             Prepared::Sockets(sockets)
         }
@@ -178,15 +223,31 @@ async fn prepare(spec: &Spec) -> Prepared {
 
 async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
     match (spec, prepared) {
-        (Spec::RestPost { addr, connections, seconds }, _) => {
+        (
+            Spec::RestPost {
+                addr,
+                connections,
+                seconds,
+            },
+            _,
+        ) => {
             let url = format!("http://{addr}/api/chat");
             let outcome = closed_loop(*connections, *seconds, move |http, _| {
-                http.post(&url).json(&json!({"message": "benchmark message"}))
+                http.post(&url)
+                    .json(&json!({"message": "benchmark message"}))
             })
             .await;
             (outcome, Vec::new())
         }
-        (Spec::RestGet { addr, connections, seconds, .. }, Prepared::Ids(ids)) => {
+        (
+            Spec::RestGet {
+                addr,
+                connections,
+                seconds,
+                ..
+            },
+            Prepared::Ids(ids),
+        ) => {
             let base = format!("http://{addr}/api/conversations/");
             let ids = Arc::new(ids);
             let outcome = closed_loop(*connections, *seconds, move |http, n| {
@@ -195,7 +256,9 @@ async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
             .await;
             (outcome, Vec::new())
         }
-        (Spec::Fanout { addr, expected, .. }, Prepared::Sockets(sockets)) => fanout(*addr, sockets, expected).await,
+        (Spec::Fanout { addr, expected, .. }, Prepared::Sockets(sockets)) => {
+            fanout(*addr, sockets, expected).await
+        }
         (Spec::Streams { .. }, Prepared::Sockets(sockets)) => (streams(sockets).await, Vec::new()),
         (Spec::Idle { .. }, Prepared::Sockets(sockets)) => (Outcome::default(), sockets),
         _ => unreachable!("prepared to match the spec"),
@@ -207,7 +270,10 @@ async fn closed_loop(
     seconds: f64,
     request: impl Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 ) -> Outcome {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(connections).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .unwrap();
     let request = Arc::new(request);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
@@ -251,7 +317,10 @@ fn chunk_fields(text: &str) -> Option<(u64, bool)> {
         return None;
     }
     let at = text.rfind(r#""seq":"#)? + 6;
-    let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
     Some((digits.parse().ok()?, text.contains(r#""isComplete":true"#)))
 }
 
@@ -263,8 +332,12 @@ async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outc
         tasks.push(tokio::spawn(async move {
             let (mut chunks, mut last_seq, mut correct) = (0u64, 0u64, false);
             let mut done = None;
-            while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(120), socket.next()).await {
-                let Message::Text(text) = message else { continue };
+            while let Ok(Some(Ok(message))) =
+                tokio::time::timeout(Duration::from_secs(120), socket.next()).await
+            {
+                let Message::Text(text) = message else {
+                    continue;
+                };
                 if let Some((seq, complete)) = chunk_fields(&text) {
                     chunks += 1;
                     last_seq = seq;
@@ -280,9 +353,14 @@ async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outc
             (chunks, last_seq, correct, done, socket)
         }));
     }
-    let (mut sender, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await.unwrap();
+    let (mut sender, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
     sender
-        .send(frame("stream_chat", json!({"conversationId": "fanout", "message": "to everyone"})))
+        .send(frame(
+            "stream_chat",
+            json!({"conversationId": "fanout", "message": "to everyone"}),
+        ))
         .await
         .unwrap();
     let mut outcome = Outcome::default();
@@ -305,7 +383,12 @@ async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outc
             outcome.errors += 1;
         }
     }
-    outcome.seconds = samples.iter().max().copied().unwrap_or_default().as_secs_f64();
+    outcome.seconds = samples
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default()
+        .as_secs_f64();
     outcome.latency = Latency::of(samples);
     (outcome, sockets)
 }
@@ -316,11 +399,16 @@ async fn streams(sockets: Vec<Socket>) -> Outcome {
     for (i, mut socket) in sockets.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let message = json!({"conversationId": format!("stream-{i}"), "message": "stream please"});
+            let message =
+                json!({"conversationId": format!("stream-{i}"), "message": "stream please"});
             socket.send(frame("stream_chat", message)).await.ok()?;
             let mut first = None;
-            while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(60), socket.next()).await {
-                let Message::Text(text) = message else { continue };
+            while let Ok(Some(Ok(message))) =
+                tokio::time::timeout(Duration::from_secs(60), socket.next()).await
+            {
+                let Message::Text(text) = message else {
+                    continue;
+                };
                 if first.is_none() && text.starts_with(r#"{"event":"stream_chunk""#) {
                     first = Some(sent.elapsed());
                 }

@@ -72,7 +72,10 @@ fn main() {
         .collect();
     let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.starts_with(w));
     let sizes = if quick { QUICK } else { FULL };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let started = Instant::now();
     let rows = runtime.block_on(async {
         let mut rows = Vec::new();
@@ -126,12 +129,19 @@ fn bench_config(dir: &tempfile::TempDir) -> Config {
 async fn bench_server(tweak: impl FnOnce(&mut Config)) -> Bench {
     let dir = tempfile::tempdir().unwrap();
     let model = ModelServer::start().await;
-    model.set_reply(model_server::pieces_of("Hello from the test model."), Duration::ZERO);
+    model.set_reply(
+        model_server::pieces_of("Hello from the test model."),
+        Duration::ZERO,
+    );
     let mut config = bench_config(&dir);
     config.model.base_url = Some(model.base_url());
     tweak(&mut config);
     let app = App::start(config).await.expect("server starts");
-    Bench { app, model, _dir: dir }
+    Bench {
+        app,
+        model,
+        _dir: dir,
+    }
 }
 
 /// A client child process running one spec.
@@ -157,7 +167,11 @@ impl ClientProcess {
     }
 
     fn read(&mut self) -> Value {
-        let line = self.lines.next().expect("client answers").expect("readable");
+        let line = self
+            .lines
+            .next()
+            .expect("client answers")
+            .expect("readable");
         serde_json::from_str(&line).expect("client speaks JSON")
     }
 
@@ -185,7 +199,9 @@ impl ClientProcess {
 }
 
 async fn run_client(spec: Spec) -> Outcome {
-    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec)).await.unwrap();
+    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec))
+        .await
+        .unwrap();
     let (outcome, process) = process.go().await;
     process.finish();
     outcome
@@ -307,18 +323,34 @@ async fn idle(sizes: &Sizes) -> Row {
     let bench = bench_server(|_| {}).await;
     let addr = bench.app.addr();
     let health = || async move {
-        let body: Value = reqwest::get(format!("http://{addr}/api/health")).await.unwrap().json().await.unwrap();
+        let body: Value = reqwest::get(format!("http://{addr}/api/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         body
     };
-    let warm = run_client(Spec::Idle { addr, connections: 100 }).await;
+    let warm = run_client(Spec::Idle {
+        addr,
+        connections: 100,
+    })
+    .await;
     drop(warm);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = resident_bytes();
     let count = sizes.idle;
-    let spec = Spec::Idle { addr, connections: count };
-    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec)).await.unwrap();
+    let spec = Spec::Idle {
+        addr,
+        connections: count,
+    };
+    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec))
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while health().await["activeConnections"].as_u64() != Some(count as u64) && Instant::now() < deadline {
+    while health().await["activeConnections"].as_u64() != Some(count as u64)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -348,9 +380,14 @@ fn trim_heap() {
 async fn conversations(sizes: &Sizes) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let mut config = bench_config(&dir);
-    config.conversations.idle_timeout = Duration::from_secs(if sizes.conversations > 10_000 { 30 } else { 5 });
-    let store = store::open(&config.database_url, config.sqlite_durability).await.unwrap();
-    let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO))).await.unwrap();
+    config.conversations.idle_timeout =
+        Duration::from_secs(if sizes.conversations > 10_000 { 30 } else { 5 });
+    let store = store::open(&config.database_url, config.sqlite_durability)
+        .await
+        .unwrap();
+    let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO)))
+        .await
+        .unwrap();
     let conversations = app.conversations().clone();
     trim_heap();
     let before = resident_bytes();
@@ -362,7 +399,10 @@ async fn conversations(sizes: &Sizes) -> Row {
         let conversations = conversations.clone();
         tasks.push(tokio::spawn(async move {
             for _ in (worker..count).step_by(workers) {
-                conversations.chat(None, "hello".into()).await.expect("created");
+                conversations
+                    .chat(None, "hello".into())
+                    .await
+                    .expect("created");
             }
         }));
     }
@@ -393,8 +433,12 @@ async fn conversations(sizes: &Sizes) -> Row {
 async fn routing(sizes: &Sizes) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let config = bench_config(&dir);
-    let store = store::open(&config.database_url, config.sqlite_durability).await.unwrap();
-    let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO))).await.unwrap();
+    let store = store::open(&config.database_url, config.sqlite_durability)
+        .await
+        .unwrap();
+    let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO)))
+        .await
+        .unwrap();
     let conversations = app.conversations().clone();
     let mut ids = Vec::new();
     for _ in 0..sizes.routing_conversations {
@@ -412,7 +456,10 @@ async fn routing(sizes: &Sizes) -> Row {
             let mut n = worker;
             while Instant::now() < deadline {
                 for _ in 0..32 {
-                    conversations.get(&ids[n % ids.len()]).await.expect("routed");
+                    conversations
+                        .get(&ids[n % ids.len()])
+                        .await
+                        .expect("routed");
                     n += 7;
                     sent += 1;
                 }
@@ -427,7 +474,10 @@ async fn routing(sizes: &Sizes) -> Row {
     let per_second = rate(total as f64, started.elapsed().as_secs_f64());
     Row {
         scenario: format!("routing {}", ids.len()),
-        figures: vec![("messages/s", format!("{per_second:.0}")), ("tasks", "64".into())],
+        figures: vec![
+            ("messages/s", format!("{per_second:.0}")),
+            ("tasks", "64".into()),
+        ],
         json: json!({"conversations": ids.len(), "tasks": 64, "messages_per_second": per_second}),
     }
 }
@@ -441,11 +491,19 @@ fn report(rows: &[Row], quick: bool, took: Duration) {
         took.as_secs_f64()
     ));
     for row in rows {
-        let figures: Vec<String> = row.figures.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let figures: Vec<String> = row
+            .figures
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
         out.push_str(&format!("{:<26} {}\n", row.scenario, figures.join("  |  ")));
     }
     print!("{out}");
-    let json: Value = rows.iter().map(|r| (r.scenario.clone(), r.json.clone())).collect::<serde_json::Map<_, _>>().into();
+    let json: Value = rows
+        .iter()
+        .map(|r| (r.scenario.clone(), r.json.clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let folder = std::path::Path::new(&target).join("bench");
     let _ = std::fs::create_dir_all(&folder);

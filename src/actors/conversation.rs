@@ -232,7 +232,7 @@ impl Actor for ConversationActor {
                 state.idle_timer = false;
                 if state.is_idle() {
                     let idle_for = state.last_activity.elapsed();
-                    let limit = state.ctx.settings.idle_timeout;
+                    let limit = state.idle_limit();
                     if idle_for >= limit {
                         if state
                             .ctx
@@ -251,7 +251,7 @@ impl Actor for ConversationActor {
             }
         }
         if state.is_idle() && !state.idle_timer {
-            let after = state.ctx.settings.idle_timeout;
+            let after = state.idle_limit();
             state.arm_idle_timer(&myself, after);
         }
         Ok(())
@@ -275,6 +275,16 @@ async fn mark_interrupted(
 impl ConversationState {
     fn is_idle(&self) -> bool {
         self.members.is_empty() && self.reply.is_none()
+    }
+
+    /// How long the actor stays without members or reply: a conversation that does not exist
+    /// (yet, or any more) goes after a second at most.
+    fn idle_limit(&self) -> Duration {
+        let limit = self.ctx.settings.idle_timeout;
+        match self.conversation {
+            Some(_) => limit,
+            None => limit.min(Duration::from_secs(1)),
+        }
     }
 
     fn arm_idle_timer(&mut self, myself: &ActorRef<ConversationMsg>, after: Duration) {
@@ -457,16 +467,20 @@ impl ConversationState {
         }
         self.maybe_inject_fault(&content);
         let store = self.ctx.store.clone();
-        if self.conversation.is_none() {
-            let conversation = Conversation::new(self.id.to_string(), &content);
-            store.create_conversation(&conversation).await?;
-            self.conversation = Some(conversation);
+        let message = Message::new(&self.id, Role::User, content);
+        match self.conversation.as_mut() {
+            Some(conversation) => {
+                store.save_message(&message, message.timestamp).await?;
+                conversation.updated_at = message.timestamp;
+                conversation.messages.push(message);
+            }
+            None => {
+                let mut conversation = Conversation::new(self.id.to_string(), &message.content);
+                conversation.messages.push(message);
+                store.create_conversation(&conversation).await?;
+                self.conversation = Some(conversation);
+            }
         }
-        let conversation = self.existing()?;
-        let message = Message::new(&conversation.id, Role::User, content);
-        store.save_message(&message, message.timestamp).await?;
-        conversation.updated_at = message.timestamp;
-        conversation.messages.push(message);
         Ok(())
     }
 

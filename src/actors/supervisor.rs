@@ -60,9 +60,25 @@ impl Registry {
         actors.contains_key(id)
     }
 
-    fn insert(&self, id: Arc<str>, entry: Entry) {
+    /// Registers `entry` unless another actor already runs for `id`; false when one does.
+    fn insert_if_absent(&self, id: Arc<str>, entry: Entry) -> bool {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
+        if actors.contains_key(&id) {
+            return false;
+        }
         actors.insert(id, entry);
+        true
+    }
+
+    /// Forgets a failed actor, whichever conversation it ran.
+    fn remove_actor(&self, actor: ActorId) -> Option<Arc<str>> {
+        let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
+        let id = actors
+            .iter()
+            .find(|(_, e)| e.actor.get_id() == actor)
+            .map(|(id, _)| id.clone())?;
+        actors.remove(&id);
+        Some(id)
     }
 
     fn remove(&self, id: &str, actor: ActorId) {
@@ -107,112 +123,39 @@ pub enum Activation {
     Existing,
     /// A stored one, or a new empty one that its first message creates.
     OrNew,
+    /// A new conversation under an id just made: nothing to load.
+    New,
 }
 
-/// The supervisor's mailbox.
-pub enum SupervisorMsg {
-    /// Make sure the actor of `id` runs.
-    Activate {
-        id: Arc<str>,
-        activation: Activation,
-        answer: Answer<()>,
-    },
-}
-
-/// Starts conversation actors and hears when they stop or fail.
+/// Parent of every conversation actor: hears when one fails and forgets it, so that the next
+/// request starts it again from the store. It never stops because a child did.
 pub struct ConversationSupervisor;
 
-/// The supervisor's data.
-pub struct SupervisorState {
-    ctx: Arc<ConversationContext>,
-    children: HashMap<ActorId, Arc<str>>,
-}
-
 impl Actor for ConversationSupervisor {
-    type Msg = SupervisorMsg;
-    type State = SupervisorState;
+    type Msg = ();
+    type State = Arc<ConversationContext>;
     type Arguments = Arc<ConversationContext>;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<SupervisorMsg>,
+        _myself: ActorRef<()>,
         ctx: Arc<ConversationContext>,
-    ) -> Result<SupervisorState, ActorProcessingErr> {
-        Ok(SupervisorState {
-            ctx,
-            children: HashMap::new(),
-        })
+    ) -> Result<Arc<ConversationContext>, ActorProcessingErr> {
+        Ok(ctx)
     }
 
-    async fn handle(
-        &self,
-        myself: ActorRef<SupervisorMsg>,
-        message: SupervisorMsg,
-        state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            SupervisorMsg::Activate {
-                id,
-                activation,
-                answer,
-            } => {
-                let result = state.activate(&myself, id, activation).await;
-                let _ = answer.send(result);
-            }
-        }
-        Ok(())
-    }
-
-    /// Children stopping, normally or not, never stop the supervisor.
     async fn handle_supervisor_evt(
         &self,
-        _myself: ActorRef<SupervisorMsg>,
+        _myself: ActorRef<()>,
         event: SupervisionEvent,
-        state: &mut SupervisorState,
+        ctx: &mut Arc<ConversationContext>,
     ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                state.children.remove(&cell.get_id());
+        if let SupervisionEvent::ActorFailed(cell, error) = event {
+            ctx.metrics.actor_stopped();
+            if let Some(id) = ctx.registry.remove_actor(cell.get_id()) {
+                tracing::error!(conversation = %id, %error, "conversation actor failed; it restarts from the store on next use");
             }
-            SupervisionEvent::ActorFailed(cell, error) => {
-                if let Some(id) = state.children.remove(&cell.get_id()) {
-                    tracing::error!(conversation = %id, %error, "conversation actor failed; it restarts from the store on next use");
-                    state.ctx.registry.remove(&id, cell.get_id());
-                    state.ctx.metrics.actor_stopped();
-                }
-            }
-            _ => {}
         }
-        Ok(())
-    }
-}
-
-impl SupervisorState {
-    async fn activate(
-        &mut self,
-        myself: &ActorRef<SupervisorMsg>,
-        id: Arc<str>,
-        activation: Activation,
-    ) -> Result<(), ApiError> {
-        if self.ctx.registry.contains(&id) {
-            return Ok(());
-        }
-        let conversation = self.ctx.store.load_conversation(&id).await?;
-        if conversation.is_none() && activation == Activation::Existing {
-            return Err(ApiError::ConversationNotFound);
-        }
-        let pending = Arc::new(AtomicUsize::new(0));
-        let args = ConversationArgs {
-            id: id.clone(),
-            conversation,
-            ctx: self.ctx.clone(),
-            pending: pending.clone(),
-        };
-        let (actor, _) = Actor::spawn_linked(None, ConversationActor, args, myself.get_cell())
-            .await
-            .map_err(ApiError::internal)?;
-        self.children.insert(actor.get_id(), id.clone());
-        self.ctx.registry.insert(id, Entry { actor, pending });
         Ok(())
     }
 }
@@ -221,7 +164,7 @@ impl SupervisorState {
 #[derive(Clone)]
 pub struct Conversations {
     ctx: Arc<ConversationContext>,
-    supervisor: ActorRef<SupervisorMsg>,
+    supervisor: ActorRef<()>,
 }
 
 impl Conversations {
@@ -286,18 +229,39 @@ impl Conversations {
         )))
     }
 
+    /// Starts the actor of `id`, loaded from the store, unless one runs already. Activations of
+    /// different conversations run in parallel; of the same one, the first registered wins.
     async fn activate(&self, id: &str, activation: Activation) -> Result<(), ApiError> {
-        let (answer, receiver) = oneshot::channel();
-        self.supervisor
-            .send_message(SupervisorMsg::Activate {
-                id: id.into(),
-                activation,
-                answer,
-            })
-            .map_err(|_| ApiError::internal("conversation supervisor is gone"))?;
-        receiver
-            .await
-            .unwrap_or_else(|_| Err(ApiError::internal("conversation supervisor failed")))
+        if self.ctx.registry.contains(id) {
+            return Ok(());
+        }
+        let conversation = match activation {
+            Activation::New => None,
+            _ => self.ctx.store.load_conversation(id).await?,
+        };
+        if conversation.is_none() && activation == Activation::Existing {
+            return Err(ApiError::ConversationNotFound);
+        }
+        let id: Arc<str> = id.into();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let args = ConversationArgs {
+            id: id.clone(),
+            conversation,
+            ctx: self.ctx.clone(),
+            pending: pending.clone(),
+        };
+        let (actor, _) =
+            Actor::spawn_linked(None, ConversationActor, args, self.supervisor.get_cell())
+                .await
+                .map_err(ApiError::internal)?;
+        let entry = Entry {
+            actor: actor.clone(),
+            pending,
+        };
+        if !self.ctx.registry.insert_if_absent(id, entry) {
+            actor.stop(None);
+        }
+        Ok(())
     }
 
     /// A conversation with its messages; read from its actor when it runs, else from the store.
@@ -328,9 +292,9 @@ impl Conversations {
     ) -> Result<ChatCompleted, ApiError> {
         let (id, activation) = match conversation_id {
             Some(id) => (id, Activation::Existing),
-            None => (new_id(), Activation::OrNew),
+            None => (new_id(), Activation::New),
         };
-        let create = activation == Activation::OrNew;
+        let create = activation == Activation::New;
         self.request(&id, activation, |answer| Request::Chat {
             content,
             create,
@@ -347,14 +311,14 @@ impl Conversations {
         content: String,
         sender: Option<Subscriber>,
     ) -> Result<StreamStarted, ApiError> {
-        let id = match conversation_id {
+        let (id, activation) = match conversation_id {
             Some(id) => {
                 validate_conversation_id(&id)?;
-                id
+                (id, Activation::OrNew)
             }
-            None => new_id(),
+            None => (new_id(), Activation::New),
         };
-        self.request(&id, Activation::OrNew, |answer| Request::StreamChat {
+        self.request(&id, activation, |answer| Request::StreamChat {
             content,
             sender,
             answer,

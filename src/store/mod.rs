@@ -25,7 +25,7 @@ pub struct Page {
 /// Where conversations live. Every write returns once it is durable for that store.
 #[async_trait]
 pub trait ConversationStore: Send + Sync {
-    /// Stores a new conversation (its messages are saved one by one afterwards).
+    /// Stores a new conversation with the messages it already has, in one write.
     async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError>;
     /// One conversation with its messages in order, if it exists.
     async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError>;

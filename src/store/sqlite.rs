@@ -16,10 +16,12 @@ use super::{ConversationStore, Page};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
 use crate::error::ApiError;
 
-/// Conversations in a SQLite file.
+/// Conversations in a SQLite file. Writes go through one connection, so they never wait on
+/// each other's locks; reads use a few more.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    writer: SqlitePool,
+    readers: SqlitePool,
 }
 
 /// How hard each commit waits for the disk (`SQLITE_SYNCHRONOUS`).
@@ -66,22 +68,27 @@ impl SqliteStore {
         {
             std::fs::create_dir_all(folder).map_err(db_error)?;
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
             .await
             .map_err(db_error)?;
         sqlx::migrate!("src/store/migrations")
-            .run(&pool)
+            .run(&writer)
             .await
             .map_err(db_error)?;
-        Ok(SqliteStore { pool })
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(db_error)?;
+        Ok(SqliteStore { writer, readers })
     }
 
     /// Runs SQLite's own consistency check; `ok` when the file is sound.
     pub async fn integrity_check(&self) -> Result<String, ApiError> {
         sqlx::query_scalar("PRAGMA integrity_check")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.readers)
             .await
             .map_err(db_error)
     }
@@ -105,7 +112,7 @@ impl SqliteStore {
         query.push(") ORDER BY rowid");
         let rows = query
             .build()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.readers)
             .await
             .map_err(db_error)?;
         let position: HashMap<String, usize> = conversations
@@ -149,6 +156,7 @@ fn message_from(row: &SqliteRow) -> Result<Message, ApiError> {
 #[async_trait]
 impl ConversationStore for SqliteStore {
     async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError> {
+        let mut tx = self.writer.begin().await.map_err(db_error)?;
         sqlx::query(
             "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
         )
@@ -156,17 +164,20 @@ impl ConversationStore for SqliteStore {
         .bind(&conversation.title)
         .bind(conversation.created_at.millis())
         .bind(conversation.updated_at.millis())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
-        Ok(())
+        for message in &conversation.messages {
+            upsert_message(&mut tx, message).await?;
+        }
+        tx.commit().await.map_err(db_error)
     }
 
     async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError> {
         let row =
             sqlx::query("SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.readers)
                 .await
                 .map_err(db_error)?;
         let Some(row) = row else {
@@ -184,7 +195,7 @@ impl ConversationStore for SqliteStore {
         )
         .bind(limit)
         .bind(page.offset.min(i64::MAX as usize) as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await
         .map_err(db_error)?;
         self.with_messages(rows.iter().map(conversation_from).collect())
@@ -192,21 +203,8 @@ impl ConversationStore for SqliteStore {
     }
 
     async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        sqlx::query(
-            "INSERT INTO messages (id, conversation_id, role, content, status, timestamp) \
-             VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status",
-        )
-        .bind(&message.id)
-        .bind(&message.conversation_id)
-        .bind(message.role.as_str())
-        .bind(&message.content)
-        .bind(message.status.map(MessageStatus::as_str))
-        .bind(message.timestamp.millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        let mut tx = self.writer.begin().await.map_err(db_error)?;
+        upsert_message(&mut tx, message).await?;
         touch(&mut tx, &message.conversation_id, updated_at).await?;
         tx.commit().await.map_err(db_error)
     }
@@ -217,7 +215,7 @@ impl ConversationStore for SqliteStore {
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), ApiError> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.writer.begin().await.map_err(db_error)?;
         sqlx::query("DELETE FROM messages WHERE id = ? AND conversation_id = ?")
             .bind(message_id)
             .bind(conversation_id)
@@ -238,7 +236,7 @@ impl ConversationStore for SqliteStore {
             .bind(title)
             .bind(updated_at.millis())
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_error)?;
         if done.rows_affected() == 0 {
@@ -250,7 +248,7 @@ impl ConversationStore for SqliteStore {
     async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError> {
         let done = sqlx::query("DELETE FROM conversations WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_error)?;
         Ok(done.rows_affected() > 0)
@@ -258,11 +256,33 @@ impl ConversationStore for SqliteStore {
 
     async fn mark_interrupted(&self) -> Result<u64, ApiError> {
         let done = sqlx::query("UPDATE messages SET status = 'error' WHERE status = 'streaming'")
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_error)?;
         Ok(done.rows_affected())
     }
+}
+
+/// Inserts a message, or replaces the content and status of the stored one.
+async fn upsert_message(
+    tx: &mut sqlx::SqliteConnection,
+    message: &Message,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO messages (id, conversation_id, role, content, status, timestamp) \
+         VALUES (?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status",
+    )
+    .bind(&message.id)
+    .bind(&message.conversation_id)
+    .bind(message.role.as_str())
+    .bind(&message.content)
+    .bind(message.status.map(MessageStatus::as_str))
+    .bind(message.timestamp.millis())
+    .execute(tx)
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }
 
 /// Moves a conversation's `updated_at`; not found when it does not exist.
