@@ -331,12 +331,11 @@ async fn idle(sizes: &Sizes) -> Row {
             .unwrap();
         body
     };
-    let warm = run_client(Spec::Idle {
+    run_client(Spec::Idle {
         addr,
         connections: 100,
     })
     .await;
-    drop(warm);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = resident_bytes();
     let count = sizes.idle;
