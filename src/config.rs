@@ -41,6 +41,9 @@ pub struct Config {
     pub max_message_chars: usize,
     /// Largest real-time frame in bytes (`WS_MAX_FRAME_BYTES`).
     pub ws_max_frame_bytes: usize,
+    /// Packets buffered for one Socket.IO connection before it counts as too slow and is dropped
+    /// (`SOCKETIO_BUFFER`).
+    pub socketio_buffer: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,
     /// `SHUTDOWN_GRACE_MS`: how long replies in progress may go on after SIGINT or SIGTERM.
@@ -142,6 +145,7 @@ impl Config {
             body_limit_bytes: vars.positive("BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
             max_message_chars: vars.positive("MAX_MESSAGE_CHARS", 32_000)?,
             ws_max_frame_bytes: vars.positive("WS_MAX_FRAME_BYTES", 1024 * 1024)?,
+            socketio_buffer: vars.positive("SOCKETIO_BUFFER", 1024)?,
             max_joined_conversations: vars.positive("MAX_JOINED_CONVERSATIONS", 100)?,
             subscriber_queue: vars.positive("SUBSCRIBER_QUEUE", 1024)?,
             shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
