@@ -1,8 +1,9 @@
 //! What the black-box tests share: a real server on `127.0.0.1:0`, a test model server, and
 //! HTTP and WebSocket clients.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod model_server;
+pub mod socketio;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub use model_server::{Mode, ModelServer, pieces_of};
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A configuration for tests: any free port, no rate limit, quick timings.
+#[allow(clippy::field_reassign_with_default)]
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.port = 0;
