@@ -231,6 +231,7 @@ mod tests {
         assert_eq!(c.model.max_tokens, 2000);
         assert!(c.model.api_key.is_none());
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.socketio_buffer, 1024);
     }
 
     #[test]
