@@ -3,7 +3,6 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod model_server;
-pub mod socketio;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,6 +17,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use model_server::{Mode, ModelServer, pieces_of};
+
+/// The real Socket.IO client (Node's socket.io-client) the Socket.IO tests drive.
+pub mod socketio;
 
 /// How long a test waits for any one thing before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
