@@ -218,6 +218,7 @@ mod tests {
     fn defaults_match_the_contract() {
         let c = with(&[]).unwrap();
         assert_eq!(c.port, 5001);
+        assert_eq!(c.socketio_buffer, 1024);
         assert_eq!(c.host.to_string(), "127.0.0.1");
         assert_eq!(c.frontend_url, "http://localhost:8081");
         assert_eq!(c.rate_limit_window, Duration::from_millis(900_000));
@@ -231,7 +232,6 @@ mod tests {
         assert_eq!(c.model.max_tokens, 2000);
         assert!(c.model.api_key.is_none());
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
-        assert_eq!(c.socketio_buffer, 1024);
     }
 
     #[test]
