@@ -43,6 +43,9 @@ pub struct Config {
     pub max_message_chars: usize,
     /// Largest real-time frame in bytes (`WS_MAX_FRAME_BYTES`).
     pub ws_max_frame_bytes: usize,
+    /// Packets buffered for one Socket.IO connection before it counts as too slow and is dropped
+    /// (`SOCKETIO_BUFFER`).
+    pub socketio_buffer: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,
     /// `DATABASE_URL`: `memory`, or a SQLite database such as `sqlite://data/chat.db`.
@@ -148,6 +151,7 @@ impl Config {
             body_limit_bytes: vars.positive("BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
             max_message_chars: vars.positive("MAX_MESSAGE_CHARS", 32_000)?,
             ws_max_frame_bytes: vars.positive("WS_MAX_FRAME_BYTES", 1024 * 1024)?,
+            socketio_buffer: vars.positive("SOCKETIO_BUFFER", 1024)?,
             max_joined_conversations: vars.positive("MAX_JOINED_CONVERSATIONS", 100)?,
             subscriber_queue: vars.positive("SUBSCRIBER_QUEUE", 1024)?,
             shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
@@ -222,6 +226,7 @@ mod tests {
     fn defaults_match_the_contract() {
         let c = with(&[]).unwrap();
         assert_eq!(c.port, 5001);
+        assert_eq!(c.socketio_buffer, 1024);
         assert_eq!(c.host.to_string(), "127.0.0.1");
         assert_eq!(c.frontend_url, "http://localhost:8081");
         assert_eq!(c.rate_limit_window, Duration::from_millis(900_000));

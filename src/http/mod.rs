@@ -1,9 +1,10 @@
-//! The HTTP side: warp routes for REST and `/ws`, wrapped in tower layers and served by hyper
-//! with connection upgrades.
+//! The HTTP side: warp routes for REST and `/ws`, and Socket.IO at `/socket.io/`, wrapped in
+//! tower layers and served by hyper with connection upgrades.
 
 mod payload;
 mod rest;
 mod session;
+mod socketio;
 mod ws;
 
 use std::convert::Infallible;
@@ -18,7 +19,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use warp::http::{HeaderValue, Method, header};
 use warp::reply::{Reply, Response};
@@ -210,6 +211,8 @@ fn cors(frontend_url: &str) -> CorsLayer {
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
     let routes = routes(shared.clone());
     let cors = cors(&shared.config.frontend_url);
+    // One Socket.IO engine for every connection: a polling session spans many of them.
+    let app = socketio::layer(shared.clone()).layer(warp::service(routes));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop_accepting = shared.stop_accepting.clone();
     loop {
@@ -231,7 +234,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
                 request
             })
             .layer(cors.clone())
-            .service(warp::service(routes.clone()));
+            .service(app.clone());
         let connection = auto::Builder::new(TokioExecutor::new())
             .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
             .into_owned();

@@ -19,10 +19,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use model_server::{Mode, ModelServer, pieces_of};
 
+/// The real Socket.IO client (Node's socket.io-client) the Socket.IO tests drive.
+pub mod socketio;
+
 /// How long a test waits for any one thing before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A configuration for tests: any free port, no rate limit, quick timings.
+#[allow(clippy::field_reassign_with_default)]
 pub fn test_config() -> Config {
     let mut config = Config {
         port: 0,

@@ -1,0 +1,191 @@
+//! The Socket.IO transport at `/socket.io/` (protocol v5 over Engine.IO v4, polling and
+//! websocket), served by socketioxide on the same listener as REST and `/ws`.
+//!
+//! socketioxide calls its handlers as callbacks, so each socket gets one task that owns its
+//! [`Session`]: the handlers forward client events to it over a channel, in arrival order, and the
+//! task writes the session's events out as Socket.IO events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+use socketioxide::handler::{
+    ConnectHandler, FromMessageParts, MessageHandler, Value as PacketValue,
+};
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::socket::Socket;
+use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::sync::mpsc;
+
+use super::Shared;
+use super::session::Session;
+use crate::actors::{ChatEvent, EncodedEvent};
+use crate::error::ApiError;
+
+/// Client events one socket may have waiting to be handled; more are refused with an `error`.
+const PENDING_EVENTS: usize = 1024;
+/// How often a socket whose buffer is full is asked again to take its disconnect packet.
+const DISCONNECT_RETRY: Duration = Duration::from_millis(20);
+
+/// The tower layer that answers `/socket.io/` and passes every other request on.
+pub fn layer(shared: Arc<Shared>) -> SocketIoLayer {
+    let limit = shared.config.ws_max_frame_bytes;
+    let (layer, io) = SocketIo::builder()
+        .max_buffer_size(shared.config.socketio_buffer)
+        .max_payload(limit as u64)
+        .ws_max_message_size(limit)
+        .ws_max_frame_size(limit)
+        .build_layer();
+    io.ns("/", OnConnect(shared.clone()));
+    tokio::spawn(async move {
+        shared.shutdown.cancelled().await;
+        io.close().await;
+    });
+    layer
+}
+
+/// What the handlers tell a socket's task.
+enum Incoming {
+    /// A client event, with the acknowledgement callback when the client asked for one.
+    Event {
+        name: String,
+        data: serde_json::Value,
+        ack: Option<AckSender>,
+    },
+    /// The socket is gone.
+    Disconnected,
+}
+
+/// Sets up a socket as it connects: its handlers first, so no event can arrive before them,
+/// then its task.
+#[derive(Clone)]
+struct OnConnect(Arc<Shared>);
+
+/// Marks this crate's own handler implementations apart from socketioxide's closure ones.
+struct Direct;
+
+impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
+    fn call(&self, socket: Arc<Socket>, _auth: Option<PacketValue>) {
+        let (incoming, events) = mpsc::channel(PENDING_EVENTS);
+        socket.on_fallback(ForwardEvent(incoming.clone()));
+        socket.on_disconnect(async move || {
+            let _ = incoming.send(Incoming::Disconnected).await;
+        });
+        tokio::spawn(serve(SocketRef::from(socket), events, self.0.clone()));
+    }
+}
+
+/// Forwards every client event, whatever its name, to the socket's task. It runs inline as the
+/// packet is read (socketioxide spawns closure handlers, which could reorder events).
+struct ForwardEvent(mpsc::Sender<Incoming>);
+
+impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
+    fn call(&self, socket: Arc<Socket>, mut packet: PacketValue, ack_id: Option<i64>) {
+        let name = Event::from_message_parts(&socket, &mut packet, &ack_id)
+            .map(|Event(name)| name)
+            .unwrap_or_default();
+        let Ok(TryData(data)) =
+            TryData::<serde_json::Value>::from_message_parts(&socket, &mut packet, &ack_id);
+        let ack = ack_id.map(|_| {
+            let Ok(ack) = AckSender::from_message_parts(&socket, &mut packet, &ack_id);
+            ack
+        });
+        let event = Incoming::Event {
+            name,
+            data: data.unwrap_or_default(),
+            ack,
+        };
+        if let Err(mpsc::error::TrySendError::Full(Incoming::Event { ack, .. })) =
+            self.0.try_send(event)
+        {
+            tracing::warn!(socket = %socket.id, "too many client events waiting, refusing one");
+            let _ = reply(&socket, Err(ApiError::RateLimited), ack);
+        }
+    }
+}
+
+/// Serves one socket until it disconnects, is too slow, or the server shuts down.
+async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared: Arc<Shared>) {
+    let (mut session, mut inbox) = Session::open(
+        shared.conversations.clone(),
+        shared.config.clone(),
+        shared.metrics.clone(),
+    );
+    tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
+    let shutdown = shared.shutdown.clone();
+    let too_slow = loop {
+        let sent = tokio::select! {
+            message = incoming.recv() => match message {
+                Some(Incoming::Event { name, data, ack }) => {
+                    let result = session.handle(&name, &data).await;
+                    reply(&socket, result, ack)
+                }
+                Some(Incoming::Disconnected) | None => break false,
+            },
+            Some(event) = inbox.events.recv() => emit(&socket, &event),
+            Some(id) = inbox.lost.recv() => {
+                session.rejoin(id).await;
+                Ok(())
+            }
+            _ = inbox.dropped.cancelled() => break true,
+            _ = shutdown.cancelled() => break false,
+        };
+        match sent {
+            Ok(()) => {}
+            Err(SocketError::InternalChannelFull) => break true,
+            Err(SocketError::Closed) => break false,
+        }
+    };
+    let connection = session.id();
+    session.close().await;
+    drop(incoming);
+    if too_slow {
+        tracing::warn!(connection, socket = %socket.id, "socket.io client too slow, disconnecting it");
+        disconnect(socket).await;
+    }
+}
+
+/// Emits one event; a full buffer means the client is too slow.
+fn emit(socket: &Socket, event: &EncodedEvent) -> Result<(), SocketError> {
+    match socket.emit(event.name, &event.data) {
+        Ok(()) => Ok(()),
+        Err(SendError::Socket(e)) => Err(e),
+        Err(SendError::Serialize(e)) => {
+            tracing::error!(error = %e, event = event.name, "event not encodable for socket.io");
+            Ok(())
+        }
+    }
+}
+
+/// Answers a client event: the acknowledgement when the client asked for one, and on failure
+/// an `error` event too.
+fn reply(
+    socket: &Socket,
+    result: Result<serde_json::Value, ApiError>,
+    ack: Option<AckSender>,
+) -> Result<(), SocketError> {
+    let acknowledgement = match result {
+        Ok(value) => value,
+        Err(error) => {
+            emit(socket, &ChatEvent::from(&error).encode())?;
+            json!({ "error": error.body() })
+        }
+    };
+    match ack.map(|ack| ack.send(&acknowledgement)) {
+        Some(Err(SendError::Socket(e))) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Disconnects a socket whose buffer may be full: retries until the disconnect packet fits or
+/// the socket is gone (Engine.IO's heartbeat closes a client that never reads again).
+async fn disconnect(socket: SocketRef) {
+    while socket.connected() {
+        match socket.clone().disconnect() {
+            Err(SocketError::InternalChannelFull) => tokio::time::sleep(DISCONNECT_RETRY).await,
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! A real Socket.IO client: Node's `socket.io-client` 4.x running `node/client.mjs`, driven over
+//! stdin/stdout with JSON lines. The first use installs the package (`npm ci`) when it is missing.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+use super::WAIT;
+
+/// The longest `npm ci` may take.
+const INSTALL_WAIT: Duration = Duration::from_secs(300);
+
+/// The folder holding the client script and its `package.json`.
+fn client_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/node")
+}
+
+/// Runs `npm ci` once when `node_modules` lacks the client. A file lock keeps test processes
+/// running at the same time from installing over each other.
+fn ensure_installed() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let dir = client_dir();
+        let marker = dir.join("node_modules/socket.io-client/package.json");
+        let lock_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("socketio-client-npm.lock");
+        let lock = std::fs::File::create(&lock_path).expect("npm lock file");
+        lock.lock().expect("npm lock taken");
+        if !marker.exists() {
+            let mut npm = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("npm runs (install Node.js and npm)");
+            let deadline = Instant::now() + INSTALL_WAIT;
+            let status = loop {
+                if let Some(status) = npm.try_wait().expect("npm status") {
+                    break status;
+                }
+                if Instant::now() > deadline {
+                    let _ = npm.kill();
+                    panic!("npm ci took longer than {INSTALL_WAIT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            assert!(status.success(), "npm ci failed in {}", dir.display());
+        }
+        assert!(marker.exists(), "socket.io-client missing after npm ci");
+    });
+}
+
+/// One Socket.IO client in its own Node process.
+pub struct SioClient {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::UnboundedReceiver<Value>,
+    events: VecDeque<(String, Value)>,
+    acks: HashMap<u64, Value>,
+    next_ack: u64,
+    /// The transport the client started with.
+    pub first_transport: Option<String>,
+    /// The transport it upgraded to, if it did.
+    pub upgraded_to: Option<String>,
+    /// Why it disconnected, once it did.
+    pub disconnect_reason: Option<String>,
+}
+
+impl SioClient {
+    /// Connects to `addr` with the client's default options plus `options` (reconnection off
+    /// unless `options` says otherwise), and waits for the `connect` event.
+    pub async fn connect(addr: SocketAddr, options: Value) -> SioClient {
+        ensure_installed();
+        let mut child = Command::new("node")
+            .arg(client_dir().join("client.mjs"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs (install Node.js)");
+        let stdin = child.stdin.take().expect("client stdin");
+        let stdout = child.stdout.take().expect("client stdout");
+        let (sender, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let value = serde_json::from_str(&line).expect("client lines are JSON");
+                if sender.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut client = SioClient {
+            child,
+            stdin,
+            lines,
+            events: VecDeque::new(),
+            acks: HashMap::new(),
+            next_ack: 1,
+            first_transport: None,
+            upgraded_to: None,
+            disconnect_reason: None,
+        };
+        client
+            .command(json!({"cmd": "connect", "url": format!("http://{addr}"), "options": options}))
+            .await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let line = client.read_line(deadline).await.expect("connected in time");
+            match line["type"].as_str() {
+                Some("connect") => return client,
+                Some("connect_error") => panic!("connect_error: {line}"),
+                _ => client.keep(line),
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Value) {
+        let mut line = command.to_string();
+        line.push('\n');
+        self.stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("client takes commands");
+    }
+
+    async fn read_line(&mut self, deadline: tokio::time::Instant) -> Option<Value> {
+        tokio::time::timeout_at(deadline, self.lines.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Files one line from the client where it belongs.
+    fn keep(&mut self, line: Value) {
+        let first = |args: &Value| args.get(0).cloned().unwrap_or(Value::Null);
+        match line["type"].as_str() {
+            Some("event") => {
+                let name = line["event"].as_str().expect("events are named").to_owned();
+                self.events.push_back((name, first(&line["args"])));
+            }
+            Some("ack") => {
+                let id = line["id"].as_u64().expect("acks carry their id");
+                self.acks.insert(id, first(&line["args"]));
+            }
+            Some("open") => self.first_transport = line["transport"].as_str().map(Into::into),
+            Some("upgrade") => self.upgraded_to = line["transport"].as_str().map(Into::into),
+            Some("disconnect") => self.disconnect_reason = line["reason"].as_str().map(Into::into),
+            Some("connect") => {}
+            _ => panic!("unexpected client line: {line}"),
+        }
+    }
+
+    /// Reads and files one line; false when none came before `deadline`.
+    async fn pump(&mut self, deadline: tokio::time::Instant) -> bool {
+        match self.read_line(deadline).await {
+            Some(line) => {
+                self.keep(line);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Emits `event` with `data`, without an acknowledgement.
+    pub async fn emit(&mut self, event: &str, data: Value) {
+        self.emit_args(event, vec![data]).await;
+    }
+
+    /// Emits `event` with any arguments (none at all, several), without an acknowledgement.
+    pub async fn emit_args(&mut self, event: &str, args: Vec<Value>) {
+        self.command(json!({"cmd": "emit", "event": event, "args": args}))
+            .await;
+    }
+
+    /// Emits `event` with `data` and an acknowledgement callback, and returns what it got.
+    pub async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        self.command(json!({"cmd": "emit", "event": event, "args": [data], "ack": id}))
+            .await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(ack) = self.acks.remove(&id) {
+                return ack;
+            }
+            assert!(self.pump(deadline).await, "no acknowledgement for {event}");
+        }
+    }
+
+    /// The next event, as (name, data); fails after [`WAIT`] or once the client is disconnected.
+    pub async fn next(&mut self) -> (String, Value) {
+        match self.try_next(WAIT).await {
+            Some(event) => event,
+            None => panic!(
+                "no event in time; disconnected: {:?}",
+                self.disconnect_reason
+            ),
+        }
+    }
+
+    /// The next event within `wait`, if any; none once the client is disconnected and has read
+    /// every event it got.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<(String, Value)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Some(event);
+            }
+            if self.disconnect_reason.is_some() || !self.pump(deadline).await {
+                return None;
+            }
+        }
+    }
+
+    /// Events up to and including `stream_complete`.
+    pub async fn until_complete(&mut self) -> Vec<(String, Value)> {
+        let mut events = Vec::new();
+        loop {
+            let event = self.next().await;
+            let done = event.0 == "stream_complete";
+            events.push(event);
+            if done {
+                return events;
+            }
+        }
+    }
+
+    /// Sends `stream_chat` and returns every event up to `stream_complete`.
+    pub async fn chat(&mut self, conversation_id: &str, message: &str) -> Vec<(String, Value)> {
+        self.emit(
+            "stream_chat",
+            json!({"conversationId": conversation_id, "message": message}),
+        )
+        .await;
+        self.until_complete().await
+    }
+
+    /// Waits until the client has moved to another transport, and names it.
+    pub async fn upgraded(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.upgraded_to.is_none() {
+            assert!(self.pump(deadline).await, "no upgrade in time");
+        }
+        self.upgraded_to.clone().unwrap()
+    }
+
+    /// Why the client was disconnected, if it was within `wait`; events received before are kept.
+    pub async fn disconnected_within(&mut self, wait: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.disconnect_reason.is_none() {
+            if !self.pump(deadline).await {
+                break;
+            }
+        }
+        self.disconnect_reason.clone()
+    }
+
+    /// Keeps the client's event loop busy for `time`: it neither reads nor polls meanwhile.
+    pub async fn stall(&mut self, time: Duration) {
+        self.command(json!({"cmd": "block", "ms": time.as_millis() as u64}))
+            .await;
+    }
+
+    /// Disconnects cleanly, as `socket.disconnect()` does.
+    pub async fn disconnect(mut self) {
+        self.command(json!({"cmd": "disconnect"})).await;
+        let reason = self.disconnected_within(WAIT).await;
+        assert_eq!(reason.as_deref(), Some("io client disconnect"));
+    }
+
+    /// Kills the client process: its connection drops without a goodbye.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("client killed");
+    }
+}
