@@ -26,7 +26,6 @@ pub mod socketio;
 pub const WAIT: Duration = Duration::from_secs(15);
 
 /// A configuration for tests: any free port, no rate limit, quick timings.
-#[allow(clippy::field_reassign_with_default)]
 pub fn test_config() -> Config {
     let mut config = Config {
         port: 0,
