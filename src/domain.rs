@@ -215,7 +215,7 @@ mod tests {
     fn timestamps_have_milliseconds_and_z() {
         let t = Timestamp::from_millis(1_795_000_000_123);
         let json = serde_json::to_string(&t).unwrap();
-        assert_eq!(json, "\"2026-11-18T08:26:40.123Z\"");
+        assert_eq!(json, "\"2026-11-18T11:06:40.123Z\"");
         assert_eq!(Timestamp::from_millis(t.millis()), t);
     }
 

@@ -242,10 +242,8 @@ mod tests {
         assert_eq!(frame["data"]["content"], "Hello wor");
         assert_eq!(frame["data"]["isComplete"], false);
         assert_eq!(frame["data"]["seq"], 3);
-        assert_eq!(
-            event.data.get(),
-            serde_json::to_string(&frame["data"]).unwrap()
-        );
+        let data: serde_json::Value = serde_json::from_str(event.data.get()).unwrap();
+        assert_eq!(data, frame["data"]);
     }
 
     #[test]

@@ -245,7 +245,9 @@ impl Conversations {
         }
         for id in self.ctx.registry.ids() {
             if self.ctx.registry.contains(&id) {
-                let _ = self.request(&id, Activation::Existing, Request::Interrupt).await;
+                let _ = self
+                    .request(&id, Activation::Existing, Request::Interrupt)
+                    .await;
             }
         }
         self.supervisor.stop(None);

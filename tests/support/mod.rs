@@ -1,8 +1,9 @@
 //! What the black-box tests share: a real server on `127.0.0.1:0`, a test model server, and
 //! HTTP and WebSocket clients.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod model_server;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
