@@ -22,6 +22,7 @@ use crate::actors::{ConversationContext, Conversations, Registry};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::http::Shared;
+use crate::http::limits::ConnectionLimit;
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
 use crate::store::{ConversationStore, MemoryStore};
@@ -87,6 +88,7 @@ impl App {
         .map_err(StartError::Setup)?;
         let shared = Arc::new(Shared {
             conversations,
+            connection_limit: ConnectionLimit::new(config.max_connections_per_ip),
             config: Arc::new(config),
             metrics,
             started: Instant::now(),

@@ -22,11 +22,15 @@ pub use model_server::{Mode, ModelServer, pieces_of};
 /// How long a test waits for any one thing before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-/// A configuration for tests: any free port, no rate limit, quick timings.
+/// A configuration for tests: any free port, no rate or connection limits, quick timings.
 pub fn test_config() -> Config {
-    let mut config = Config::default();
-    config.port = 0;
-    config.rate_limit_max_requests = 0;
+    let mut config = Config {
+        port: 0,
+        rate_limit_max_requests: 0,
+        rt_messages_per_minute: 0,
+        max_connections_per_ip: 0,
+        ..Config::default()
+    };
     config.model.demo_token_delay = Duration::from_millis(1);
     config.conversations.upstream_timeout = Duration::from_secs(10);
     config
