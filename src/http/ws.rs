@@ -1,6 +1,7 @@
 //! The plain WebSocket transport at `/ws`: text frames of `{"event": NAME, "data": PAYLOAD}`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -19,6 +20,8 @@ const CLOSE_TOO_SLOW: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// How long a closing connection may take to send its last events and the close frame.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one upgraded connection until either side closes it.
 pub async fn serve(socket: WebSocket, shared: Arc<Shared>) {
@@ -61,7 +64,15 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>) {
                 break;
             }
             _ = shutdown.cancelled() => {
-                let _ = sink.send(Message::close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
+                let farewell = async {
+                    while let Ok(event) = inbox.events.try_recv() {
+                        if !write(&mut sink, Message::text(event.frame.clone()), &inbox.dropped).await {
+                            return;
+                        }
+                    }
+                    let _ = sink.send(Message::close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
+                };
+                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
                 break;
             }
         }
