@@ -107,7 +107,10 @@ where
         let started = Instant::now();
         let method = method_label(request.method());
         let path = request.uri().path().to_owned();
-        let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+        let client = request
+            .extensions()
+            .get::<ClientAddr>()
+            .map_or_else(|| "-".to_owned(), |c| c.0.to_string());
         let metrics = self.metrics.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {
@@ -118,12 +121,12 @@ where
             let bytes = size.exact().unwrap_or(size.lower());
             tracing::info!(
                 target: "access",
-                method,
+                %method,
                 %path,
                 status,
                 bytes,
                 duration_ms = millis(took),
-                client = client.map(|c| c.to_string()),
+                %client,
                 "request"
             );
             metrics.request_answered(method, route_of(&path), status, took);
