@@ -20,7 +20,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use warp::http::{HeaderValue, Method, header};
 use warp::reply::{Reply, Response};
@@ -231,10 +231,10 @@ fn cors(frontend_url: &str) -> CorsLayer {
 /// Accepts connections until `shutdown` is cancelled, then waits up to `grace` for the open
 /// ones to finish.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
-    let routes = routes(shared.clone());
-    let cors = cors(&shared.config.frontend_url);
     let config = &shared.config;
     let rate_limit = RateLimitLayer::new(config.rate_limit_window, config.rate_limit_max_requests);
+    let routes = rate_limit.layer(warp::service(routes(shared.clone())));
+    let cors = cors(&config.frontend_url);
     let access_log = AccessLogLayer::new(shared.metrics.clone());
     tokio::spawn(middleware::upkeep(
         shared.metrics.clone(),
@@ -264,8 +264,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
             .layer(middleware::security_headers())
             .layer(access_log.clone())
             .layer(cors.clone())
-            .layer(rate_limit.clone())
-            .service(warp::service(routes.clone()));
+            .service(routes.clone());
         let connection = auto::Builder::new(TokioExecutor::new())
             .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
             .into_owned();
