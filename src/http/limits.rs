@@ -39,12 +39,14 @@ fn seconds(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
-/// `RATE_LIMIT_WINDOW_MS` and `RATE_LIMIT_MAX_REQUESTS` on `/api/`, per client address.
+/// `RATE_LIMIT_WINDOW_MS` and `RATE_LIMIT_MAX_REQUESTS` on `/api/`, per client address: a layer
+/// around the warp routes, whose answers it needs for its 429.
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limiter: Option<Arc<ApiRateLimiter>>,
 }
 
+/// The shared state of an active [`RateLimitLayer`].
 struct ApiRateLimiter {
     clients: DefaultKeyedRateLimiter<IpAddr, StateInformationMiddleware>,
     limit: u32,
