@@ -33,6 +33,11 @@ pub struct Config {
     pub rate_limit_window: Duration,
     /// Requests per window per client address on `/api/` (`RATE_LIMIT_MAX_REQUESTS`); 0 is off.
     pub rate_limit_max_requests: u32,
+    /// `stream_chat` and `regenerate` events one real-time connection may send per minute
+    /// (`RT_MESSAGES_PER_MINUTE`); 0 is off.
+    pub rt_messages_per_minute: u32,
+    /// Open real-time connections per client address (`MAX_CONNECTIONS_PER_IP`); 0 is off.
+    pub max_connections_per_ip: usize,
     /// The model provider's settings.
     pub model: ModelConfig,
     /// How conversations behave.
@@ -131,6 +136,8 @@ impl Config {
             log_json: log_format == "json",
             rate_limit_window: vars.millis("RATE_LIMIT_WINDOW_MS", 900_000)?,
             rate_limit_max_requests: vars.parse("RATE_LIMIT_MAX_REQUESTS", 100)?,
+            rt_messages_per_minute: vars.parse("RT_MESSAGES_PER_MINUTE", 30)?,
+            max_connections_per_ip: vars.parse("MAX_CONNECTIONS_PER_IP", 64)?,
             model: ModelConfig {
                 api_key,
                 base_url: vars.optional("OPENAI_BASE_URL"),
@@ -240,6 +247,8 @@ mod tests {
         assert_eq!(c.model.max_tokens, 2000);
         assert!(c.model.api_key.is_none());
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.rt_messages_per_minute, 30);
+        assert_eq!(c.max_connections_per_ip, 64);
     }
 
     #[test]
@@ -264,11 +273,15 @@ mod tests {
             ("OPENAI_API_KEY", "sk-test"),
             ("RATE_LIMIT_MAX_REQUESTS", "0"),
             ("LOG_FORMAT", "json"),
+            ("RT_MESSAGES_PER_MINUTE", "0"),
+            ("MAX_CONNECTIONS_PER_IP", "2"),
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
         assert_eq!(c.model.api_key.as_deref(), Some("sk-test"));
         assert_eq!(c.rate_limit_max_requests, 0);
         assert!(c.log_json);
+        assert_eq!(c.rt_messages_per_minute, 0);
+        assert_eq!(c.max_connections_per_ip, 2);
     }
 }

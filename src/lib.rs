@@ -22,9 +22,13 @@ use crate::actors::{ConversationContext, Conversations, Registry};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::http::Shared;
+use crate::http::limits::ConnectionLimit;
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
 use crate::store::ConversationStore;
+
+/// How long real-time connections may take to close once replies are over.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,7 @@ impl App {
         .map_err(StartError::Setup)?;
         let shared = Arc::new(Shared {
             conversations,
+            connection_limit: ConnectionLimit::new(config.max_connections_per_ip),
             config: Arc::new(config),
             metrics,
             started: Instant::now(),
@@ -115,11 +120,18 @@ impl App {
     }
 
     /// Stops accepting, lets replies in progress finish for up to `grace` and interrupts the
-    /// rest, closes real-time connections, and lets open requests finish.
+    /// rest, closes real-time connections (waiting briefly until they have sent their last
+    /// events and close frame), and lets open requests finish.
     pub async fn shutdown(self, grace: Duration) {
         self.shared.stop_accepting.cancel();
         self.shared.conversations.shutdown(grace).await;
         self.shared.shutdown.cancel();
+        let closing = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        while self.shared.metrics.snapshot().open_connections > 0
+            && tokio::time::Instant::now() < closing
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = self.server.await;
     }
 }

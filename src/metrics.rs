@@ -1,30 +1,96 @@
-//! Live counters of the server's activity, read by the health route.
+//! Live measures of the server's activity: counters the health route reads, and the
+//! Prometheus series `GET /metrics` renders. Each server has its own recorder, never a global one.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use metrics::{Counter, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+
+/// Histogram buckets, in seconds, for request and model latencies.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+const METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+const HTTP_REQUESTS: &str = "http_requests_total";
+const HTTP_DURATION: &str = "http_request_duration_seconds";
+const OPEN_CONNECTIONS: &str = "chat_open_connections";
+const ACTIVE_CONVERSATIONS: &str = "chat_active_conversations";
+const REPLIES_IN_PROGRESS: &str = "chat_replies_in_progress";
+const TOKENS_STREAMED: &str = "chat_tokens_streamed_total";
+const UPSTREAM_ERRORS: &str = "chat_upstream_errors_total";
+const UPSTREAM_DURATION: &str = "chat_upstream_duration_seconds";
+
 /// Counters shared by the actors and the transports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     active_conversations: AtomicI64,
     open_connections: AtomicI64,
     replies_in_progress: AtomicI64,
-    tokens_streamed: AtomicU64,
-    upstream_requests: AtomicU64,
-    upstream_errors: AtomicU64,
-    upstream_micros: AtomicU64,
+    recorder: PrometheusRecorder,
+    tokens: Counter,
+    upstream_errors: Counter,
+    upstream_latency: Histogram,
 }
 
-/// A copy of the counters at one moment.
+/// A copy of the gauges at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct MetricsSnapshot {
     pub active_conversations: i64,
     pub open_connections: i64,
     pub replies_in_progress: i64,
-    pub tokens_streamed: u64,
-    pub upstream_requests: u64,
-    pub upstream_errors: u64,
-    pub upstream_seconds_total: f64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .expect("buckets are not empty")
+            .build_recorder();
+        let descriptions = [
+            (
+                HTTP_REQUESTS,
+                Unit::Count,
+                "HTTP answers by method, route and status",
+            ),
+            (HTTP_DURATION, Unit::Seconds, "Time to answer HTTP requests"),
+            (OPEN_CONNECTIONS, Unit::Count, "Open real-time connections"),
+            (
+                ACTIVE_CONVERSATIONS,
+                Unit::Count,
+                "Running conversation actors",
+            ),
+            (REPLIES_IN_PROGRESS, Unit::Count, "Replies being generated"),
+            (
+                TOKENS_STREAMED,
+                Unit::Count,
+                "Pieces of reply text streamed",
+            ),
+            (UPSTREAM_ERRORS, Unit::Count, "Model requests that failed"),
+            (
+                UPSTREAM_DURATION,
+                Unit::Seconds,
+                "Time the model took for a whole reply",
+            ),
+        ];
+        // The exporter keeps one description per name, whatever the kind of series.
+        for (name, unit, help) in descriptions {
+            recorder.describe_counter(name.into(), Some(unit), help.into());
+        }
+        let counter = |name| recorder.register_counter(&Key::from_static_name(name), &METADATA);
+        Metrics {
+            active_conversations: AtomicI64::new(0),
+            open_connections: AtomicI64::new(0),
+            replies_in_progress: AtomicI64::new(0),
+            tokens: counter(TOKENS_STREAMED),
+            upstream_errors: counter(UPSTREAM_ERRORS),
+            upstream_latency: recorder
+                .register_histogram(&Key::from_static_name(UPSTREAM_DURATION), &METADATA),
+            recorder,
+        }
+    }
 }
 
 impl Metrics {
@@ -60,30 +126,66 @@ impl Metrics {
 
     /// Pieces of text streamed to members.
     pub fn tokens_streamed(&self, count: u64) {
-        self.tokens_streamed.fetch_add(count, Ordering::Relaxed);
+        self.tokens.increment(count);
     }
 
     /// A model request ended after `took`.
     pub fn upstream_finished(&self, took: Duration, failed: bool) {
-        self.upstream_requests.fetch_add(1, Ordering::Relaxed);
-        self.upstream_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.upstream_latency.record(took.as_secs_f64());
         if failed {
-            self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            self.upstream_errors.increment(1);
         }
     }
 
-    /// The counters now.
+    /// An HTTP request was answered; `route` is its template, e.g. `/api/conversations/:id`.
+    pub fn request_answered(
+        &self,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        took: Duration,
+    ) {
+        let labels = vec![
+            Label::new("method", method),
+            Label::new("route", route),
+            Label::new("status", status.to_string()),
+        ];
+        let key = Key::from_parts(HTTP_REQUESTS, labels.clone());
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+        let key = Key::from_parts(HTTP_DURATION, labels);
+        self.recorder
+            .register_histogram(&key, &METADATA)
+            .record(took.as_secs_f64());
+    }
+
+    /// The gauges now.
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             active_conversations: self.active_conversations.load(Ordering::Relaxed),
             open_connections: self.open_connections.load(Ordering::Relaxed),
             replies_in_progress: self.replies_in_progress.load(Ordering::Relaxed),
-            tokens_streamed: self.tokens_streamed.load(Ordering::Relaxed),
-            upstream_requests: self.upstream_requests.load(Ordering::Relaxed),
-            upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
-            upstream_seconds_total: self.upstream_micros.load(Ordering::Relaxed) as f64 / 1e6,
         }
+    }
+
+    /// Every series in Prometheus's text format.
+    pub fn render(&self) -> String {
+        let now = self.snapshot();
+        for (name, value) in [
+            (OPEN_CONNECTIONS, now.open_connections),
+            (ACTIVE_CONVERSATIONS, now.active_conversations),
+            (REPLIES_IN_PROGRESS, now.replies_in_progress),
+        ] {
+            self.recorder
+                .register_gauge(&Key::from_static_name(name), &METADATA)
+                .set(value as f64);
+        }
+        self.recorder.handle().render()
+    }
+
+    /// Folds recorded samples into their histograms so memory stays bounded between scrapes;
+    /// call it every few seconds.
+    pub fn run_upkeep(&self) {
+        self.recorder.handle().run_upkeep();
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Timestamp;
@@ -75,7 +76,7 @@ impl ChatEvent {
     /// Encodes the event once, for every transport.
     pub fn encode(&self) -> Arc<EncodedEvent> {
         let data = serde_json::to_string(self).unwrap_or_else(|_| "null".into());
-        let frame = format!(r#"{{"event":"{}","data":{}}}"#, self.name(), data);
+        let frame = format!(r#"{{"event":"{}","data":{}}}"#, self.name(), data).into();
         Arc::new(EncodedEvent {
             name: self.name(),
             data: RawValue::from_string(data).unwrap_or_else(|_| null_value()),
@@ -105,8 +106,8 @@ pub struct EncodedEvent {
     pub name: &'static str,
     /// The payload, already JSON.
     pub data: Box<RawValue>,
-    /// `{"event": name, "data": payload}`, the plain WebSocket frame.
-    pub frame: String,
+    /// `{"event": name, "data": payload}`, the plain WebSocket frame, shared by every connection.
+    pub frame: Utf8Bytes,
 }
 
 /// One connection as a conversation actor sees it: where to put its events, and how to tell it
@@ -236,7 +237,7 @@ mod tests {
             seq: 3,
         }
         .encode();
-        let frame: serde_json::Value = serde_json::from_str(&event.frame).unwrap();
+        let frame: serde_json::Value = serde_json::from_str(event.frame.as_str()).unwrap();
         assert_eq!(frame["event"], "stream_chunk");
         assert_eq!(frame["data"]["messageId"], "m");
         assert_eq!(frame["data"]["content"], "Hello wor");

@@ -1,6 +1,8 @@
 //! The HTTP side: warp routes for REST and `/ws`, and Socket.IO at `/socket.io/`, wrapped in
 //! tower layers and served by hyper with connection upgrades.
 
+pub mod limits;
+mod middleware;
 mod payload;
 mod rest;
 mod session;
@@ -29,12 +31,16 @@ use crate::actors::Conversations;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use limits::{ConnectionLimit, RateLimitLayer};
+use middleware::AccessLogLayer;
 
 /// What every route and connection shares.
 pub struct Shared {
     pub conversations: Conversations,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    /// Open real-time connections per client address, over every transport.
+    pub connection_limit: Arc<ConnectionLimit>,
     pub started: Instant,
     /// Cancelled when the server stops accepting connections.
     pub stop_accepting: CancellationToken,
@@ -134,16 +140,11 @@ pub fn routes(
         .and(warp::post())
         .and(state.clone())
         .then(|id, shared| rest::regenerate(shared, id));
-    let websocket = warp::path!("ws").and(warp::ws()).and(state).map(
-        |upgrade: warp::ws::Ws, shared: Arc<Shared>| {
-            let frame_limit = shared.config.ws_max_frame_bytes;
-            upgrade
-                .max_frame_size(frame_limit)
-                .max_message_size(frame_limit)
-                .on_upgrade(move |socket| ws::serve(socket, shared))
-                .into_response()
-        },
-    );
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(state.clone())
+        .map(|shared: Arc<Shared>| rest::metrics(&shared));
+    let websocket = ws::route(shared.clone());
 
     let api = chat
         .or(list)
@@ -161,6 +162,8 @@ pub fn routes(
         .map(|result: Result<Response, ApiError>| result.unwrap_or_else(|e| error_response(&e)));
     health
         .or(api)
+        .unify()
+        .or(metrics)
         .unify()
         .or(websocket)
         .unify()
@@ -209,10 +212,18 @@ fn cors(frontend_url: &str) -> CorsLayer {
 /// Accepts connections until `shutdown` is cancelled, then waits up to `grace` for the open
 /// ones to finish.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
-    let routes = routes(shared.clone());
-    let cors = cors(&shared.config.frontend_url);
+    let config = &shared.config;
+    let rate_limit = RateLimitLayer::new(config.rate_limit_window, config.rate_limit_max_requests);
+    let routes = rate_limit.layer(warp::service(routes(shared.clone())));
     // One Socket.IO engine for every connection: a polling session spans many of them.
-    let app = socketio::layer(shared.clone()).layer(warp::service(routes));
+    let app = socketio::layer(shared.clone()).layer(routes);
+    let cors = cors(&config.frontend_url);
+    let access_log = AccessLogLayer::new(shared.metrics.clone());
+    tokio::spawn(middleware::upkeep(
+        shared.metrics.clone(),
+        rate_limit.clone(),
+        shared.stop_accepting.clone(),
+    ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop_accepting = shared.stop_accepting.clone();
     loop {
@@ -231,8 +242,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
         let service = ServiceBuilder::new()
             .map_request(move |mut request: http::Request<_>| {
                 request.extensions_mut().insert(ClientAddr(addr));
+                ws::PendingUpgrade::take_from(&mut request);
                 request
             })
+            .layer(middleware::security_headers())
+            .layer(access_log.clone())
             .layer(cors.clone())
             .service(app.clone());
         let connection = auto::Builder::new(TokioExecutor::new())

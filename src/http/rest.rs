@@ -29,6 +29,16 @@ pub fn health(shared: &Shared) -> Response {
     warp::reply::json(&body).into_response()
 }
 
+/// `GET /metrics`: every series in Prometheus's text format.
+pub fn metrics(shared: &Shared) -> Response {
+    warp::reply::with_header(
+        shared.metrics.render(),
+        "content-type",
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+    .into_response()
+}
+
 /// `POST /api/chat`: the user message and the model's whole reply.
 pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Response, ApiError> {
     let payload = Payload::new(&body)?;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};
 
+use super::limits::ReplyRate;
 use super::payload::Payload;
 use crate::actors::{Conversations, Subscriber, SubscriberInbox};
 use crate::config::Config;
@@ -20,6 +21,7 @@ pub struct Session {
     conversations: Conversations,
     subscriber: Subscriber,
     joined: HashSet<String>,
+    replies: ReplyRate,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
 }
@@ -38,6 +40,7 @@ impl Session {
             conversations,
             subscriber,
             joined: HashSet::new(),
+            replies: ReplyRate::new(config.rt_messages_per_minute),
             config,
             metrics,
         };
@@ -78,6 +81,7 @@ impl Session {
                 } else if self.joined.len() >= self.config.max_joined_conversations {
                     return Err(self.too_many_joined());
                 }
+                self.replies.check()?;
                 let sender = Some(self.subscriber.clone());
                 let started = self.conversations.stream_chat(id, message, sender).await?;
                 self.joined.insert(started.conversation_id.clone());
@@ -94,6 +98,7 @@ impl Session {
             "regenerate" => {
                 let id = Payload::new(data)?.conversation_id()?;
                 self.check_join_limit(&id)?;
+                self.replies.check()?;
                 let sender = Some(self.subscriber.clone());
                 let started = self.conversations.regenerate(&id, sender).await?;
                 self.joined.insert(id);

@@ -19,8 +19,8 @@ use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 
-use super::Shared;
 use super::session::Session;
+use super::{ClientAddr, Shared};
 use crate::actors::{ChatEvent, EncodedEvent};
 use crate::error::ApiError;
 
@@ -68,12 +68,26 @@ struct Direct;
 
 impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
     fn call(&self, socket: Arc<Socket>, _auth: Option<PacketValue>) {
+        let client = socket.req_parts().extensions.get::<ClientAddr>().copied();
+        let permit = match client.map(|c| self.0.connection_limit.open(c.0.ip())) {
+            Some(Err(error)) => {
+                let _ = reply(&socket, Err(error), None);
+                let _ = socket.disconnect();
+                return;
+            }
+            Some(Ok(permit)) => Some(permit),
+            None => None,
+        };
         let (incoming, events) = mpsc::channel(PENDING_EVENTS);
         socket.on_fallback(ForwardEvent(incoming.clone()));
         socket.on_disconnect(async move || {
             let _ = incoming.send(Incoming::Disconnected).await;
         });
-        tokio::spawn(serve(SocketRef::from(socket), events, self.0.clone()));
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            serve(SocketRef::from(socket), events, shared).await;
+            drop(permit);
+        });
     }
 }
 

@@ -1,16 +1,30 @@
 //! The plain WebSocket transport at `/ws`: text frames of `{"event": NAME, "data": PAYLOAD}`.
+//!
+//! The handshake is answered here (with tungstenite's accept key) rather than by warp's filter, so
+//! that every connection gets small read and write buffers: an idle connection costs a few
+//! kilobytes, not tungstenite's default 128 KiB of buffer.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
-use warp::ws::{Message, WebSocket};
+use warp::http::{HeaderMap, StatusCode, header};
+use warp::reply::{Reply, Response};
+use warp::{Filter, Rejection};
 
-use super::Shared;
 use super::payload::parse_json;
 use super::session::Session;
-use crate::actors::ChatEvent;
+use super::{ClientAddr, Shared, error_response};
+use crate::actors::{ChatEvent, EncodedEvent};
 use crate::error::ApiError;
 
 /// Close code for a client that could not keep up with its events.
@@ -19,9 +33,113 @@ const CLOSE_TOO_SLOW: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// How long a closing connection may take to send its last events and the close frame.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bytes read from the socket at a time; larger frames grow the buffer as they arrive.
+const READ_BUFFER: usize = 2 * 1024;
+/// Bytes of frames gathered before they are written out.
+const WRITE_BUFFER: usize = 16 * 1024;
+/// Queued events written in one go before the socket is flushed.
+const WRITE_BATCH: usize = 64;
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The connection's upgrade, taken from the request before it reaches the routes.
+#[derive(Clone, Default)]
+pub struct PendingUpgrade(Arc<Mutex<Option<OnUpgrade>>>);
+
+impl PendingUpgrade {
+    /// Takes the upgrade of a `/ws` request out of it, for the route to complete.
+    pub fn take_from<B>(request: &mut http::Request<B>) {
+        if request.uri().path() == "/ws" {
+            let upgrade = hyper::upgrade::on(&mut *request);
+            let pending = PendingUpgrade(Arc::new(Mutex::new(Some(upgrade))));
+            request.extensions_mut().insert(pending);
+        }
+    }
+
+    fn take(&self) -> Option<OnUpgrade> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// `GET /ws`: checks the handshake, answers 101 and serves the connection.
+pub fn route(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("ws")
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PendingUpgrade>())
+        .and(warp::ext::optional::<ClientAddr>())
+        .map(move |headers, pending, client| {
+            upgrade(&headers, pending, client, shared.clone())
+                .unwrap_or_else(|e| error_response(&e))
+        })
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
+fn upgrade(
+    headers: &HeaderMap,
+    pending: Option<PendingUpgrade>,
+    client: Option<ClientAddr>,
+    shared: Arc<Shared>,
+) -> Result<Response, ApiError> {
+    let not_websocket = || ApiError::InvalidRequest("Expected a WebSocket upgrade".into());
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| header_has(headers, header::CONNECTION, "upgrade"))
+        .filter(|_| header_has(headers, header::UPGRADE, "websocket"))
+        .filter(|_| header_has(headers, header::SEC_WEBSOCKET_VERSION, "13"))
+        .ok_or_else(not_websocket)?;
+    let on_upgrade = pending.and_then(|p| p.take()).ok_or_else(not_websocket)?;
+    let permit = match client {
+        Some(ClientAddr(addr)) => Some(shared.connection_limit.open(addr.ip())?),
+        None => None,
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let limit = Some(shared.config.ws_max_frame_bytes);
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(READ_BUFFER)
+                    .write_buffer_size(WRITE_BUFFER)
+                    .max_frame_size(limit)
+                    .max_message_size(limit);
+                let io = TokioIo::new(upgraded);
+                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                serve(socket, shared).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+        drop(permit);
+    });
+    let reply = warp::reply::with_status(warp::reply(), StatusCode::SWITCHING_PROTOCOLS);
+    let reply = warp::reply::with_header(reply, header::CONNECTION, "upgrade");
+    let reply = warp::reply::with_header(reply, header::UPGRADE, "websocket");
+    Ok(warp::reply::with_header(reply, header::SEC_WEBSOCKET_ACCEPT, accept).into_response())
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
+}
+
+fn text(event: &EncodedEvent) -> Message {
+    Message::Text(event.frame.clone())
+}
 
 /// Serves one upgraded connection until either side closes it.
-pub async fn serve(socket: WebSocket, shared: Arc<Shared>) {
+async fn serve(socket: Socket, shared: Arc<Shared>) {
     let (mut session, mut inbox) = Session::open(
         shared.conversations.clone(),
         shared.config.clone(),
@@ -36,32 +154,46 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>) {
                     Some(Ok(frame)) => frame,
                     Some(Err(e)) => {
                         tracing::debug!(connection = session.id(), error = %e, "unreadable frame");
-                        let _ = sink.send(Message::close_with(CLOSE_TOO_BIG, "frame too large or malformed")).await;
+                        let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large or malformed")).await;
                         break;
                     }
                     None => break,
                 };
-                if frame.is_close() {
+                if let Message::Close(_) = frame {
                     break;
                 }
                 if let Some(reply) = handle_frame(&mut session, frame).await
-                    && !write(&mut sink, Message::text(reply), &inbox.dropped).await
+                    && !write(&mut sink, vec![reply], &inbox.dropped).await
                 {
                     break;
                 }
             }
             Some(event) = inbox.events.recv() => {
-                if !write(&mut sink, Message::text(event.frame.clone()), &inbox.dropped).await {
+                let mut batch = vec![text(&event)];
+                while batch.len() < WRITE_BATCH
+                    && let Ok(event) = inbox.events.try_recv()
+                {
+                    batch.push(text(&event));
+                }
+                if !write(&mut sink, batch, &inbox.dropped).await {
                     break;
                 }
             }
             Some(id) = inbox.lost.recv() => session.rejoin(id).await,
             _ = inbox.dropped.cancelled() => {
-                let _ = sink.send(Message::close_with(CLOSE_TOO_SLOW, "too slow")).await;
+                let _ = sink.send(close(CLOSE_TOO_SLOW, "too slow")).await;
                 break;
             }
             _ = shutdown.cancelled() => {
-                let _ = sink.send(Message::close_with(CLOSE_GOING_AWAY, "server shutting down")).await;
+                let farewell = async {
+                    let mut last = Vec::new();
+                    while let Ok(event) = inbox.events.try_recv() {
+                        last.push(text(&event));
+                    }
+                    last.push(close(CLOSE_GOING_AWAY, "server shutting down"));
+                    write(&mut sink, last, &inbox.dropped).await;
+                };
+                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
                 break;
             }
         }
@@ -69,31 +201,35 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     session.close().await;
 }
 
-/// Writes one frame; false when the connection is gone or was dropped for being too slow
-/// while the write waited.
+/// Writes frames and flushes once; false when the connection is gone or was dropped for being
+/// too slow while the write waited.
 async fn write(
     sink: &mut (impl SinkExt<Message> + Unpin),
-    frame: Message,
+    frames: Vec<Message>,
     dropped: &CancellationToken,
 ) -> bool {
+    let written = async {
+        for frame in frames {
+            sink.feed(frame).await?;
+        }
+        sink.flush().await
+    };
     tokio::select! {
-        written = sink.send(frame) => written.is_ok(),
+        written = written => written.is_ok(),
         _ = dropped.cancelled() => false,
     }
 }
 
-/// Handles one client frame; the text is an `error` frame to send back, if any.
-async fn handle_frame(session: &mut Session, frame: Message) -> Option<String> {
-    if frame.is_ping() || frame.is_pong() {
-        return None;
-    }
-    let result = match frame.to_str() {
-        Ok(text) => dispatch(session, text).await,
-        Err(()) => Err(ApiError::InvalidRequest("Frames must be JSON text".into())),
+/// Handles one client frame; the answer is an `error` frame to send back, if any.
+async fn handle_frame(session: &mut Session, frame: Message) -> Option<Message> {
+    let result = match &frame {
+        Message::Text(text) => dispatch(session, text.as_str()).await,
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => Ok(()),
+        Message::Binary(_) => Err(ApiError::InvalidRequest("Frames must be JSON text".into())),
     };
     result
         .err()
-        .map(|error| ChatEvent::from(&error).encode().frame.clone())
+        .map(|error| text(&ChatEvent::from(&error).encode()))
 }
 
 async fn dispatch(session: &mut Session, text: &str) -> Result<(), ApiError> {
@@ -104,4 +240,17 @@ async fn dispatch(session: &mut Session, text: &str) -> Result<(), ApiError> {
         .ok_or_else(|| ApiError::InvalidRequest("event must be a string".into()))?;
     let data = value.get("data").unwrap_or(&Value::Null);
     session.handle(event, data).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_tokens_are_matched_in_lists() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        assert!(header_has(&headers, header::CONNECTION, "upgrade"));
+        assert!(!header_has(&headers, header::UPGRADE, "websocket"));
+    }
 }

@@ -25,12 +25,14 @@ pub mod socketio;
 /// How long a test waits for any one thing before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-/// A configuration for tests: any free port, no rate limit, quick timings.
+/// A configuration for tests: any free port, no rate or connection limits, quick timings.
 pub fn test_config() -> Config {
     let mut config = Config {
         port: 0,
         database_url: "memory".into(),
         rate_limit_max_requests: 0,
+        rt_messages_per_minute: 0,
+        max_connections_per_ip: 0,
         ..Config::default()
     };
     config.model.demo_token_delay = Duration::from_millis(1);
@@ -215,6 +217,19 @@ impl WsClient {
                 Err(_) => return false,
                 Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
                 Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// The code of the close frame the server sends within `wait`, skipping other frames;
+    /// `None` when the connection ends without one or stays open.
+    pub async fn close_code_within(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| f.code.into()),
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
             }
         }
     }

@@ -1,0 +1,291 @@
+//! Limits per client: the request rate on `/api/` (a tower layer answering 429 with
+//! express-rate-limit's draft-6 `RateLimit-*` headers), open real-time connections per address,
+//! and replies asked for per real-time connection. The rates use `governor`'s GCRA: a client
+//! may use its whole allowance at once, which then refills evenly over the window.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use governor::clock::Clock;
+use governor::middleware::StateInformationMiddleware;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use tower::{Layer, Service};
+use warp::http::{HeaderMap, HeaderValue, Request};
+use warp::reply::Response;
+
+use super::{ClientAddr, error_response};
+use crate::error::ApiError;
+
+/// The key a client is counted under: its address, with IPv4-mapped IPv6 addresses as IPv4
+/// and IPv6 addresses by their /56 network (what one subscriber usually gets, as
+/// express-rate-limit counts them).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(
+            v6.to_bits() & !((1u128 << (128 - 56)) - 1),
+        )),
+        v4 => v4,
+    }
+}
+
+/// Whole seconds, rounded up: what the `RateLimit-Reset` and `Retry-After` headers carry.
+fn seconds(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+/// `RATE_LIMIT_WINDOW_MS` and `RATE_LIMIT_MAX_REQUESTS` on `/api/`, per client address: a layer
+/// around the warp routes, whose answers it needs for its 429.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limiter: Option<Arc<ApiRateLimiter>>,
+}
+
+/// The shared state of an active [`RateLimitLayer`].
+struct ApiRateLimiter {
+    clients: DefaultKeyedRateLimiter<IpAddr, StateInformationMiddleware>,
+    limit: u32,
+    /// The time one request's allowance takes to come back.
+    refill: Duration,
+    policy: HeaderValue,
+}
+
+impl RateLimitLayer {
+    /// `max_requests` per `window`; 0 requests turns the limit off.
+    pub fn new(window: Duration, max_requests: u32) -> Self {
+        let limiter = NonZeroU32::new(max_requests).map(|limit| {
+            let refill = (window / limit.get()).max(Duration::from_nanos(1));
+            let quota = Quota::with_period(refill)
+                .expect("the period is not zero")
+                .allow_burst(limit);
+            Arc::new(ApiRateLimiter {
+                clients: DefaultKeyedRateLimiter::keyed(quota).with_middleware(),
+                limit: limit.get(),
+                refill,
+                policy: HeaderValue::from_str(&format!("{limit};w={}", seconds(window)))
+                    .expect("digits make a header value"),
+            })
+        });
+        RateLimitLayer { limiter }
+    }
+
+    /// Forgets clients whose allowance is whole again, so memory follows the active clients.
+    pub fn forget_quiet_clients(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.clients.retain_recent();
+            limiter.clients.shrink_to_fit();
+        }
+    }
+}
+
+impl ApiRateLimiter {
+    /// Counts one request of `ip`: the headers to answer with, and whether it is over the limit.
+    fn check(&self, ip: IpAddr) -> (HeaderMap, bool) {
+        let (remaining, reset, retry_after) = match self.clients.check_key(&client_key(ip)) {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity();
+                (remaining, self.refill * (self.limit - remaining), None)
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clients.clock().now());
+                (0, wait + self.refill * (self.limit - 1), Some(wait))
+            }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("ratelimit-policy", self.policy.clone());
+        headers.insert("ratelimit-limit", self.limit.into());
+        headers.insert("ratelimit-remaining", remaining.into());
+        headers.insert("ratelimit-reset", seconds(reset).into());
+        if let Some(wait) = retry_after {
+            headers.insert("retry-after", seconds(wait).max(1).into());
+        }
+        (headers, retry_after.is_some())
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+/// The service of [`RateLimitLayer`].
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Option<Arc<ApiRateLimiter>>,
+}
+
+impl<S, B> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let client = request.extensions().get::<ClientAddr>().map(|c| c.0.ip());
+        let checked = match (&self.limiter, client) {
+            (Some(limiter), Some(ip)) if request.uri().path().starts_with("/api/") => {
+                Some(limiter.check(ip))
+            }
+            _ => None,
+        };
+        let answer = match checked {
+            Some((headers, true)) => {
+                let mut response = error_response(&ApiError::RateLimited);
+                response.headers_mut().extend(headers);
+                return Box::pin(async move { Ok(response) });
+            }
+            Some((headers, false)) => Some(headers),
+            None => None,
+        };
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = future.await?;
+            if let Some(headers) = answer {
+                response.headers_mut().extend(headers);
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Open real-time connections per client address (`MAX_CONNECTIONS_PER_IP`, 0 is off).
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection counted against its address; dropping it closes the count.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    limit: Arc<ConnectionLimit>,
+    key: IpAddr,
+}
+
+impl ConnectionLimit {
+    /// At most `max` open connections per address; 0 is no limit.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts a new connection from `ip`, or `RATE_LIMIT_EXCEEDED` when it has too many open.
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, ApiError> {
+        let key = client_key(ip);
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(key).or_default();
+        if self.max > 0 && *count >= self.max {
+            return Err(ApiError::RateLimited);
+        }
+        *count += 1;
+        Ok(ConnectionPermit {
+            limit: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let mut open = self
+            .limit
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Replies one real-time connection may ask for per minute (`RT_MESSAGES_PER_MINUTE`).
+pub struct ReplyRate(Option<DefaultDirectRateLimiter>);
+
+impl ReplyRate {
+    /// `per_minute` replies a minute; 0 is no limit.
+    pub fn new(per_minute: u32) -> Self {
+        ReplyRate(
+            NonZeroU32::new(per_minute)
+                .map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n))),
+        )
+    }
+
+    /// Counts one reply asked for, or `RATE_LIMIT_EXCEEDED` when over the rate.
+    pub fn check(&self) -> Result<(), ApiError> {
+        match &self.0 {
+            Some(limiter) => limiter.check().map_err(|_| ApiError::RateLimited),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_count_by_network() {
+        let a: IpAddr = "2001:db8:1:2ff:1::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:200::9".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_eq!(client_key(a).to_string(), "2001:db8:1:200::");
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(client_key(mapped).to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn permits_count_open_connections() {
+        let limit = ConnectionLimit::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = limit.open(ip).unwrap();
+        let _second = limit.open(ip).unwrap();
+        assert_eq!(limit.open(ip).unwrap_err(), ApiError::RateLimited);
+        assert!(limit.open("10.0.0.2".parse().unwrap()).is_ok());
+        drop(first);
+        assert!(limit.open(ip).is_ok());
+    }
+
+    #[test]
+    fn the_rate_limit_counts_down_then_refuses() {
+        let limiter = RateLimitLayer::new(Duration::from_secs(60), 2)
+            .limiter
+            .unwrap();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (headers, over) = limiter.check(ip);
+        assert!(!over);
+        assert_eq!(headers["ratelimit-limit"], "2");
+        assert_eq!(headers["ratelimit-remaining"], "1");
+        assert_eq!(headers["ratelimit-reset"], "30");
+        assert_eq!(headers["ratelimit-policy"], "2;w=60");
+        assert!(!limiter.check(ip).1);
+        let (headers, over) = limiter.check(ip);
+        assert!(over);
+        assert_eq!(headers["ratelimit-remaining"], "0");
+        let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((29..=30).contains(&retry), "{retry}");
+    }
+}

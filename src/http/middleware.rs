@@ -1,0 +1,216 @@
+//! Tower layers around every HTTP answer: helmet's security headers, and the access log that
+//! also feeds the request metrics.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use hyper::body::Body;
+use tokio_util::sync::CancellationToken;
+use tower::{Layer, Service};
+use tower_http::set_header::HeaderMetadata;
+use tower_http::set_header::response::SetMultipleResponseHeadersLayer;
+use warp::http::{HeaderName, HeaderValue, Method, Request, Response};
+
+use super::ClientAddr;
+use super::limits::RateLimitLayer;
+use crate::metrics::Metrics;
+
+/// helmet's default Content-Security-Policy.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self';base-uri 'self';\
+    font-src 'self' https: data:;form-action 'self';frame-ancestors 'self';\
+    img-src 'self' data:;object-src 'none';script-src 'self';script-src-attr 'none';\
+    style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests";
+
+/// The headers helmet sets by default, with its default values.
+const SECURITY_HEADERS: [(&str, &str); 12] = [
+    ("content-security-policy", CONTENT_SECURITY_POLICY),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("origin-agent-cluster", "?1"),
+    ("referrer-policy", "no-referrer"),
+    (
+        "strict-transport-security",
+        "max-age=31536000; includeSubDomains",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("x-dns-prefetch-control", "off"),
+    ("x-download-options", "noopen"),
+    ("x-frame-options", "SAMEORIGIN"),
+    ("x-permitted-cross-domain-policies", "none"),
+    ("x-xss-protection", "0"),
+];
+
+/// Sets helmet's default security headers on every answer, replacing any the routes set.
+pub fn security_headers<B>() -> SetMultipleResponseHeadersLayer<Response<B>> {
+    SetMultipleResponseHeadersLayer::overriding(
+        SECURITY_HEADERS
+            .iter()
+            .map(|&(name, value)| {
+                HeaderMetadata::from((
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                ))
+            })
+            .collect(),
+    )
+}
+
+/// Logs one line per answered request (method, path, status, bytes, duration, client address)
+/// through `tracing` and counts it in the request metrics.
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl AccessLogLayer {
+    /// An access log recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        AccessLogLayer { metrics }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service of [`AccessLogLayer`].
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AccessLog<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let started = Instant::now();
+        let method = method_label(request.method());
+        let path = request.uri().path().to_owned();
+        let client = request
+            .extensions()
+            .get::<ClientAddr>()
+            .map_or_else(|| "-".to_owned(), |c| c.0.to_string());
+        let metrics = self.metrics.clone();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            let took = started.elapsed();
+            let status = response.status().as_u16();
+            let size = response.body().size_hint();
+            let bytes = size.exact().unwrap_or(size.lower());
+            tracing::info!(
+                target: "access",
+                %method,
+                %path,
+                status,
+                bytes,
+                duration_ms = millis(took),
+                %client,
+                "request"
+            );
+            metrics.request_answered(method, route_of(&path), status, took);
+            Ok(response)
+        })
+    }
+}
+
+/// Milliseconds with microsecond precision, for the log.
+fn millis(took: Duration) -> f64 {
+    (took.as_micros() as f64) / 1000.0
+}
+
+/// The method as a label: the standard ones by name, any other as `OTHER`, so a client cannot
+/// make new series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::HEAD => "HEAD",
+        _ => "OTHER",
+    }
+}
+
+/// The route template of a path (`/api/conversations/:id`, not the id), so that metrics have
+/// one series per route; paths no route serves are `unmatched`.
+fn route_of(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["api", "health"] => "/api/health",
+        ["api", "chat"] => "/api/chat",
+        ["api", "conversations"] => "/api/conversations",
+        ["api", "conversations", _] => "/api/conversations/:id",
+        ["api", "conversations", _, "stop"] => "/api/conversations/:id/stop",
+        ["api", "conversations", _, "regenerate"] => "/api/conversations/:id/regenerate",
+        ["ws"] => "/ws",
+        ["metrics"] => "/metrics",
+        ["socket.io", ..] => "/socket.io/",
+        _ => "unmatched",
+    }
+}
+
+/// How often [`upkeep`] runs.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Until `stop` is cancelled, every few seconds: folds recorded samples into the metrics'
+/// histograms and forgets the rate-limit state of clients that have been quiet long enough.
+pub async fn upkeep(metrics: Arc<Metrics>, rate_limit: RateLimitLayer, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                metrics.run_upkeep();
+                rate_limit.forget_quiet_clients();
+            }
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_templates() {
+        assert_eq!(route_of("/api/conversations/abc"), "/api/conversations/:id");
+        assert_eq!(
+            route_of("/api/conversations/abc/stop"),
+            "/api/conversations/:id/stop"
+        );
+        assert_eq!(route_of("/api/health"), "/api/health");
+        assert_eq!(route_of("/socket.io/"), "/socket.io/");
+        assert_eq!(route_of("/"), "unmatched");
+        assert_eq!(route_of("/api/conversations/a/b"), "unmatched");
+    }
+
+    #[test]
+    fn unusual_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "OTHER");
+    }
+}
