@@ -118,6 +118,8 @@ fn bench_config(dir: &tempfile::TempDir) -> Config {
     let mut config = Config {
         port: 0,
         rate_limit_max_requests: 0,
+        rt_messages_per_minute: 0,
+        max_connections_per_ip: 0,
         database_url: format!("sqlite://{}/bench.db", dir.path().display()),
         ..Config::default()
     };
