@@ -2,6 +2,7 @@
 //! and real clients in a child process. `cargo bench` runs every scenario at full size;
 //! `cargo bench -- --quick` (or `BENCH_QUICK=1`) runs them small; naming scenarios after `--`
 //! runs only those. Prints one table and writes the figures to `target/bench/load.json`.
+//! `BENCH_DB=memory` runs them on the in-memory store instead of SQLite, for comparison.
 
 #[path = "../../tests/support/model_server.rs"]
 #[allow(dead_code)]
@@ -120,7 +121,8 @@ fn bench_config(dir: &tempfile::TempDir) -> Config {
         rate_limit_max_requests: 0,
         rt_messages_per_minute: 0,
         max_connections_per_ip: 0,
-        database_url: format!("sqlite://{}/bench.db", dir.path().display()),
+        database_url: std::env::var("BENCH_DB")
+            .unwrap_or(format!("sqlite://{}/bench.db", dir.path().display())),
         ..Config::default()
     };
     config.model.api_key = Some("bench".into());

@@ -10,18 +10,49 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row};
+use sqlx::{Acquire, QueryBuilder, Row};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{ConversationStore, Page};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
 use crate::error::ApiError;
 
-/// Conversations in a SQLite file. Writes go through one connection, so they never wait on
-/// each other's locks; reads use a few more.
+/// Conversations in a SQLite file. Writes go to one writer task that commits whatever is
+/// waiting in one transaction (group commit) and answers each write once it is committed; reads
+/// use a few connections of their own.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
+    writes: mpsc::Sender<WriteJob>,
     readers: SqlitePool,
+}
+
+/// Writes committed together at most.
+const MAX_BATCH: usize = 256;
+
+/// One change to the database.
+#[derive(Debug)]
+enum Write {
+    Create(Conversation),
+    Save(Message, Timestamp),
+    DeleteMessage {
+        conversation_id: String,
+        message_id: String,
+        updated_at: Timestamp,
+    },
+    Rename {
+        id: String,
+        title: String,
+        updated_at: Timestamp,
+    },
+    DeleteConversation(String),
+    MarkInterrupted,
+}
+
+/// A write and where its outcome (rows changed) goes once committed.
+#[derive(Debug)]
+struct WriteJob {
+    write: Write,
+    done: oneshot::Sender<Result<u64, ApiError>>,
 }
 
 /// How hard each commit waits for the disk (`SQLITE_SYNCHRONOUS`).
@@ -82,7 +113,21 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(db_error)?;
-        Ok(SqliteStore { writer, readers })
+        let (writes, jobs) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(write_loop(writer, jobs));
+        Ok(SqliteStore { writes, readers })
+    }
+
+    /// Hands a write to the writer task and waits until it is committed.
+    async fn write(&self, write: Write) -> Result<u64, ApiError> {
+        let (done, outcome) = oneshot::channel();
+        self.writes
+            .send(WriteJob { write, done })
+            .await
+            .map_err(|_| db_error("the writer has stopped"))?;
+        outcome
+            .await
+            .map_err(|_| db_error("the writer has stopped"))?
     }
 
     /// Runs SQLite's own consistency check; `ok` when the file is sound.
@@ -156,21 +201,9 @@ fn message_from(row: &SqliteRow) -> Result<Message, ApiError> {
 #[async_trait]
 impl ConversationStore for SqliteStore {
     async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
-        sqlx::query(
-            "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
-        )
-        .bind(&conversation.id)
-        .bind(&conversation.title)
-        .bind(conversation.created_at.millis())
-        .bind(conversation.updated_at.millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        for message in &conversation.messages {
-            upsert_message(&mut tx, message).await?;
-        }
-        tx.commit().await.map_err(db_error)
+        self.write(Write::Create(conversation.clone()))
+            .await
+            .map(drop)
     }
 
     async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError> {
@@ -203,10 +236,9 @@ impl ConversationStore for SqliteStore {
     }
 
     async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
-        upsert_message(&mut tx, message).await?;
-        touch(&mut tx, &message.conversation_id, updated_at).await?;
-        tx.commit().await.map_err(db_error)
+        self.write(Write::Save(message.clone(), updated_at))
+            .await
+            .map(drop)
     }
 
     async fn delete_message(
@@ -215,15 +247,13 @@ impl ConversationStore for SqliteStore {
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), ApiError> {
-        let mut tx = self.writer.begin().await.map_err(db_error)?;
-        sqlx::query("DELETE FROM messages WHERE id = ? AND conversation_id = ?")
-            .bind(message_id)
-            .bind(conversation_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        touch(&mut tx, conversation_id, updated_at).await?;
-        tx.commit().await.map_err(db_error)
+        self.write(Write::DeleteMessage {
+            conversation_id: conversation_id.to_owned(),
+            message_id: message_id.to_owned(),
+            updated_at,
+        })
+        .await
+        .map(drop)
     }
 
     async fn rename_conversation(
@@ -232,34 +262,149 @@ impl ConversationStore for SqliteStore {
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), ApiError> {
-        let done = sqlx::query("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?")
-            .bind(title)
-            .bind(updated_at.millis())
-            .bind(id)
-            .execute(&self.writer)
-            .await
-            .map_err(db_error)?;
-        if done.rows_affected() == 0 {
-            return Err(ApiError::ConversationNotFound);
-        }
-        Ok(())
+        self.write(Write::Rename {
+            id: id.to_owned(),
+            title: title.to_owned(),
+            updated_at,
+        })
+        .await
+        .map(drop)
     }
 
     async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError> {
-        let done = sqlx::query("DELETE FROM conversations WHERE id = ?")
-            .bind(id)
-            .execute(&self.writer)
-            .await
-            .map_err(db_error)?;
-        Ok(done.rows_affected() > 0)
+        let deleted = self.write(Write::DeleteConversation(id.to_owned())).await?;
+        Ok(deleted > 0)
     }
 
     async fn mark_interrupted(&self) -> Result<u64, ApiError> {
-        let done = sqlx::query("UPDATE messages SET status = 'error' WHERE status = 'streaming'")
-            .execute(&self.writer)
+        self.write(Write::MarkInterrupted).await
+    }
+}
+
+/// The writer task: takes every write waiting, commits them in one transaction, then answers
+/// each. A write that fails is undone alone; a failed commit fails them all.
+async fn write_loop(pool: SqlitePool, mut jobs: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH
+            && let Ok(job) = jobs.try_recv()
+        {
+            batch.push(job);
+        }
+        let outcomes = match commit(&pool, &batch).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (job, outcome) in batch.into_iter().zip(outcomes) {
+            let _ = job.done.send(outcome);
+        }
+    }
+}
+
+async fn commit(
+    pool: &SqlitePool,
+    batch: &[WriteJob],
+) -> Result<Vec<Result<u64, ApiError>>, ApiError> {
+    let mut tx = pool.begin().await.map_err(db_error)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for job in batch {
+        let outcome = match &job.write {
+            // Several rows that stand or fall together: a savepoint undoes a partial insert.
+            Write::Create(_) => {
+                let mut savepoint = tx.begin().await.map_err(db_error)?;
+                let outcome = apply(&mut savepoint, &job.write).await;
+                if outcome.is_ok() {
+                    savepoint.commit().await.map_err(db_error)?;
+                } else {
+                    savepoint.rollback().await.map_err(db_error)?;
+                }
+                outcome
+            }
+            // Their first statement either fails alone or makes the rest succeed.
+            _ => apply(&mut tx, &job.write).await,
+        };
+        outcomes.push(outcome);
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(outcomes)
+}
+
+/// Runs one write inside the batch's transaction; the number is the rows it changed.
+async fn apply(tx: &mut sqlx::SqliteConnection, write: &Write) -> Result<u64, ApiError> {
+    match write {
+        Write::Create(conversation) => {
+            sqlx::query(
+                "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(&conversation.id)
+            .bind(&conversation.title)
+            .bind(conversation.created_at.millis())
+            .bind(conversation.updated_at.millis())
+            .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        Ok(done.rows_affected())
+            for message in &conversation.messages {
+                upsert_message(&mut *tx, message).await?;
+            }
+            Ok(1)
+        }
+        Write::Save(message, updated_at) => {
+            upsert_message(&mut *tx, message).await?;
+            touch(tx, &message.conversation_id, *updated_at).await
+        }
+        Write::DeleteMessage {
+            conversation_id,
+            message_id,
+            updated_at,
+        } => {
+            sqlx::query("DELETE FROM messages WHERE id = ? AND conversation_id = ?")
+                .bind(message_id)
+                .bind(conversation_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            touch(tx, conversation_id, *updated_at).await
+        }
+        Write::Rename {
+            id,
+            title,
+            updated_at,
+        } => {
+            let done =
+                sqlx::query("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?")
+                    .bind(title)
+                    .bind(updated_at.millis())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            found(done.rows_affected())
+        }
+        Write::DeleteConversation(id) => {
+            let done = sqlx::query("DELETE FROM conversations WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            Ok(done.rows_affected())
+        }
+        Write::MarkInterrupted => {
+            let done =
+                sqlx::query("UPDATE messages SET status = 'error' WHERE status = 'streaming'")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            Ok(done.rows_affected())
+        }
+    }
+}
+
+/// Rows changed, or not found when none were.
+fn found(rows: u64) -> Result<u64, ApiError> {
+    if rows == 0 {
+        Err(ApiError::ConversationNotFound)
+    } else {
+        Ok(rows)
     }
 }
 
@@ -290,15 +435,12 @@ async fn touch(
     tx: &mut sqlx::SqliteConnection,
     id: &str,
     updated_at: Timestamp,
-) -> Result<(), ApiError> {
+) -> Result<u64, ApiError> {
     let done = sqlx::query("UPDATE conversations SET updated_at = ? WHERE id = ?")
         .bind(updated_at.millis())
         .bind(id)
         .execute(tx)
         .await
         .map_err(db_error)?;
-    if done.rows_affected() == 0 {
-        return Err(ApiError::ConversationNotFound);
-    }
-    Ok(())
+    found(done.rows_affected())
 }
