@@ -231,17 +231,9 @@ async fn rest_post(sizes: &Sizes) -> Row {
         seconds: sizes.seconds,
     })
     .await;
-    let per_second = rate(outcome.ok as f64, outcome.seconds);
-    Row {
-        scenario: "rest_post".into(),
-        figures: vec![
-            ("requests/s", format!("{per_second:.0}")),
-            ("p50", ms(outcome.latency.p50_ms)),
-            ("p99", ms(outcome.latency.p99_ms)),
-            ("errors", outcome.errors.to_string()),
-        ],
-        json: json!({"requests_per_second": per_second, "latency": latency_json(&outcome.latency), "errors": outcome.errors, "model_calls": bench.model.received().len()}),
-    }
+    let mut row = rest_row("rest_post", &outcome);
+    row.json["model_calls"] = bench.model.received().len().into();
+    row
 }
 
 async fn rest_get(sizes: &Sizes) -> Row {
@@ -253,9 +245,14 @@ async fn rest_get(sizes: &Sizes) -> Row {
         conversations: 200,
     })
     .await;
+    rest_row("rest_get", &outcome)
+}
+
+/// The figures of a closed-loop REST scenario.
+fn rest_row(scenario: &str, outcome: &Outcome) -> Row {
     let per_second = rate(outcome.ok as f64, outcome.seconds);
     Row {
-        scenario: "rest_get".into(),
+        scenario: scenario.into(),
         figures: vec![
             ("requests/s", format!("{per_second:.0}")),
             ("p50", ms(outcome.latency.p50_ms)),
