@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::RealtimeClient;
+
 use std::time::Duration;
 
 use ai_chat_server::store::{Durability, SqliteStore};

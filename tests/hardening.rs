@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::RealtimeClient;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};

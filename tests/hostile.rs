@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::RealtimeClient;
+
 use std::cell::Cell;
 
 use futures::{SinkExt, StreamExt};

@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::RealtimeClient;
+
 use std::time::Duration;
 
 use reqwest::StatusCode;

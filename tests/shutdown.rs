@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::RealtimeClient;
+
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::RealtimeClient;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};

@@ -377,17 +377,24 @@ fn trim_heap() {
     }
 }
 
-async fn conversations(sizes: &Sizes) -> Row {
+/// A server whose model is the demo model with no pause, for scenarios that measure the
+/// conversations themselves rather than the model.
+async fn demo_server(tweak: impl FnOnce(&mut Config)) -> (App, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = bench_config(&dir);
-    config.conversations.idle_timeout =
-        Duration::from_secs(if sizes.conversations > 10_000 { 30 } else { 5 });
+    tweak(&mut config);
     let store = store::open(&config.database_url, config.sqlite_durability)
         .await
         .unwrap();
     let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO)))
         .await
         .unwrap();
+    (app, dir)
+}
+
+async fn conversations(sizes: &Sizes) -> Row {
+    let idle = Duration::from_secs(if sizes.conversations > 10_000 { 30 } else { 5 });
+    let (app, _dir) = demo_server(|config| config.conversations.idle_timeout = idle).await;
     let conversations = app.conversations().clone();
     trim_heap();
     let before = resident_bytes();
@@ -431,14 +438,7 @@ async fn conversations(sizes: &Sizes) -> Row {
 }
 
 async fn routing(sizes: &Sizes) -> Row {
-    let dir = tempfile::tempdir().unwrap();
-    let config = bench_config(&dir);
-    let store = store::open(&config.database_url, config.sqlite_durability)
-        .await
-        .unwrap();
-    let app = App::start_with(config, store, Arc::new(DemoProvider::new(Duration::ZERO)))
-        .await
-        .unwrap();
+    let (app, _dir) = demo_server(|_| {}).await;
     let conversations = app.conversations().clone();
     let mut ids = Vec::new();
     for _ in 0..sizes.routing_conversations {

@@ -136,6 +136,45 @@ impl TestServer {
     }
 }
 
+/// What the tests do the same way over either real-time transport.
+#[allow(async_fn_in_trait)]
+pub trait RealtimeClient {
+    /// The next event, as (name, data); fails after [`WAIT`].
+    async fn next_event(&mut self) -> (String, Value);
+    /// Sends one event.
+    async fn send_event(&mut self, event: &str, data: Value);
+
+    /// Events up to and including `stream_complete`.
+    async fn until_complete(&mut self) -> Vec<(String, Value)> {
+        let mut events = Vec::new();
+        loop {
+            let event = self.next_event().await;
+            let done = event.0 == "stream_complete";
+            events.push(event);
+            if done {
+                return events;
+            }
+        }
+    }
+
+    /// Sends `stream_chat` and returns every event up to `stream_complete`.
+    async fn chat(&mut self, conversation_id: &str, message: &str) -> Vec<(String, Value)> {
+        let data = json!({"conversationId": conversation_id, "message": message});
+        self.send_event("stream_chat", data).await;
+        self.until_complete().await
+    }
+}
+
+impl RealtimeClient for WsClient {
+    async fn next_event(&mut self) -> (String, Value) {
+        self.next().await
+    }
+
+    async fn send_event(&mut self, event: &str, data: Value) {
+        self.send(event, data).await;
+    }
+}
+
 /// A plain WebSocket client speaking `{"event", "data"}` frames.
 pub struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -184,29 +223,6 @@ impl WsClient {
                 _ => continue,
             }
         }
-    }
-
-    /// Events up to and including `stream_complete`.
-    pub async fn until_complete(&mut self) -> Vec<(String, Value)> {
-        let mut events = Vec::new();
-        loop {
-            let event = self.next().await;
-            let done = event.0 == "stream_complete";
-            events.push(event);
-            if done {
-                return events;
-            }
-        }
-    }
-
-    /// Sends `stream_chat` and returns every event up to `stream_complete`.
-    pub async fn chat(&mut self, conversation_id: &str, message: &str) -> Vec<(String, Value)> {
-        self.send(
-            "stream_chat",
-            json!({"conversationId": conversation_id, "message": message}),
-        )
-        .await;
-        self.until_complete().await
     }
 
     /// Whether the server closed the connection (or it ended) within `wait`.

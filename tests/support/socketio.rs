@@ -220,29 +220,6 @@ impl SioClient {
         }
     }
 
-    /// Events up to and including `stream_complete`.
-    pub async fn until_complete(&mut self) -> Vec<(String, Value)> {
-        let mut events = Vec::new();
-        loop {
-            let event = self.next().await;
-            let done = event.0 == "stream_complete";
-            events.push(event);
-            if done {
-                return events;
-            }
-        }
-    }
-
-    /// Sends `stream_chat` and returns every event up to `stream_complete`.
-    pub async fn chat(&mut self, conversation_id: &str, message: &str) -> Vec<(String, Value)> {
-        self.emit(
-            "stream_chat",
-            json!({"conversationId": conversation_id, "message": message}),
-        )
-        .await;
-        self.until_complete().await
-    }
-
     /// Waits until the client has moved to another transport, and names it.
     pub async fn upgraded(&mut self) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -279,5 +256,15 @@ impl SioClient {
     /// Kills the client process: its connection drops without a goodbye.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("client killed");
+    }
+}
+
+impl super::RealtimeClient for SioClient {
+    async fn next_event(&mut self) -> (String, Value) {
+        self.next().await
+    }
+
+    async fn send_event(&mut self, event: &str, data: Value) {
+        self.emit(event, data).await;
     }
 }
