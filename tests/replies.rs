@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{ModelServer, TestServer, WsClient, config_for, final_content, names, pieces_of};
-
-fn words(count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("w{i} ")).collect()
-}
+use support::{
+    ModelServer, TestServer, WsClient, config_for, eventually, final_content, names, pieces_of,
+    words,
+};
 
 async fn stored_reply(server: &TestServer, id: &str) -> Value {
     let (_, conversation) = server.get(&format!("/api/conversations/{id}")).await;
@@ -35,16 +34,6 @@ async fn settled_reply(server: &TestServer, id: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the reply never finished");
-}
-
-async fn eventually(check: impl Fn() -> bool) {
-    for _ in 0..250 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("condition never held");
 }
 
 #[tokio::test]

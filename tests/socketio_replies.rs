@@ -9,24 +9,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::socketio::SioClient;
-use support::{ModelServer, TestServer, config_for, final_content, names, pieces_of};
-
-fn words(count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("w{i} ")).collect()
-}
+use support::{
+    ModelServer, TestServer, config_for, eventually, final_content, names, pieces_of, words,
+};
 
 fn websocket_only() -> Value {
     json!({"transports": ["websocket"]})
-}
-
-async fn eventually(check: impl Fn() -> bool) {
-    for _ in 0..250 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("condition never held");
 }
 
 async fn last_message(server: &TestServer, id: &str) -> Value {

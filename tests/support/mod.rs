@@ -265,6 +265,22 @@ pub fn final_content(events: &[(String, Value)]) -> String {
         .expect("a final chunk")
 }
 
+/// `count` distinct word pieces, for replies of a chosen length.
+pub fn words(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("w{i} ")).collect()
+}
+
+/// Waits until `check` holds; fails after about five seconds.
+pub async fn eventually(check: impl Fn() -> bool) {
+    for _ in 0..250 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition never held");
+}
+
 /// The names of the events, in order.
 pub fn names(events: &[(String, Value)]) -> Vec<&str> {
     events.iter().map(|(name, _)| name.as_str()).collect()
