@@ -420,6 +420,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    trim_heap();
     let before = resident_bytes();
     let count = sizes.idle;
     let spec = Spec::Idle {
@@ -436,6 +437,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    trim_heap();
     let after = resident_bytes();
     let (_, process) = process.go().await;
     process.finish();
