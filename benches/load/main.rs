@@ -200,11 +200,11 @@ impl Transport {
         command
     }
 
-    /// The figures' note on the client.
-    fn client_note(self) -> Option<(&'static str, String)> {
-        match self {
-            Transport::Ws => None,
-            Transport::SocketIo => Some(("client", "node, websocket only".into())),
+    /// Notes on a row which client it measured, when it is not this binary.
+    fn note_client(self, row: &mut Row) {
+        if let Transport::SocketIo = self {
+            row.figures.push(("client", "node, websocket only".into()));
+            row.json["client"] = "node socket.io-client, websocket transport only".into();
         }
     }
 }
@@ -347,18 +347,18 @@ async fn fanout(transport: Transport, subscribers: usize) -> Row {
     )
     .await;
     let per_second = rate(outcome.chunks as f64, outcome.seconds);
-    let mut figures = vec![
-        ("chunks/s", format!("{per_second:.0}")),
-        ("p99 complete", ms(outcome.latency.p99_ms)),
-        ("missing", outcome.missing.to_string()),
-        ("complete", format!("{}/{subscribers}", outcome.ok)),
-    ];
-    figures.extend(transport.client_note());
-    Row {
+    let mut row = Row {
         scenario: format!("fanout {} {subscribers}", transport.name()),
-        figures,
+        figures: vec![
+            ("chunks/s", format!("{per_second:.0}")),
+            ("p99 complete", ms(outcome.latency.p99_ms)),
+            ("missing", outcome.missing.to_string()),
+            ("complete", format!("{}/{subscribers}", outcome.ok)),
+        ],
         json: json!({"transport": transport.key(), "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
-    }
+    };
+    transport.note_client(&mut row);
+    row
 }
 
 async fn streams(sizes: &Sizes) -> Row {
@@ -442,17 +442,17 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
     let (_, process) = process.go().await;
     process.finish();
     let per_connection = after.saturating_sub(before) as f64 / count as f64;
-    let mut figures = vec![
-        ("bytes/connection", format!("{per_connection:.0}")),
-        ("rss before", format!("{:.1} MB", before as f64 / 1e6)),
-        ("rss after", format!("{:.1} MB", after as f64 / 1e6)),
-    ];
-    figures.extend(transport.client_note());
-    Row {
+    let mut row = Row {
         scenario: format!("idle {} {count}", transport.name()),
-        figures,
+        figures: vec![
+            ("bytes/connection", format!("{per_connection:.0}")),
+            ("rss before", format!("{:.1} MB", before as f64 / 1e6)),
+            ("rss after", format!("{:.1} MB", after as f64 / 1e6)),
+        ],
         json: json!({"transport": transport.key(), "connections": count, "bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
-    }
+    };
+    transport.note_client(&mut row);
+    row
 }
 
 /// Raises the open-file limit, which the client children inherit, to fit `connections` sockets
