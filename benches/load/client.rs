@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-/// What the child process is asked to do.
+/// What the child process is asked to do. The Socket.IO client (`tests/support/node/bench.mjs`)
+/// takes the same spec for `fanout` and `idle`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "scenario", rename_all = "snake_case")]
 pub enum Spec {
@@ -40,7 +41,7 @@ pub enum Spec {
         addr: SocketAddr,
         conversations: usize,
     },
-    /// `connections` idle WebSockets, each joined to a conversation.
+    /// `connections` idle connections, each joined to one of 100 conversations.
     Idle {
         addr: SocketAddr,
         connections: usize,

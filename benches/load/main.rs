@@ -1,12 +1,16 @@
 //! Load benchmarks: the real server in this process on `127.0.0.1:0`, a fast test model server,
-//! and real clients in a child process. `cargo bench` runs every scenario at full size;
-//! `cargo bench -- --quick` (or `BENCH_QUICK=1`) runs them small; naming scenarios after `--`
-//! runs only those. Prints one table and writes the figures to `target/bench/load.json`.
+//! and real clients in a child process: this binary again for REST and `/ws`, Node's
+//! socket.io-client (`tests/support/node/bench.mjs`) for Socket.IO. `cargo bench` runs every
+//! scenario at full size; `cargo bench -- --quick` (or `BENCH_QUICK=1`) runs them small; naming
+//! scenarios after `--` runs only those (`fanout`, `"idle socket.io"`, ...). Prints one table and
+//! writes the figures to `target/bench/load.json`.
 //! `BENCH_DB=memory` runs them on the in-memory store instead of SQLite, for comparison.
 
 #[path = "../../tests/support/model_server.rs"]
 #[allow(dead_code)]
 mod model_server;
+#[path = "../../tests/support/npm.rs"]
+mod npm;
 
 mod client;
 
@@ -86,16 +90,20 @@ fn main() {
         if run("rest_get") {
             rows.push(rest_get(&sizes).await);
         }
-        for subscribers in sizes.fanout {
-            if run("fanout") {
-                rows.push(fanout(subscribers).await);
+        for transport in [Transport::Ws, Transport::SocketIo] {
+            for subscribers in sizes.fanout {
+                if run(&format!("fanout {}", transport.name())) {
+                    rows.push(fanout(transport, subscribers).await);
+                }
             }
         }
         if run("streams") {
             rows.push(streams(&sizes).await);
         }
-        if run("idle") {
-            rows.push(idle(&sizes).await);
+        for transport in [Transport::Ws, Transport::SocketIo] {
+            if run(&format!("idle {}", transport.name())) {
+                rows.push(idle(transport, &sizes).await);
+            }
         }
         if run("conversations") {
             rows.push(conversations(&sizes).await);
@@ -148,6 +156,61 @@ async fn bench_server(tweak: impl FnOnce(&mut Config)) -> Bench {
     }
 }
 
+/// How a scenario's clients talk to the server.
+#[derive(Clone, Copy)]
+enum Transport {
+    /// The plain WebSocket at `/ws`, from this binary run with `--client`.
+    Ws,
+    /// Socket.IO on its websocket transport, from Node's socket.io-client.
+    SocketIo,
+}
+
+impl Transport {
+    /// Its name in the table.
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "/ws",
+            Transport::SocketIo => "socket.io",
+        }
+    }
+
+    /// Its name in the JSON figures.
+    fn key(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::SocketIo => "socket.io",
+        }
+    }
+
+    /// The client child process that runs `spec`.
+    fn client(self, spec: &Spec) -> Command {
+        let spec = serde_json::to_string(spec).unwrap();
+        let mut command = match self {
+            Transport::Ws => {
+                let mut command = Command::new(std::env::current_exe().unwrap());
+                command.arg("--client");
+                command
+            }
+            Transport::SocketIo => {
+                npm::ensure_installed();
+                let mut command = Command::new("node");
+                command.arg(npm::node_dir().join("bench.mjs"));
+                command
+            }
+        };
+        command.arg(spec);
+        command
+    }
+
+    /// Notes on a row which client it measured, when it is not this binary.
+    fn note_client(self, row: &mut Row) {
+        if let Transport::SocketIo = self {
+            row.figures.push(("client", "node, websocket only".into()));
+            row.json["client"] = "node socket.io-client, websocket transport only".into();
+        }
+    }
+}
+
 /// A client child process running one spec.
 struct ClientProcess {
     child: std::process::Child,
@@ -155,10 +218,9 @@ struct ClientProcess {
 }
 
 impl ClientProcess {
-    fn start(spec: &Spec) -> ClientProcess {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .arg("--client")
-            .arg(serde_json::to_string(spec).unwrap())
+    fn start(transport: Transport, spec: &Spec) -> ClientProcess {
+        let mut child = transport
+            .client(spec)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -202,8 +264,8 @@ impl ClientProcess {
     }
 }
 
-async fn run_client(spec: Spec) -> Outcome {
-    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec))
+async fn run_client(transport: Transport, spec: Spec) -> Outcome {
+    let process = tokio::task::spawn_blocking(move || ClientProcess::start(transport, &spec))
         .await
         .unwrap();
     let (outcome, process) = process.go().await;
@@ -225,11 +287,14 @@ fn latency_json(latency: &Latency) -> Value {
 
 async fn rest_post(sizes: &Sizes) -> Row {
     let bench = bench_server(|_| {}).await;
-    let outcome = run_client(Spec::RestPost {
-        addr: bench.app.addr(),
-        connections: 64,
-        seconds: sizes.seconds,
-    })
+    let outcome = run_client(
+        Transport::Ws,
+        Spec::RestPost {
+            addr: bench.app.addr(),
+            connections: 64,
+            seconds: sizes.seconds,
+        },
+    )
     .await;
     let mut row = rest_row("rest_post", &outcome);
     row.json["model_calls"] = bench.model.received().len().into();
@@ -238,12 +303,15 @@ async fn rest_post(sizes: &Sizes) -> Row {
 
 async fn rest_get(sizes: &Sizes) -> Row {
     let bench = bench_server(|_| {}).await;
-    let outcome = run_client(Spec::RestGet {
-        addr: bench.app.addr(),
-        connections: 64,
-        seconds: sizes.seconds,
-        conversations: 200,
-    })
+    let outcome = run_client(
+        Transport::Ws,
+        Spec::RestGet {
+            addr: bench.app.addr(),
+            connections: 64,
+            seconds: sizes.seconds,
+            conversations: 200,
+        },
+    )
     .await;
     rest_row("rest_get", &outcome)
 }
@@ -263,27 +331,33 @@ fn rest_row(scenario: &str, outcome: &Outcome) -> Row {
     }
 }
 
-async fn fanout(subscribers: usize) -> Row {
+async fn fanout(transport: Transport, subscribers: usize) -> Row {
+    ensure_open_files(subscribers);
     let bench = bench_server(|_| {}).await;
     let words: Vec<String> = (0..200).map(|i| format!("tok{i} ")).collect();
     bench.model.set_reply(words, Duration::from_millis(2));
-    let outcome = run_client(Spec::Fanout {
-        addr: bench.app.addr(),
-        subscribers,
-        expected: bench.model.reply_text(),
-    })
+    let outcome = run_client(
+        transport,
+        Spec::Fanout {
+            addr: bench.app.addr(),
+            subscribers,
+            expected: bench.model.reply_text(),
+        },
+    )
     .await;
     let per_second = rate(outcome.chunks as f64, outcome.seconds);
-    Row {
-        scenario: format!("fanout /ws {subscribers}"),
+    let mut row = Row {
+        scenario: format!("fanout {} {subscribers}", transport.name()),
         figures: vec![
             ("chunks/s", format!("{per_second:.0}")),
             ("p99 complete", ms(outcome.latency.p99_ms)),
             ("missing", outcome.missing.to_string()),
             ("complete", format!("{}/{subscribers}", outcome.ok)),
         ],
-        json: json!({"transport": "ws", "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
-    }
+        json: json!({"transport": transport.key(), "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
+    };
+    transport.note_client(&mut row);
+    row
 }
 
 async fn streams(sizes: &Sizes) -> Row {
@@ -291,10 +365,13 @@ async fn streams(sizes: &Sizes) -> Row {
     let words: Vec<String> = (0..50).map(|i| format!("tok{i} ")).collect();
     let pace = Duration::from_millis(20) * 50;
     bench.model.set_reply(words, Duration::from_millis(20));
-    let outcome = run_client(Spec::Streams {
-        addr: bench.app.addr(),
-        conversations: sizes.streams,
-    })
+    let outcome = run_client(
+        Transport::Ws,
+        Spec::Streams {
+            addr: bench.app.addr(),
+            conversations: sizes.streams,
+        },
+    )
     .await;
     let ratio = outcome.latency.p99_ms / pace.as_secs_f64() / 1e3;
     Row {
@@ -320,7 +397,8 @@ async fn wait_for(check: impl Fn() -> bool, limit: Duration) -> bool {
     check()
 }
 
-async fn idle(sizes: &Sizes) -> Row {
+async fn idle(transport: Transport, sizes: &Sizes) -> Row {
+    ensure_open_files(sizes.idle);
     let bench = bench_server(|_| {}).await;
     let addr = bench.app.addr();
     let health = || async move {
@@ -332,19 +410,23 @@ async fn idle(sizes: &Sizes) -> Row {
             .unwrap();
         body
     };
-    run_client(Spec::Idle {
-        addr,
-        connections: 100,
-    })
+    run_client(
+        transport,
+        Spec::Idle {
+            addr,
+            connections: 100,
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    trim_heap();
     let before = resident_bytes();
     let count = sizes.idle;
     let spec = Spec::Idle {
         addr,
         connections: count,
     };
-    let process = tokio::task::spawn_blocking(move || ClientProcess::start(&spec))
+    let process = tokio::task::spawn_blocking(move || ClientProcess::start(transport, &spec))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -354,19 +436,49 @@ async fn idle(sizes: &Sizes) -> Row {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    trim_heap();
     let after = resident_bytes();
     let (_, process) = process.go().await;
     process.finish();
     let per_connection = after.saturating_sub(before) as f64 / count as f64;
-    Row {
-        scenario: format!("idle /ws {count}"),
+    let mut row = Row {
+        scenario: format!("idle {} {count}", transport.name()),
         figures: vec![
             ("bytes/connection", format!("{per_connection:.0}")),
             ("rss before", format!("{:.1} MB", before as f64 / 1e6)),
             ("rss after", format!("{:.1} MB", after as f64 / 1e6)),
         ],
-        json: json!({"transport": "ws", "connections": count, "bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
+        json: json!({"transport": transport.key(), "connections": count, "bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
+    };
+    transport.note_client(&mut row);
+    row
+}
+
+/// Raises the open-file limit, which the client children inherit, to fit `connections` sockets
+/// with room to spare: the server and the client each hold one descriptor per connection.
+fn ensure_open_files(connections: usize) {
+    let needed = connections as libc::rlim_t + 1024;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the structs they are given.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        if limit.rlim_cur < needed {
+            let raised = libc::rlimit {
+                rlim_cur: needed.min(limit.rlim_max),
+                ..limit
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
     }
+    assert!(
+        limit.rlim_cur >= needed,
+        "{connections} connections need {needed} open files; raise `ulimit -n`"
+    );
 }
 
 /// Returns freed heap to the system, so that resident memory shows what is really in use.

@@ -19,6 +19,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use model_server::{Mode, ModelServer, pieces_of};
 
+/// Node's socket.io-client package, installed on first use.
+pub mod npm;
 /// The real Socket.IO client (Node's socket.io-client) the Socket.IO tests drive.
 pub mod socketio;
 

@@ -1,12 +1,10 @@
 //! A real Socket.IO client: Node's `socket.io-client` 4.x running `node/client.mjs`, driven over
-//! stdin/stdout with JSON lines. The first use installs the package (`npm ci`) when it is missing.
+//! stdin/stdout with JSON lines; [`super::npm`] installs it on first use.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -14,48 +12,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 use super::WAIT;
-
-/// The longest `npm ci` may take.
-const INSTALL_WAIT: Duration = Duration::from_secs(300);
-
-/// The folder holding the client script and its `package.json`.
-fn client_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/node")
-}
-
-/// Runs `npm ci` once when `node_modules` lacks the client. A file lock keeps test processes
-/// running at the same time from installing over each other.
-fn ensure_installed() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let dir = client_dir();
-        let marker = dir.join("node_modules/socket.io-client/package.json");
-        let lock_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("socketio-client-npm.lock");
-        let lock = std::fs::File::create(&lock_path).expect("npm lock file");
-        lock.lock().expect("npm lock taken");
-        if !marker.exists() {
-            let mut npm = std::process::Command::new("npm")
-                .args(["ci", "--no-audit", "--no-fund"])
-                .current_dir(&dir)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("npm runs (install Node.js and npm)");
-            let deadline = Instant::now() + INSTALL_WAIT;
-            let status = loop {
-                if let Some(status) = npm.try_wait().expect("npm status") {
-                    break status;
-                }
-                if Instant::now() > deadline {
-                    let _ = npm.kill();
-                    panic!("npm ci took longer than {INSTALL_WAIT:?}");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            };
-            assert!(status.success(), "npm ci failed in {}", dir.display());
-        }
-        assert!(marker.exists(), "socket.io-client missing after npm ci");
-    });
-}
+use super::npm::{ensure_installed, node_dir};
 
 /// One Socket.IO client in its own Node process.
 pub struct SioClient {
@@ -79,7 +36,7 @@ impl SioClient {
     pub async fn connect(addr: SocketAddr, options: Value) -> SioClient {
         ensure_installed();
         let mut child = Command::new("node")
-            .arg(client_dir().join("client.mjs"))
+            .arg(node_dir().join("client.mjs"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
