@@ -10,31 +10,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{
-    ModelServer, TestServer, WsClient, config_for, eventually, final_content, names, pieces_of,
-    words,
+    ModelServer, TestServer, WsClient, config_for, deltas, eventually, final_content, names,
+    pieces_of, seqs, words,
 };
-
-async fn stored_reply(server: &TestServer, id: &str) -> Value {
-    let (_, conversation) = server.get(&format!("/api/conversations/{id}")).await;
-    conversation["messages"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .clone()
-}
-
-/// Waits until the last message of the conversation has left `streaming`.
-async fn settled_reply(server: &TestServer, id: &str) -> Value {
-    for _ in 0..500 {
-        let reply = stored_reply(server, id).await;
-        if reply["status"] != "streaming" {
-            return reply;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the reply never finished");
-}
 
 #[tokio::test]
 async fn a_reply_outlives_the_connection_that_asked_for_it() {
@@ -50,7 +28,7 @@ async fn a_reply_outlives_the_connection_that_asked_for_it() {
     assert_eq!(client.next().await.0, "stream_start");
     assert_eq!(client.next().await.0, "stream_chunk");
     client.close().await;
-    let reply = settled_reply(&server, "left").await;
+    let reply = server.settled_reply("left").await;
     assert_eq!(reply["status"], "complete");
     assert_eq!(reply["content"], model.reply_text());
     assert_eq!(model.dropped_streams(), 0);
@@ -79,18 +57,10 @@ async fn a_second_tab_gets_the_reply_so_far_then_the_rest() {
     let catch_up = &events[1].1;
     assert!(catch_up["seq"].as_u64().unwrap() >= 5);
     assert_eq!(catch_up["delta"], catch_up["content"]);
-    let deltas: String = events
-        .iter()
-        .filter(|(n, _)| n == "stream_chunk")
-        .map(|(_, d)| d["delta"].as_str().unwrap())
-        .collect();
+    let deltas = deltas(&events);
     assert_eq!(deltas, model.reply_text());
     assert_eq!(final_content(&events), model.reply_text());
-    let seqs: Vec<u64> = events
-        .iter()
-        .filter(|(n, _)| n == "stream_chunk")
-        .map(|(_, d)| d["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = seqs(&events);
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 }
 
@@ -133,7 +103,7 @@ async fn a_reconnect_with_the_last_seq_receives_exactly_what_it_missed() {
             received.push_str(data["delta"].as_str().unwrap());
         }
     }
-    let stored = settled_reply(&server, "resume").await;
+    let stored = server.settled_reply("resume").await;
     assert_eq!(received, stored["content"].as_str().unwrap());
     assert_eq!(received, model.reply_text());
 
@@ -178,7 +148,7 @@ async fn stop_ends_the_reply_on_the_server() {
         last_chunk.1["content"].as_str().unwrap()
     );
 
-    let reply = stored_reply(&server, "halt").await;
+    let reply = server.stored_reply("halt").await;
     assert_eq!(reply["status"], "cancelled");
     assert_eq!(reply["content"], last_chunk.1["content"]);
     assert!(reply["content"].as_str().unwrap().len() < model.reply_text().len());
@@ -212,7 +182,7 @@ async fn stop_over_rest_and_with_nothing_to_stop() {
     assert_eq!(status, StatusCode::OK);
     let events = client.until_complete().await;
     assert_eq!(events[events.len() - 2].1["isComplete"], true);
-    assert_eq!(stored_reply(&server, "idle").await["status"], "cancelled");
+    assert_eq!(server.stored_reply("idle").await["status"], "cancelled");
     eventually(|| model.dropped_streams() == 1).await;
 }
 
@@ -235,7 +205,7 @@ async fn stop_before_the_first_token() {
     assert_eq!(names(&events), ["stream_chunk", "stream_complete"]);
     assert_eq!(events[0].1["content"], "");
     assert_eq!(events[0].1["isComplete"], true);
-    let reply = stored_reply(&server, "early").await;
+    let reply = server.stored_reply("early").await;
     assert_eq!(reply["status"], "cancelled");
     eventually(|| model.dropped_streams() == 1).await;
 }

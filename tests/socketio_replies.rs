@@ -11,63 +11,13 @@ use serde_json::{Value, json};
 use support::RealtimeClient;
 use support::socketio::SioClient;
 use support::{
-    ModelServer, TestServer, WAIT, config_for, eventually, final_content, names, pieces_of, words,
+    ModelServer, TestServer, WAIT, chunks, config_for, deltas, eventually, final_content, names,
+    pieces_of, seqs, words,
 };
 use tokio_tungstenite::tungstenite;
 
 fn websocket_only() -> Value {
     json!({"transports": ["websocket"]})
-}
-
-/// The `stream_chunk` payloads of `events`, in order.
-fn chunks(events: &[(String, Value)]) -> Vec<&Value> {
-    events
-        .iter()
-        .filter(|(name, _)| name == "stream_chunk")
-        .map(|(_, data)| data)
-        .collect()
-}
-
-/// The chunks' deltas, joined.
-fn deltas(events: &[(String, Value)]) -> String {
-    chunks(events)
-        .iter()
-        .map(|chunk| chunk["delta"].as_str().unwrap())
-        .collect()
-}
-
-fn seqs(events: &[(String, Value)]) -> Vec<u64> {
-    chunks(events)
-        .iter()
-        .map(|chunk| chunk["seq"].as_u64().unwrap())
-        .collect()
-}
-
-async fn stored_reply(server: &TestServer, id: &str) -> Value {
-    let (status, conversation) = server.get(&format!("/api/conversations/{id}")).await;
-    assert_eq!(status, StatusCode::OK, "{conversation}");
-    conversation["messages"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .clone()
-}
-
-/// The last message of the conversation once it has left `streaming`.
-async fn settled_reply(server: &TestServer, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let reply = stored_reply(server, id).await;
-        if reply["status"] != "streaming" {
-            return reply;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the reply never finished: {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -87,7 +37,7 @@ async fn a_reply_outlives_the_socket_io_client_that_asked_for_it() {
     assert_eq!(client.next().await.0, "stream_start");
     assert_eq!(client.next().await.0, "stream_chunk");
     client.disconnect().await;
-    let reply = settled_reply(&server, "left").await;
+    let reply = server.settled_reply("left").await;
     assert_eq!(reply["status"], "complete");
     assert_eq!(reply["id"], ack["messageId"]);
     assert_eq!(reply["content"], model.reply_text());
@@ -103,7 +53,7 @@ async fn a_reply_outlives_the_socket_io_client_that_asked_for_it() {
     assert_eq!(client.next().await.0, "stream_start");
     assert_eq!(client.next().await.0, "stream_chunk");
     client.kill().await;
-    let reply = settled_reply(&server, "dropped").await;
+    let reply = server.settled_reply("dropped").await;
     assert_eq!(reply["status"], "complete");
     assert_eq!(reply["content"], model.reply_text());
 
@@ -161,7 +111,7 @@ async fn a_reconnecting_socket_io_client_gets_exactly_what_it_missed() {
     received.push_str(&deltas(&events));
     assert_eq!(final_content(&events), received);
 
-    let stored = settled_reply(&server, "resume").await;
+    let stored = server.settled_reply("resume").await;
     assert_eq!(stored["status"], "complete");
     assert_eq!(stored["content"], received.as_str());
     assert_eq!(received, model.reply_text());
@@ -261,7 +211,7 @@ async fn stop_generation_over_socket_io_ends_the_reply_and_the_model_stream() {
         json!({"messageId": ack["messageId"], "conversationId": "halt"})
     );
 
-    let stored = stored_reply(&server, "halt").await;
+    let stored = server.stored_reply("halt").await;
     assert_eq!(stored["status"], "cancelled");
     assert_eq!(stored["content"], last["content"]);
     assert!(stored["content"].as_str().unwrap().len() < model.reply_text().len());
@@ -278,7 +228,7 @@ async fn stop_generation_over_socket_io_ends_the_reply_and_the_model_stream() {
         .emit("stop_generation", json!({"conversationId": "halt"}))
         .await;
     assert_eq!(client.try_next(Duration::from_millis(200)).await, None);
-    assert_eq!(stored_reply(&server, "halt").await, stored);
+    assert_eq!(server.stored_reply("halt").await, stored);
     assert_eq!(client.disconnect_reason, None);
 }
 
@@ -303,7 +253,7 @@ async fn stop_generation_over_socket_io_before_the_first_token() {
     assert_eq!(events[0].1["messageId"], start["messageId"]);
     assert_eq!(events[0].1["content"], "");
     assert_eq!(events[0].1["isComplete"], true);
-    let stored = stored_reply(&server, "early").await;
+    let stored = server.stored_reply("early").await;
     assert_eq!(stored["status"], "cancelled");
     assert_eq!(stored["content"], "");
     eventually(|| model.dropped_streams() == 1).await;
@@ -314,7 +264,7 @@ async fn regenerate_over_socket_io_replaces_the_last_reply() {
     let (server, model) = TestServer::with_model().await;
     let mut client = SioClient::connect(server.addr(), websocket_only()).await;
     client.chat("again", "question").await;
-    let old_reply = stored_reply(&server, "again").await["id"].clone();
+    let old_reply = server.stored_reply("again").await["id"].clone();
     let mut member = SioClient::connect(server.addr(), json!({})).await;
     member
         .emit_with_ack("join_conversation", json!({"conversationId": "again"}))
@@ -497,7 +447,7 @@ async fn a_stop_looks_the_same_to_socket_io_and_ws_members() {
     assert_eq!(last["isComplete"], true);
     let all = seqs(&seen_sio);
     assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
-    let stored = stored_reply(&server, "both").await;
+    let stored = server.stored_reply("both").await;
     assert_eq!(stored["status"], "cancelled");
     assert_eq!(stored["content"], last["content"]);
     eventually(|| model.dropped_streams() == 1).await;

@@ -7,9 +7,9 @@ use support::RealtimeClient;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::{
-    Mode, ModelServer, TestServer, WsClient, config_for, final_content, names, pieces_of,
+    Mode, ModelServer, TestServer, WsClient, chunks, config_for, final_content, names, pieces_of,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -28,11 +28,7 @@ async fn a_reply_streams_in_order_and_is_stored() {
     );
     let message_id = events[0].1["messageId"].as_str().unwrap().to_owned();
     assert_eq!(events[0].1["conversationId"], "conv-1");
-    let chunks: Vec<&Value> = events
-        .iter()
-        .filter(|(n, _)| n == "stream_chunk")
-        .map(|(_, d)| d)
-        .collect();
+    let chunks = chunks(&events);
     let mut so_far = String::new();
     for (i, chunk) in chunks.iter().enumerate() {
         assert_eq!(chunk["messageId"], message_id.as_str());

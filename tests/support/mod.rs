@@ -121,6 +121,34 @@ impl TestServer {
         WsClient::connect(self.addr()).await
     }
 
+    /// The last stored message of a conversation.
+    pub async fn stored_reply(&self, id: &str) -> Value {
+        let (status, conversation) = self.get(&format!("/api/conversations/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{conversation}");
+        conversation["messages"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone()
+    }
+
+    /// The last stored message of a conversation once it has left `streaming`.
+    pub async fn settled_reply(&self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let reply = self.stored_reply(id).await;
+            if reply["status"] != "streaming" {
+                return reply;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reply never finished: {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls the health route until `check` holds for it.
     pub async fn wait_for_health(&self, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -265,6 +293,31 @@ pub fn final_content(events: &[(String, Value)]) -> String {
         .find(|(name, data)| name == "stream_chunk" && data["isComplete"] == true)
         .map(|(_, data)| data["content"].as_str().unwrap().to_owned())
         .expect("a final chunk")
+}
+
+/// The `stream_chunk` payloads of `events`, in order.
+pub fn chunks(events: &[(String, Value)]) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|(name, _)| name == "stream_chunk")
+        .map(|(_, data)| data)
+        .collect()
+}
+
+/// The chunks' deltas, joined.
+pub fn deltas(events: &[(String, Value)]) -> String {
+    chunks(events)
+        .iter()
+        .map(|chunk| chunk["delta"].as_str().unwrap())
+        .collect()
+}
+
+/// The chunks' sequence numbers, in order.
+pub fn seqs(events: &[(String, Value)]) -> Vec<u64> {
+    chunks(events)
+        .iter()
+        .map(|chunk| chunk["seq"].as_u64().unwrap())
+        .collect()
 }
 
 /// `count` distinct word pieces, for replies of a chosen length.
