@@ -165,6 +165,35 @@ fn frame(event: &str, data: Value) -> Message {
     Message::text(json!({"event": event, "data": data}).to_string())
 }
 
+/// Joins each socket to the conversation `id(i)` and returns once the server has handled every
+/// join: the server handles a connection's frames in order, so the `error` answer to an unknown
+/// event sent after the join means the join is done.
+async fn join_all(sockets: Vec<Socket>, id: impl Fn(usize) -> String) -> Vec<Socket> {
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut socket)| {
+            let join = frame("join_conversation", json!({"conversationId": id(i)}));
+            tokio::spawn(async move {
+                socket.send(join).await.unwrap();
+                socket.send(frame("joined?", Value::Null)).await.unwrap();
+                while let Some(Ok(message)) = socket.next().await {
+                    if matches!(&message, Message::Text(text) if text.starts_with(r#"{"event":"error""#))
+                    {
+                        return socket;
+                    }
+                }
+                panic!("the connection closed while joining");
+            })
+        })
+        .collect();
+    let mut joined = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        joined.push(task.await.unwrap());
+    }
+    joined
+}
+
 async fn prepare(spec: &Spec) -> Prepared {
     match spec {
         Spec::RestPost { .. } => Prepared::None,
@@ -192,32 +221,16 @@ async fn prepare(spec: &Spec) -> Prepared {
         Spec::Fanout {
             addr, subscribers, ..
         } => {
-            let mut sockets = connect_many(*addr, *subscribers).await;
-            for socket in sockets.iter_mut() {
-                socket
-                    .send(frame(
-                        "join_conversation",
-                        json!({"conversationId": "fanout"}),
-                    ))
-                    .await
-                    .unwrap();
-            }
-            Prepared::Sockets(sockets)
+            let sockets = connect_many(*addr, *subscribers).await;
+            Prepared::Sockets(join_all(sockets, |_| "fanout".to_owned()).await)
         }
         Spec::Streams {
             addr,
             conversations,
         } => Prepared::Sockets(connect_many(*addr, *conversations).await),
         Spec::Idle { addr, connections } => {
-            let mut sockets = connect_many(*addr, *connections).await;
-            for (i, socket) in sockets.iter_mut().enumerate() {
-                let id = format!("idle-{}", i % 100);
-                socket
-                    .send(frame("join_conversation", json!({"conversationId": id})))
-                    .await
-                    .unwrap();
-            }
-            Prepared::Sockets(sockets)
+            let sockets = connect_many(*addr, *connections).await;
+            Prepared::Sockets(join_all(sockets, |i| format!("idle-{}", i % 100)).await)
         }
     }
 }
