@@ -243,6 +243,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
             .map_request(move |mut request: http::Request<_>| {
                 request.extensions_mut().insert(ClientAddr(addr));
                 ws::PendingUpgrade::take_from(&mut request);
+                socketio::detach_head(&mut request);
                 request
             })
             .layer(middleware::security_headers())

@@ -29,10 +29,34 @@ const PENDING_EVENTS: usize = 1024;
 /// How often a socket whose buffer is full is asked again to take its disconnect packet.
 const DISCONNECT_RETRY: Duration = Duration::from_millis(20);
 
+/// Where socketioxide serves Socket.IO (its default).
+const PATH: &str = "/socket.io";
+/// The websocket read buffer of a socket; it grows for larger frames, up to the frame limit.
+const READ_BUFFER: usize = 1024;
+
+/// Copies a `/socket.io/` request's URI and headers out of the connection's read buffer.
+/// hyper parses them as slices of that buffer (8 to 16 KiB), and socketioxide keeps every
+/// session's request head for the life of the session, so without the copy each socket would
+/// hold a whole buffer.
+pub fn detach_head<B>(request: &mut http::Request<B>) {
+    if !request.uri().path().starts_with(PATH) {
+        return;
+    }
+    if let Ok(uri) = http::Uri::try_from(request.uri().to_string()) {
+        *request.uri_mut() = uri;
+    }
+    for value in request.headers_mut().values_mut() {
+        if let Ok(copy) = http::HeaderValue::from_bytes(value.as_bytes()) {
+            *value = copy;
+        }
+    }
+}
+
 /// The tower layer that answers `/socket.io/` and passes every other request on.
 pub fn layer(shared: Arc<Shared>) -> SocketIoLayer {
     let limit = shared.config.ws_max_frame_bytes;
     let (layer, io) = SocketIo::builder()
+        .ws_read_buffer_size(READ_BUFFER)
         .max_buffer_size(shared.config.socketio_buffer)
         .max_payload(limit as u64)
         .ws_max_message_size(limit)
