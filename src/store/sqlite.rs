@@ -1,4 +1,8 @@
 //! The SQL store on an embedded SQLite database: WAL journal, migrations shipped in the binary.
+//!
+//! Reads and migrations go through sqlx's async pool. Writes go through one rusqlite connection
+//! on a thread of its own: a serial writer gains nothing from async, and a statement run in place
+//! costs a few microseconds where a hop to sqlx's connection thread costs tens.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,14 +14,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Acquire, QueryBuilder, Row};
+use sqlx::{QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConversationStore, Page};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
 use crate::error::ApiError;
 
-/// Conversations in a SQLite file. Writes go to one writer task that commits whatever is
+/// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
 /// waiting in one transaction (group commit) and answers each write once it is committed; reads
 /// use a few connections of their own.
 #[derive(Debug, Clone)]
@@ -25,6 +29,9 @@ pub struct SqliteStore {
     writes: mpsc::Sender<WriteJob>,
     readers: SqlitePool,
 }
+
+/// How long a connection waits for another one's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Writes committed together at most.
 const MAX_BATCH: usize = 256;
@@ -76,6 +83,24 @@ impl FromStr for Durability {
     }
 }
 
+/// The writer's own connection, with the same settings as the readers'.
+fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, ApiError> {
+    let connection = rusqlite::Connection::open(path).map_err(db_error)?;
+    connection.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+    let synchronous = match durability {
+        Durability::Normal => "NORMAL",
+        Durability::Full => "FULL",
+    };
+    connection
+        .execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \
+             PRAGMA foreign_keys = ON;"
+        ))
+        .map_err(db_error)?;
+    connection.set_prepared_statement_cache_capacity(16);
+    Ok(connection)
+}
+
 fn db_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::internal(format!("database: {e}"))
 }
@@ -93,32 +118,37 @@ impl SqliteStore {
                 Durability::Full => SqliteSynchronous::Full,
             })
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(BUSY_TIMEOUT);
         if let Some(folder) = Path::new(options.get_filename()).parent()
             && !folder.as_os_str().is_empty()
         {
             std::fs::create_dir_all(folder).map_err(db_error)?;
         }
-        let writer = SqlitePoolOptions::new()
+        let migrator = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
             .await
             .map_err(db_error)?;
         sqlx::migrate!("src/store/migrations")
-            .run(&writer)
+            .run(&migrator)
             .await
             .map_err(db_error)?;
+        migrator.close().await;
+        let writer = open_writer(options.get_filename(), durability)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .map_err(db_error)?;
         let (writes, jobs) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(write_loop(writer, jobs));
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(writer, jobs))
+            .map_err(db_error)?;
         Ok(SqliteStore { writes, readers })
     }
 
-    /// Hands a write to the writer task and waits until it is committed.
+    /// Hands a write to the writer thread and waits until it is committed.
     async fn write(&self, write: Write) -> Result<u64, ApiError> {
         let (done, outcome) = oneshot::channel();
         self.writes
@@ -281,17 +311,17 @@ impl ConversationStore for SqliteStore {
     }
 }
 
-/// The writer task: takes every write waiting, commits them in one transaction, then answers
+/// The writer thread: takes every write waiting, commits them in one transaction, then answers
 /// each. A write that fails is undone alone; a failed commit fails them all.
-async fn write_loop(pool: SqlitePool, mut jobs: mpsc::Receiver<WriteJob>) {
-    while let Some(first) = jobs.recv().await {
+fn write_loop(mut connection: rusqlite::Connection, mut jobs: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
             && let Ok(job) = jobs.try_recv()
         {
             batch.push(job);
         }
-        let outcomes = match commit(&pool, &batch).await {
+        let outcomes = match commit(&mut connection, &batch) {
             Ok(outcomes) => outcomes,
             Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
         };
@@ -301,101 +331,94 @@ async fn write_loop(pool: SqlitePool, mut jobs: mpsc::Receiver<WriteJob>) {
     }
 }
 
-async fn commit(
-    pool: &SqlitePool,
+fn commit(
+    connection: &mut rusqlite::Connection,
     batch: &[WriteJob],
 ) -> Result<Vec<Result<u64, ApiError>>, ApiError> {
-    let mut tx = pool.begin().await.map_err(db_error)?;
+    let mut tx = connection.transaction().map_err(db_error)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
         let outcome = match &job.write {
             // Several rows that stand or fall together: a savepoint undoes a partial insert.
             Write::Create(_) => {
-                let mut savepoint = tx.begin().await.map_err(db_error)?;
-                let outcome = apply(&mut savepoint, &job.write).await;
+                let savepoint = tx.savepoint().map_err(db_error)?;
+                let outcome = apply(&savepoint, &job.write);
                 if outcome.is_ok() {
-                    savepoint.commit().await.map_err(db_error)?;
-                } else {
-                    savepoint.rollback().await.map_err(db_error)?;
+                    savepoint.commit().map_err(db_error)?;
                 }
                 outcome
             }
             // Their first statement either fails alone or makes the rest succeed.
-            _ => apply(&mut tx, &job.write).await,
+            _ => apply(&tx, &job.write),
         };
         outcomes.push(outcome);
     }
-    tx.commit().await.map_err(db_error)?;
+    tx.commit().map_err(db_error)?;
     Ok(outcomes)
 }
 
+/// Runs one statement of the writer, prepared once per connection; the number is the rows it
+/// changed.
+fn run(
+    tx: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<u64, ApiError> {
+    let mut statement = tx.prepare_cached(sql).map_err(db_error)?;
+    let rows = statement.execute(params).map_err(db_error)?;
+    Ok(rows as u64)
+}
+
 /// Runs one write inside the batch's transaction; the number is the rows it changed.
-async fn apply(tx: &mut sqlx::SqliteConnection, write: &Write) -> Result<u64, ApiError> {
+fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, ApiError> {
     match write {
         Write::Create(conversation) => {
-            sqlx::query(
+            run(
+                tx,
                 "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            )
-            .bind(&conversation.id)
-            .bind(&conversation.title)
-            .bind(conversation.created_at.millis())
-            .bind(conversation.updated_at.millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+                (
+                    &conversation.id,
+                    &conversation.title,
+                    conversation.created_at.millis(),
+                    conversation.updated_at.millis(),
+                ),
+            )?;
             for message in &conversation.messages {
-                upsert_message(&mut *tx, message).await?;
+                upsert_message(tx, message)?;
             }
             Ok(1)
         }
         Write::Save(message, updated_at) => {
-            upsert_message(&mut *tx, message).await?;
-            touch(tx, &message.conversation_id, *updated_at).await
+            upsert_message(tx, message)?;
+            touch(tx, &message.conversation_id, *updated_at)
         }
         Write::DeleteMessage {
             conversation_id,
             message_id,
             updated_at,
         } => {
-            sqlx::query("DELETE FROM messages WHERE id = ? AND conversation_id = ?")
-                .bind(message_id)
-                .bind(conversation_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            touch(tx, conversation_id, *updated_at).await
+            run(
+                tx,
+                "DELETE FROM messages WHERE id = ? AND conversation_id = ?",
+                (message_id, conversation_id),
+            )?;
+            touch(tx, conversation_id, *updated_at)
         }
         Write::Rename {
             id,
             title,
             updated_at,
-        } => {
-            let done =
-                sqlx::query("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?")
-                    .bind(title)
-                    .bind(updated_at.millis())
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-            found(done.rows_affected())
-        }
-        Write::DeleteConversation(id) => {
-            let done = sqlx::query("DELETE FROM conversations WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            Ok(done.rows_affected())
-        }
-        Write::MarkInterrupted => {
-            let done =
-                sqlx::query("UPDATE messages SET status = 'error' WHERE status = 'streaming'")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-            Ok(done.rows_affected())
-        }
+        } => found(run(
+            tx,
+            "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+            (title, updated_at.millis(), id),
+        )?),
+        Write::DeleteConversation(id) => run(tx, "DELETE FROM conversations WHERE id = ?", [id]),
+        Write::MarkInterrupted => run(
+            tx,
+            "UPDATE messages SET status = 'error' WHERE status = 'streaming'",
+            [],
+        ),
     }
 }
 
@@ -409,38 +432,29 @@ fn found(rows: u64) -> Result<u64, ApiError> {
 }
 
 /// Inserts a message, or replaces the content and status of the stored one.
-async fn upsert_message(
-    tx: &mut sqlx::SqliteConnection,
-    message: &Message,
-) -> Result<(), ApiError> {
-    sqlx::query(
+fn upsert_message(tx: &rusqlite::Connection, message: &Message) -> Result<(), ApiError> {
+    run(
+        tx,
         "INSERT INTO messages (id, conversation_id, role, content, status, timestamp) \
          VALUES (?, ?, ?, ?, ?, ?) \
          ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status",
+        (
+            &message.id,
+            &message.conversation_id,
+            message.role.as_str(),
+            &message.content,
+            message.status.map(MessageStatus::as_str),
+            message.timestamp.millis(),
+        ),
     )
-    .bind(&message.id)
-    .bind(&message.conversation_id)
-    .bind(message.role.as_str())
-    .bind(&message.content)
-    .bind(message.status.map(MessageStatus::as_str))
-    .bind(message.timestamp.millis())
-    .execute(tx)
-    .await
-    .map_err(db_error)?;
-    Ok(())
+    .map(drop)
 }
 
 /// Moves a conversation's `updated_at`; not found when it does not exist.
-async fn touch(
-    tx: &mut sqlx::SqliteConnection,
-    id: &str,
-    updated_at: Timestamp,
-) -> Result<u64, ApiError> {
-    let done = sqlx::query("UPDATE conversations SET updated_at = ? WHERE id = ?")
-        .bind(updated_at.millis())
-        .bind(id)
-        .execute(tx)
-        .await
-        .map_err(db_error)?;
-    found(done.rows_affected())
+fn touch(tx: &rusqlite::Connection, id: &str, updated_at: Timestamp) -> Result<u64, ApiError> {
+    found(run(
+        tx,
+        "UPDATE conversations SET updated_at = ? WHERE id = ?",
+        (updated_at.millis(), id),
+    )?)
 }
