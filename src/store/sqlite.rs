@@ -33,6 +33,11 @@ pub struct SqliteStore {
 /// How long a connection waits for another one's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The size the WAL file is cut back to after a checkpoint, in bytes.
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
+/// The least time between two WAL checkpoints.
+const CHECKPOINT_PAUSE: Duration = Duration::from_millis(100);
+
 /// Writes committed together at most.
 const MAX_BATCH: usize = 256;
 
@@ -83,7 +88,7 @@ impl FromStr for Durability {
     }
 }
 
-/// The writer's own connection, with the same settings as the readers'.
+/// A writing connection (the writer's or the checkpointer's), with the readers' settings.
 fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, ApiError> {
     let connection = rusqlite::Connection::open(path).map_err(db_error)?;
     connection.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
@@ -94,7 +99,7 @@ fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connecti
     connection
         .execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \
-             PRAGMA foreign_keys = ON;"
+             PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
         ))
         .map_err(db_error)?;
     connection.set_prepared_statement_cache_capacity(16);
@@ -134,16 +139,26 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         migrator.close().await;
-        let writer = open_writer(options.get_filename(), durability)?;
+        let path = options.get_filename();
+        let writer = open_writer(path, durability)?;
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db_error)?;
+        let checkpointer = open_writer(path, durability)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
             .map_err(db_error)?;
         let (writes, jobs) = mpsc::channel(MAX_BATCH * 4);
+        let (checkpoints, requests) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, requests))
+            .map_err(db_error)?;
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(writer, jobs))
+            .spawn(move || write_loop(writer, jobs, checkpoints))
             .map_err(db_error)?;
         Ok(SqliteStore { writes, readers })
     }
@@ -312,8 +327,13 @@ impl ConversationStore for SqliteStore {
 }
 
 /// The writer thread: takes every write waiting, commits them in one transaction, then answers
-/// each. A write that fails is undone alone; a failed commit fails them all.
-fn write_loop(mut connection: rusqlite::Connection, mut jobs: mpsc::Receiver<WriteJob>) {
+/// each and asks for a checkpoint. A write that fails is undone alone; a failed commit fails
+/// them all.
+fn write_loop(
+    mut connection: rusqlite::Connection,
+    mut jobs: mpsc::Receiver<WriteJob>,
+    checkpoints: std::sync::mpsc::SyncSender<()>,
+) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
@@ -328,6 +348,19 @@ fn write_loop(mut connection: rusqlite::Connection, mut jobs: mpsc::Receiver<Wri
         for (job, outcome) in batch.into_iter().zip(outcomes) {
             let _ = job.done.send(outcome);
         }
+        let _ = checkpoints.try_send(());
+    }
+}
+
+/// The checkpointer thread: copies the WAL's committed pages into the database file while the
+/// writer goes on, at most once per [`CHECKPOINT_PAUSE`]. Left to the writer, SQLite's automatic
+/// checkpoint would stall every write behind it for tens of milliseconds. Ends with the writer.
+fn checkpoint_loop(connection: rusqlite::Connection, requests: std::sync::mpsc::Receiver<()>) {
+    while requests.recv().is_ok() {
+        if let Err(e) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+        std::thread::sleep(CHECKPOINT_PAUSE);
     }
 }
 
@@ -457,4 +490,36 @@ fn touch(tx: &rusqlite::Connection, id: &str, updated_at: Timestamp) -> Result<u
         "UPDATE conversations SET updated_at = ? WHERE id = ?",
         (updated_at.millis(), id),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn committed_pages_reach_the_database_file_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("chat.db");
+        let url = format!("sqlite://{}", file.display());
+        let store = SqliteStore::open(&url, Durability::Normal).await.unwrap();
+        let before = std::fs::metadata(&file).unwrap().len();
+        for i in 0..200 {
+            let mut conversation = Conversation::new(format!("c{i}"), "title");
+            conversation.messages.push(Message::new(
+                &conversation.id,
+                Role::User,
+                "y".repeat(1000),
+            ));
+            store.create_conversation(&conversation).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::metadata(&file).unwrap().len() < before + 200 * 1000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was never checkpointed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(store.integrity_check().await.unwrap(), "ok");
+    }
 }
