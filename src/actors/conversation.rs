@@ -188,7 +188,7 @@ impl Actor for ConversationActor {
     ) -> Result<ConversationState, ActorProcessingErr> {
         let mut conversation = args.conversation;
         if let Some(conversation) = conversation.as_mut() {
-            mark_interrupted(&*args.ctx.store, conversation).await?;
+            Box::pin(mark_interrupted(&*args.ctx.store, conversation)).await?;
         }
         args.ctx.metrics.actor_started();
         Ok(ConversationState {
@@ -219,14 +219,16 @@ impl Actor for ConversationActor {
         message: ConversationMsg,
         state: &mut ConversationState,
     ) -> Result<(), ActorProcessingErr> {
+        // The work is boxed: ractor keeps each actor's loop as one future, as large as the largest
+        // handler, for the actor's whole life.
         match message {
             ConversationMsg::Request(request) => {
                 state.last_activity = Instant::now();
-                state.handle_request(&myself, request).await;
+                Box::pin(state.handle_request(&myself, request)).await;
                 state.pending.fetch_sub(1, Ordering::AcqRel);
             }
             ConversationMsg::Generated { generation, event } => {
-                state.handle_generated(generation, event).await;
+                Box::pin(state.handle_generated(generation, event)).await;
             }
             ConversationMsg::IdleCheck => {
                 state.idle_timer = false;

@@ -72,14 +72,17 @@ pub fn layer(shared: Arc<Shared>) -> SocketIoLayer {
 
 /// What the handlers tell a socket's task.
 enum Incoming {
-    /// A client event, with the acknowledgement callback when the client asked for one.
-    Event {
-        name: String,
-        data: serde_json::Value,
-        ack: Option<AckSender>,
-    },
+    /// A client event; boxed, so the channel's slots stay small while the socket is idle.
+    Event(Box<ClientEvent>),
     /// The socket is gone.
     Disconnected,
+}
+
+/// A client event, with the acknowledgement callback when the client asked for one.
+struct ClientEvent {
+    name: String,
+    data: serde_json::Value,
+    ack: Option<AckSender>,
 }
 
 /// Sets up a socket as it connects: its handlers first, so no event can arrive before them,
@@ -130,16 +133,15 @@ impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
             let Ok(ack) = AckSender::from_message_parts(&socket, &mut packet, &ack_id);
             ack
         });
-        let event = Incoming::Event {
+        let event = Incoming::Event(Box::new(ClientEvent {
             name,
             data: data.unwrap_or_default(),
             ack,
-        };
-        if let Err(mpsc::error::TrySendError::Full(Incoming::Event { ack, .. })) =
-            self.0.try_send(event)
+        }));
+        if let Err(mpsc::error::TrySendError::Full(Incoming::Event(event))) = self.0.try_send(event)
         {
             tracing::warn!(socket = %socket.id, "too many client events waiting, refusing one");
-            let _ = reply(&socket, Err(ApiError::RateLimited), ack);
+            let _ = reply(&socket, Err(ApiError::RateLimited), event.ack);
         }
     }
 }
@@ -156,15 +158,16 @@ async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared
     let too_slow = loop {
         let sent = tokio::select! {
             message = incoming.recv() => match message {
-                Some(Incoming::Event { name, data, ack }) => {
-                    let result = session.handle(&name, &data).await;
-                    reply(&socket, result, ack)
+                Some(Incoming::Event(event)) => {
+                    // Boxed: the socket's task stays small while it waits between events.
+                    let result = Box::pin(session.handle(&event.name, &event.data)).await;
+                    reply(&socket, result, event.ack)
                 }
                 Some(Incoming::Disconnected) | None => break false,
             },
             Some(event) = inbox.events.recv() => emit(&socket, &event),
             Some(id) = inbox.lost.recv() => {
-                session.rejoin(id).await;
+                Box::pin(session.rejoin(id)).await;
                 Ok(())
             }
             _ = inbox.dropped.cancelled() => break true,

@@ -162,7 +162,8 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
                 if let Message::Close(_) = frame {
                     break;
                 }
-                if let Some(reply) = handle_frame(&mut session, frame).await
+                // Boxed, like the rejoin: the connection's task stays small while it waits.
+                if let Some(reply) = Box::pin(handle_frame(&mut session, frame)).await
                     && !write(&mut sink, vec![reply], &inbox.dropped).await
                 {
                     break;
@@ -179,7 +180,7 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
                     break;
                 }
             }
-            Some(id) = inbox.lost.recv() => session.rejoin(id).await,
+            Some(id) = inbox.lost.recv() => Box::pin(session.rejoin(id)).await,
             _ = inbox.dropped.cancelled() => {
                 let _ = sink.send(close(CLOSE_TOO_SLOW, "too slow")).await;
                 break;
