@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::client::Response;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// What the child process is asked to do. The Socket.IO client (`tests/support/node/bench.mjs`)
 /// takes the same spec for `fanout` and `idle`.
@@ -137,6 +139,14 @@ enum Prepared {
     Ids(Vec<String>),
 }
 
+/// Opens a WebSocket to `/ws` with a small read buffer: tungstenite zeroes its whole read buffer
+/// (128 KiB by default) on every read, which would make the client the bottleneck.
+async fn connect(addr: SocketAddr) -> tokio_tungstenite::tungstenite::Result<(Socket, Response)> {
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), false)
+        .await
+}
+
 async fn connect_many(addr: SocketAddr, count: usize) -> Vec<Socket> {
     let gate = Arc::new(Semaphore::new(200));
     let mut tasks = Vec::with_capacity(count);
@@ -145,7 +155,7 @@ async fn connect_many(addr: SocketAddr, count: usize) -> Vec<Socket> {
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.unwrap();
             for attempt in 0..20 {
-                match tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await {
+                match connect(addr).await {
                     Ok((socket, _)) => return socket,
                     Err(e) if attempt == 19 => panic!("cannot connect: {e}"),
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -367,9 +377,7 @@ async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outc
             (chunks, last_seq, correct, done, socket)
         }));
     }
-    let (mut sender, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .unwrap();
+    let (mut sender, _) = connect(addr).await.unwrap();
     sender
         .send(frame(
             "stream_chat",
