@@ -459,8 +459,8 @@ impl ConversationState {
         }
     }
 
-    /// Stores the user message, creating the conversation on its first message.
-    async fn add_user_message(&mut self, content: String, create: bool) -> Result<(), ApiError> {
+    /// A new user message, once checked that the conversation can take one.
+    fn user_message(&self, content: String, create: bool) -> Result<Message, ApiError> {
         if self.conversation.is_none() && !create {
             return Err(ApiError::ConversationNotFound);
         }
@@ -468,17 +468,24 @@ impl ConversationState {
             return Err(ApiError::Conflict);
         }
         self.maybe_inject_fault(&content);
+        Ok(Message::new(&self.id, Role::User, content))
+    }
+
+    /// Stores new messages in one write, creating the conversation when it has none yet.
+    async fn add_messages(&mut self, added: Vec<Message>) -> Result<(), ApiError> {
         let store = self.ctx.store.clone();
-        let message = Message::new(&self.id, Role::User, content);
+        let updated_at = added.last().map_or_else(Timestamp::now, |m| m.timestamp);
         match self.conversation.as_mut() {
             Some(conversation) => {
-                store.save_message(&message, message.timestamp).await?;
-                conversation.updated_at = message.timestamp;
-                conversation.messages.push(message);
+                store.save_messages(&added, updated_at).await?;
+                conversation.updated_at = updated_at;
+                conversation.messages.extend(added);
             }
             None => {
-                let mut conversation = Conversation::new(self.id.to_string(), &message.content);
-                conversation.messages.push(message);
+                let title = added.first().map_or("", |m| m.content.as_str());
+                let mut conversation = Conversation::new(self.id.to_string(), title);
+                conversation.messages.extend(added);
+                conversation.updated_at = updated_at;
                 store.create_conversation(&conversation).await?;
                 self.conversation = Some(conversation);
             }
@@ -491,25 +498,23 @@ impl ConversationState {
         myself: &ActorRef<ConversationMsg>,
         content: String,
     ) -> Result<StreamStarted, ApiError> {
-        self.add_user_message(content, true).await?;
-        self.start_streamed_reply(myself).await
+        let question = self.user_message(content, true)?;
+        self.stream_reply(myself, vec![question]).await
     }
 
-    /// Stores an empty assistant message marked `streaming`, announces it and starts the model.
-    async fn start_streamed_reply(
+    /// Stores `added` and, after them, an empty assistant message marked `streaming` for the reply,
+    /// in one write; then starts the model on the history before it and announces the reply.
+    async fn stream_reply(
         &mut self,
         myself: &ActorRef<ConversationMsg>,
+        mut added: Vec<Message>,
     ) -> Result<StreamStarted, ApiError> {
-        let store = self.ctx.store.clone();
-        let prompt = self.prompt();
-        let conversation = self.existing()?;
-        let mut message = Message::new(&conversation.id, Role::Assistant, String::new());
-        message.status = Some(MessageStatus::Streaming);
-        store.save_message(&message, message.timestamp).await?;
-        conversation.updated_at = message.timestamp;
-        let message_id = message.id.clone();
-        conversation.messages.push(message);
-
+        let mut placeholder = Message::new(&self.id, Role::Assistant, String::new());
+        placeholder.status = Some(MessageStatus::Streaming);
+        let message_id = placeholder.id.clone();
+        added.push(placeholder);
+        self.add_messages(added).await?;
+        let prompt = self.prompt(true);
         self.generations += 1;
         let generation = self.generations;
         let task = spawn_streamed(self.ctx.clone(), myself.clone(), generation, prompt);
@@ -532,13 +537,18 @@ impl ConversationState {
         })
     }
 
-    fn prompt(&self) -> Prompt {
+    /// The prompt for a reply to the conversation; without its last message, the reply's own
+    /// placeholder, when `skip_placeholder`.
+    fn prompt(&self, skip_placeholder: bool) -> Prompt {
         let settings = &self.ctx.settings;
-        let history = self
+        let mut history = self
             .conversation
             .as_ref()
             .map(|c| c.messages.as_slice())
             .unwrap_or_default();
+        if skip_placeholder {
+            history = history.split_last().map_or(history, |(_, rest)| rest);
+        }
         Prompt::build(&settings.system_prompt, history, settings.context_max_chars)
     }
 
@@ -549,7 +559,11 @@ impl ConversationState {
         create: bool,
         answer: Answer<ChatCompleted>,
     ) -> Result<(), ApiError> {
-        if let Err(e) = self.add_user_message(content, create).await {
+        let added = match self.user_message(content, create) {
+            Ok(question) => self.add_messages(vec![question]).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = added {
             let _ = answer.send(Err(e.clone()));
             return Err(e);
         }
@@ -557,7 +571,7 @@ impl ConversationState {
         let generation = self.generations;
         let ctx = self.ctx.clone();
         let actor = myself.clone();
-        let prompt = self.prompt();
+        let prompt = self.prompt(false);
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let result = within(ctx.settings.upstream_timeout, ctx.provider.complete(prompt)).await;
@@ -805,7 +819,7 @@ impl ConversationState {
                 .await?;
         }
         conversation.updated_at = now;
-        self.start_streamed_reply(myself).await
+        self.stream_reply(myself, Vec::new()).await
     }
 
     async fn rename(&mut self, title: String) -> Result<Conversation, ApiError> {

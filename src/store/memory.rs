@@ -81,11 +81,20 @@ impl ConversationStore for MemoryStore {
         })
     }
 
-    async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
-        self.update(&message.conversation_id, updated_at, |c| {
-            match c.messages.iter_mut().find(|m| m.id == message.id) {
-                Some(stored) => *stored = message.clone(),
-                None => c.messages.push(message.clone()),
+    async fn save_messages(
+        &self,
+        messages: &[Message],
+        updated_at: Timestamp,
+    ) -> Result<(), ApiError> {
+        let Some(first) = messages.first() else {
+            return Ok(());
+        };
+        self.update(&first.conversation_id, updated_at, |c| {
+            for message in messages {
+                match c.messages.iter_mut().find(|m| m.id == message.id) {
+                    Some(stored) => *stored = message.clone(),
+                    None => c.messages.push(message.clone()),
+                }
             }
         })
     }

@@ -31,9 +31,18 @@ pub trait ConversationStore: Send + Sync {
     async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError>;
     /// Conversations with their messages, most recently updated first.
     async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError>;
-    /// Inserts a message, or replaces the content and status of one already stored, and moves the
-    /// conversation's `updatedAt`.
-    async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError>;
+    /// Inserts messages of one conversation, or replaces the content and status of those already
+    /// stored, and moves the conversation's `updatedAt`, in one write.
+    async fn save_messages(
+        &self,
+        messages: &[Message],
+        updated_at: Timestamp,
+    ) -> Result<(), ApiError>;
+    /// [`ConversationStore::save_messages`] for one message.
+    async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
+        self.save_messages(std::slice::from_ref(message), updated_at)
+            .await
+    }
     /// Removes one message and moves the conversation's `updatedAt`.
     async fn delete_message(
         &self,
@@ -148,6 +157,35 @@ mod tests {
             assert!(store.load_conversation("a").await.unwrap().is_none());
             let orphan = Message::new("a", Role::User, "late".into());
             assert!(store.save_message(&orphan, at(5_000)).await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn several_messages_are_saved_in_one_write() {
+        let (_dir, stores) = stores().await;
+        for store in stores {
+            store
+                .create_conversation(&Conversation::new("a".into(), "first"))
+                .await
+                .unwrap();
+            let question = Message::new("a", Role::User, "question".into());
+            let mut answer = Message::new("a", Role::Assistant, String::new());
+            answer.status = Some(MessageStatus::Streaming);
+            let pair = [question, answer];
+            store.save_messages(&pair, at(2_000)).await.unwrap();
+            let loaded = store.load_conversation("a").await.unwrap().unwrap();
+            assert_eq!(loaded.messages, pair);
+            assert_eq!(loaded.updated_at, at(2_000));
+
+            let orphans = [
+                Message::new("b", Role::User, "lost".into()),
+                Message::new("b", Role::Assistant, String::new()),
+            ];
+            assert!(store.save_messages(&orphans, at(3_000)).await.is_err());
+            assert!(store.load_conversation("b").await.unwrap().is_none());
+            let listed = store.list_conversations(Page::default()).await.unwrap();
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].messages.len(), 2);
         }
     }
 

@@ -1,20 +1,20 @@
 //! The SQL store on an embedded SQLite database: WAL journal, migrations shipped in the binary.
 //!
-//! Reads and migrations go through sqlx's async pool. Writes go through one rusqlite connection
-//! on a thread of its own: a serial writer gains nothing from async, and a statement run in place
-//! costs a few microseconds where a hop to sqlx's connection thread costs tens.
+//! sqlx applies the migrations. Everything else goes through rusqlite, with no hop to another
+//! thread on the way: a read runs in the task that asks for it, on a connection of a small pool,
+//! and the writes run on one connection on a thread of their own. A statement run in place costs
+//! microseconds; a hand-off to a database thread, and back, costs more, and under load it waits
+//! behind busy threads (2,000 conversations activated at once took seconds that way).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{QueryBuilder, Row};
+use rusqlite::{OpenFlags, OptionalExtension};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConversationStore, Page};
@@ -23,11 +23,55 @@ use crate::error::ApiError;
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
 /// waiting in one transaction (group commit) and answers each write once it is committed; reads
-/// use a few connections of their own.
+/// use read-only connections of their own.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     writes: mpsc::Sender<WriteJob>,
-    readers: SqlitePool,
+    readers: Arc<Readers>,
+}
+
+/// Read-only connections, each used by one read at a time.
+#[derive(Debug)]
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+}
+
+/// Idle read connections kept open at most.
+const MAX_IDLE_READERS: usize = 8;
+
+impl Readers {
+    /// Runs `read` in one read transaction (one snapshot), on an idle connection or a new one.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, ApiError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            None => {
+                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let connection =
+                    rusqlite::Connection::open_with_flags(&self.path, flags).map_err(db_error)?;
+                connection.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+                connection
+            }
+        };
+        let result = connection.unchecked_transaction().and_then(|tx| {
+            let value = read(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        });
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(connection);
+        }
+        result.map_err(db_error)
+    }
 }
 
 /// How long a connection waits for another one's lock.
@@ -45,7 +89,7 @@ const MAX_BATCH: usize = 256;
 #[derive(Debug)]
 enum Write {
     Create(Conversation),
-    Save(Message, Timestamp),
+    Save(Vec<Message>, Timestamp),
     DeleteMessage {
         conversation_id: String,
         message_id: String,
@@ -58,6 +102,17 @@ enum Write {
     },
     DeleteConversation(String),
     MarkInterrupted,
+}
+
+impl Write {
+    /// Whether the write inserts several rows that must stand or fall together.
+    fn is_several_rows(&self) -> bool {
+        match self {
+            Write::Create(_) => true,
+            Write::Save(messages, _) => messages.len() > 1,
+            _ => false,
+        }
+    }
 }
 
 /// A write and where its outcome (rows changed) goes once committed.
@@ -118,11 +173,6 @@ impl SqliteStore {
             .map_err(db_error)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match durability {
-                Durability::Normal => SqliteSynchronous::Normal,
-                Durability::Full => SqliteSynchronous::Full,
-            })
-            .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         if let Some(folder) = Path::new(options.get_filename()).parent()
             && !folder.as_os_str().is_empty()
@@ -145,11 +195,10 @@ impl SqliteStore {
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db_error)?;
         let checkpointer = open_writer(path, durability)?;
-        let readers = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await
-            .map_err(db_error)?;
+        let readers = Arc::new(Readers {
+            path: path.to_owned(),
+            idle: Mutex::new(Vec::new()),
+        });
         let (writes, jobs) = mpsc::channel(MAX_BATCH * 4);
         let (checkpoints, requests) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -177,70 +226,90 @@ impl SqliteStore {
 
     /// Runs SQLite's own consistency check; `ok` when the file is sound.
     pub async fn integrity_check(&self) -> Result<String, ApiError> {
-        sqlx::query_scalar("PRAGMA integrity_check")
-            .fetch_one(&self.readers)
-            .await
-            .map_err(db_error)
-    }
-
-    /// Fills `conversations` with their messages, in order.
-    async fn with_messages(
-        &self,
-        mut conversations: Vec<Conversation>,
-    ) -> Result<Vec<Conversation>, ApiError> {
-        if conversations.is_empty() {
-            return Ok(conversations);
-        }
-        let mut query = QueryBuilder::new(
-            "SELECT id, conversation_id, role, content, status, timestamp FROM messages \
-             WHERE conversation_id IN (",
-        );
-        let mut ids = query.separated(", ");
-        for conversation in &conversations {
-            ids.push_bind(conversation.id.clone());
-        }
-        query.push(") ORDER BY rowid");
-        let rows = query
-            .build()
-            .fetch_all(&self.readers)
-            .await
-            .map_err(db_error)?;
-        let position: HashMap<String, usize> = conversations
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.id.clone(), i))
-            .collect();
-        for row in rows {
-            let message = message_from(&row)?;
-            if let Some(&i) = position.get(&message.conversation_id) {
-                conversations[i].messages.push(message);
-            }
-        }
-        Ok(conversations)
+        self.readers
+            .read(|db| db.query_row("PRAGMA integrity_check", [], |row| row.get(0)))
     }
 }
 
-fn conversation_from(row: &SqliteRow) -> Conversation {
-    Conversation {
-        id: row.get("id"),
-        title: row.get("title"),
+const CONVERSATION_COLUMNS: &str = "SELECT id, title, created_at, updated_at FROM conversations";
+const MESSAGE_COLUMNS: &str =
+    "SELECT id, conversation_id, role, content, status, timestamp FROM messages";
+/// The conversations of one page, most recently updated first.
+const PAGE: &str = "ORDER BY updated_at DESC, id DESC LIMIT ?1 OFFSET ?2";
+
+fn conversation_from(row: &rusqlite::Row) -> rusqlite::Result<Conversation> {
+    Ok(Conversation {
+        id: row.get(0)?,
+        title: row.get(1)?,
         messages: Vec::new(),
-        created_at: Timestamp::from_millis(row.get("created_at")),
-        updated_at: Timestamp::from_millis(row.get("updated_at")),
-    }
+        created_at: Timestamp::from_millis(row.get(2)?),
+        updated_at: Timestamp::from_millis(row.get(3)?),
+    })
 }
 
-fn message_from(row: &SqliteRow) -> Result<Message, ApiError> {
-    let role: String = row.get("role");
-    let status: Option<String> = row.get("status");
+fn message_from(row: &rusqlite::Row) -> rusqlite::Result<Message> {
+    let role: String = row.get(2)?;
+    let status: Option<String> = row.get(4)?;
     Ok(Message {
-        id: row.get("id"),
-        conversation_id: row.get("conversation_id"),
-        role: Role::parse(&role).ok_or_else(|| db_error(format!("unknown role {role}")))?,
-        content: row.get("content"),
+        id: row.get(0)?,
+        conversation_id: row.get(1)?,
+        role: Role::parse(&role).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                2,
+                rusqlite::types::Type::Text,
+                format!("unknown role {role}").into(),
+            )
+        })?,
+        content: row.get(3)?,
         status: status.as_deref().and_then(MessageStatus::parse),
-        timestamp: Timestamp::from_millis(row.get("timestamp")),
+        timestamp: Timestamp::from_millis(row.get(5)?),
     })
+}
+
+/// Reads rows of a prepared (and cached) statement.
+fn rows<T>(
+    db: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    from: impl FnMut(&rusqlite::Row) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    db.prepare_cached(sql)?.query_map(params, from)?.collect()
+}
+
+/// One conversation with its messages, if it exists.
+fn load(db: &rusqlite::Connection, id: &str) -> rusqlite::Result<Option<Conversation>> {
+    let sql = format!("{CONVERSATION_COLUMNS} WHERE id = ?1");
+    let Some(mut conversation) = db
+        .prepare_cached(&sql)?
+        .query_row([id], conversation_from)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let sql = format!("{MESSAGE_COLUMNS} WHERE conversation_id = ?1 ORDER BY rowid");
+    conversation.messages = rows(db, &sql, [id], message_from)?;
+    Ok(Some(conversation))
+}
+
+/// One page of conversations with their messages.
+fn list(db: &rusqlite::Connection, limit: i64, offset: i64) -> rusqlite::Result<Vec<Conversation>> {
+    let sql = format!("{CONVERSATION_COLUMNS} {PAGE}");
+    let mut conversations = rows(db, &sql, (limit, offset), conversation_from)?;
+    let position: HashMap<String, usize> = conversations
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.clone(), i))
+        .collect();
+    let sql = format!(
+        "{MESSAGE_COLUMNS} WHERE conversation_id IN (SELECT id FROM conversations {PAGE}) \
+         ORDER BY rowid"
+    );
+    for message in rows(db, &sql, (limit, offset), message_from)? {
+        if let Some(&i) = position.get(&message.conversation_id) {
+            conversations[i].messages.push(message);
+        }
+    }
+    Ok(conversations)
 }
 
 #[async_trait]
@@ -252,36 +321,24 @@ impl ConversationStore for SqliteStore {
     }
 
     async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError> {
-        let row =
-            sqlx::query("SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.readers)
-                .await
-                .map_err(db_error)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let mut loaded = self.with_messages(vec![conversation_from(&row)]).await?;
-        Ok(loaded.pop())
+        self.readers.read(|db| load(db, id))
     }
 
     async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError> {
         let limit = page.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
-        let rows = sqlx::query(
-            "SELECT id, title, created_at, updated_at FROM conversations \
-             ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?",
-        )
-        .bind(limit)
-        .bind(page.offset.min(i64::MAX as usize) as i64)
-        .fetch_all(&self.readers)
-        .await
-        .map_err(db_error)?;
-        self.with_messages(rows.iter().map(conversation_from).collect())
-            .await
+        let offset = page.offset.min(i64::MAX as usize) as i64;
+        self.readers.read(|db| list(db, limit, offset))
     }
 
-    async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
-        self.write(Write::Save(message.clone(), updated_at))
+    async fn save_messages(
+        &self,
+        messages: &[Message],
+        updated_at: Timestamp,
+    ) -> Result<(), ApiError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.write(Write::Save(messages.to_vec(), updated_at))
             .await
             .map(drop)
     }
@@ -371,18 +428,18 @@ fn commit(
     let mut tx = connection.transaction().map_err(db_error)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
-        let outcome = match &job.write {
-            // Several rows that stand or fall together: a savepoint undoes a partial insert.
-            Write::Create(_) => {
-                let savepoint = tx.savepoint().map_err(db_error)?;
-                let outcome = apply(&savepoint, &job.write);
-                if outcome.is_ok() {
-                    savepoint.commit().map_err(db_error)?;
-                }
-                outcome
+        let outcome = if job.write.is_several_rows() {
+            // Rows that stand or fall together: a savepoint undoes a partial write.
+            let savepoint = tx.savepoint().map_err(db_error)?;
+            let outcome = apply(&savepoint, &job.write);
+            if outcome.is_ok() {
+                savepoint.commit().map_err(db_error)?;
             }
-            // Their first statement either fails alone or makes the rest succeed.
-            _ => apply(&tx, &job.write),
+            outcome
+        } else {
+            // A single statement, or a first one that either fails alone or makes the rest
+            // succeed.
+            apply(&tx, &job.write)
         };
         outcomes.push(outcome);
     }
@@ -421,9 +478,11 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, ApiError> {
             }
             Ok(1)
         }
-        Write::Save(message, updated_at) => {
-            upsert_message(tx, message)?;
-            touch(tx, &message.conversation_id, *updated_at)
+        Write::Save(messages, updated_at) => {
+            for message in messages {
+                upsert_message(tx, message)?;
+            }
+            touch(tx, &messages[0].conversation_id, *updated_at)
         }
         Write::DeleteMessage {
             conversation_id,
