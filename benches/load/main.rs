@@ -14,6 +14,7 @@ mod npm;
 
 mod client;
 
+use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use ai_chat_server::metrics::resident_bytes;
 use ai_chat_server::store;
 use client::{Latency, Outcome, Spec};
 use model_server::ModelServer;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Sizes of one run.
@@ -57,63 +59,98 @@ const QUICK: Sizes = Sizes {
 };
 
 /// One line of the result table.
+#[derive(Serialize, Deserialize)]
 struct Row {
     scenario: String,
-    figures: Vec<(&'static str, String)>,
+    figures: Vec<(Cow<'static, str>, String)>,
     json: Value,
 }
 
+/// The scenarios, in the order they run; each runs in a fresh process of its own, so that no
+/// memory, task or socket of one is seen by the next.
+const SCENARIOS: [&str; 9] = [
+    "rest_post",
+    "rest_get",
+    "fanout /ws",
+    "fanout socket.io",
+    "streams",
+    "idle /ws",
+    "idle socket.io",
+    "conversations",
+    "routing",
+];
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--client") {
-        client::run(&args[2]);
-        return;
-    }
     let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("BENCH_QUICK").is_some();
+    match args.get(1).map(String::as_str) {
+        Some("--client") => return client::run(&args[2]),
+        Some("--scenario") => return run_scenario(&args[2], quick),
+        _ => {}
+    }
     let wanted: Vec<&str> = args[1..]
         .iter()
         .map(String::as_str)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.starts_with(w));
+    let started = Instant::now();
+    let rows: Vec<Row> = SCENARIOS
+        .iter()
+        .filter(|name| wanted.is_empty() || wanted.iter().any(|w| name.starts_with(w)))
+        .flat_map(|name| in_fresh_process(name, quick))
+        .collect();
+    report(&rows, quick, started.elapsed());
+}
+
+/// Runs one scenario in a child process (this binary again) and reads its rows.
+fn in_fresh_process(name: &str, quick: bool) -> Vec<Row> {
+    let mut command = Command::new(std::env::current_exe().expect("the bench binary"));
+    command.arg("--scenario").arg(name);
+    if quick {
+        command.arg("--quick");
+    }
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scenario process runs");
+    assert!(output.status.success(), "scenario {name} failed");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Entry point of a scenario's process: runs it and prints its rows, one JSON line each.
+fn run_scenario(name: &str, quick: bool) {
     let sizes = if quick { QUICK } else { FULL };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let started = Instant::now();
     let rows = runtime.block_on(async {
         let mut rows = Vec::new();
-        if run("rest_post") {
-            rows.push(rest_post(&sizes).await);
-        }
-        if run("rest_get") {
-            rows.push(rest_get(&sizes).await);
-        }
-        for transport in [Transport::Ws, Transport::SocketIo] {
-            for subscribers in sizes.fanout {
-                if run(&format!("fanout {}", transport.name())) {
+        match name {
+            "rest_post" => rows.push(rest_post(&sizes).await),
+            "rest_get" => rows.push(rest_get(&sizes).await),
+            "fanout /ws" | "fanout socket.io" => {
+                let transport = Transport::named(&name["fanout ".len()..]);
+                for subscribers in sizes.fanout {
                     rows.push(fanout(transport, subscribers).await);
                 }
             }
-        }
-        if run("streams") {
-            rows.push(streams(&sizes).await);
-        }
-        for transport in [Transport::Ws, Transport::SocketIo] {
-            if run(&format!("idle {}", transport.name())) {
-                rows.push(idle(transport, &sizes).await);
+            "streams" => rows.push(streams(&sizes).await),
+            "idle /ws" | "idle socket.io" => {
+                rows.push(idle(Transport::named(&name["idle ".len()..]), &sizes).await)
             }
-        }
-        if run("conversations") {
-            rows.push(conversations(&sizes).await);
-        }
-        if run("routing") {
-            rows.push(routing(&sizes).await);
+            "conversations" => rows.push(conversations(&sizes).await),
+            "routing" => rows.push(routing(&sizes).await),
+            other => panic!("no scenario {other}"),
         }
         rows
     });
-    report(&rows, quick, started.elapsed());
+    for row in rows {
+        println!("{}", serde_json::to_string(&row).unwrap());
+    }
 }
 
 /// The server under test, with a durable SQLite store in a temporary folder.
@@ -121,6 +158,13 @@ struct Bench {
     app: App,
     model: ModelServer,
     _dir: tempfile::TempDir,
+}
+
+impl Bench {
+    /// Shuts the server down, so that nothing of this scenario runs on into the next.
+    async fn finish(self) {
+        self.app.shutdown(Duration::ZERO).await;
+    }
 }
 
 fn bench_config(dir: &tempfile::TempDir) -> Config {
@@ -174,6 +218,15 @@ impl Transport {
         }
     }
 
+    /// The transport of a scenario name's last word.
+    fn named(name: &str) -> Transport {
+        if name == Transport::SocketIo.name() {
+            Transport::SocketIo
+        } else {
+            Transport::Ws
+        }
+    }
+
     /// Its name in the JSON figures.
     fn key(self) -> &'static str {
         match self {
@@ -205,7 +258,8 @@ impl Transport {
     /// Notes on a row which client it measured, when it is not this binary.
     fn note_client(self, row: &mut Row) {
         if let Transport::SocketIo = self {
-            row.figures.push(("client", "node, websocket only".into()));
+            row.figures
+                .push(("client".into(), "node, websocket only".into()));
             row.json["client"] = "node socket.io-client, websocket transport only".into();
         }
     }
@@ -298,6 +352,7 @@ async fn rest_post(sizes: &Sizes) -> Row {
     .await;
     let mut row = rest_row("rest_post", &outcome);
     row.json["model_calls"] = bench.model.received().len().into();
+    bench.finish().await;
     row
 }
 
@@ -313,6 +368,7 @@ async fn rest_get(sizes: &Sizes) -> Row {
         },
     )
     .await;
+    bench.finish().await;
     rest_row("rest_get", &outcome)
 }
 
@@ -322,10 +378,10 @@ fn rest_row(scenario: &str, outcome: &Outcome) -> Row {
     Row {
         scenario: scenario.into(),
         figures: vec![
-            ("requests/s", format!("{per_second:.0}")),
-            ("p50", ms(outcome.latency.p50_ms)),
-            ("p99", ms(outcome.latency.p99_ms)),
-            ("errors", outcome.errors.to_string()),
+            ("requests/s".into(), format!("{per_second:.0}")),
+            ("p50".into(), ms(outcome.latency.p50_ms)),
+            ("p99".into(), ms(outcome.latency.p99_ms)),
+            ("errors".into(), outcome.errors.to_string()),
         ],
         json: json!({"requests_per_second": per_second, "latency": latency_json(&outcome.latency), "errors": outcome.errors}),
     }
@@ -349,14 +405,15 @@ async fn fanout(transport: Transport, subscribers: usize) -> Row {
     let mut row = Row {
         scenario: format!("fanout {} {subscribers}", transport.name()),
         figures: vec![
-            ("chunks/s", format!("{per_second:.0}")),
-            ("p99 complete", ms(outcome.latency.p99_ms)),
-            ("missing", outcome.missing.to_string()),
-            ("complete", format!("{}/{subscribers}", outcome.ok)),
+            ("chunks/s".into(), format!("{per_second:.0}")),
+            ("p99 complete".into(), ms(outcome.latency.p99_ms)),
+            ("missing".into(), outcome.missing.to_string()),
+            ("complete".into(), format!("{}/{subscribers}", outcome.ok)),
         ],
         json: json!({"transport": transport.key(), "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
     };
     transport.note_client(&mut row);
+    bench.finish().await;
     row
 }
 
@@ -373,14 +430,15 @@ async fn streams(sizes: &Sizes) -> Row {
         },
     )
     .await;
+    bench.finish().await;
     let ratio = outcome.latency.p99_ms / pace.as_secs_f64() / 1e3;
     Row {
         scenario: format!("streams {}", sizes.streams),
         figures: vec![
-            ("p99/pace", format!("{ratio:.2}x")),
-            ("p99 complete", ms(outcome.latency.p99_ms)),
-            ("first chunk p99", ms(outcome.first_chunk.p99_ms)),
-            ("failures", outcome.errors.to_string()),
+            ("p99/pace".into(), format!("{ratio:.2}x")),
+            ("p99 complete".into(), ms(outcome.latency.p99_ms)),
+            ("first chunk p99".into(), ms(outcome.first_chunk.p99_ms)),
+            ("failures".into(), outcome.errors.to_string()),
         ],
         json: json!({"conversations": sizes.streams, "model_pace_ms": pace.as_millis() as u64, "p99_over_pace": ratio, "complete_latency": latency_json(&outcome.latency), "first_chunk_latency": latency_json(&outcome.first_chunk), "failures": outcome.errors}),
     }
@@ -440,13 +498,17 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
     let after = resident_bytes();
     let (_, process) = process.go().await;
     process.finish();
+    bench.finish().await;
     let per_connection = after.saturating_sub(before) as f64 / count as f64;
     let mut row = Row {
         scenario: format!("idle {} {count}", transport.name()),
         figures: vec![
-            ("bytes/connection", format!("{per_connection:.0}")),
-            ("rss before", format!("{:.1} MB", before as f64 / 1e6)),
-            ("rss after", format!("{:.1} MB", after as f64 / 1e6)),
+            ("bytes/connection".into(), format!("{per_connection:.0}")),
+            (
+                "rss before".into(),
+                format!("{:.1} MB", before as f64 / 1e6),
+            ),
+            ("rss after".into(), format!("{:.1} MB", after as f64 / 1e6)),
         ],
         json: json!({"transport": transport.key(), "connections": count, "bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
     };
@@ -537,13 +599,17 @@ async fn conversations(sizes: &Sizes) -> Row {
     let after = resident_bytes();
     let per_active = with_actors.saturating_sub(before) as f64 / active.max(1) as f64;
     let per_passivated = after.saturating_sub(before) as f64 / count as f64;
+    app.shutdown(Duration::ZERO).await;
     Row {
         scenario: format!("conversations {count}"),
         figures: vec![
-            ("bytes/active", format!("{per_active:.0}")),
-            ("bytes/passivated", format!("{per_passivated:.0}")),
-            ("created/s", format!("{:.0}", rate(count as f64, creation))),
-            ("all passivated", passivated.to_string()),
+            ("bytes/active".into(), format!("{per_active:.0}")),
+            ("bytes/passivated".into(), format!("{per_passivated:.0}")),
+            (
+                "created/s".into(),
+                format!("{:.0}", rate(count as f64, creation)),
+            ),
+            ("all passivated".into(), passivated.to_string()),
         ],
         json: json!({"conversations": count, "active_at_peak": active, "bytes_per_active_conversation": per_active, "bytes_per_conversation_after_passivation": per_passivated, "created_per_second": rate(count as f64, creation), "rss_before": before, "rss_active": with_actors, "rss_after_passivation": after}),
     }
@@ -584,11 +650,12 @@ async fn routing(sizes: &Sizes) -> Row {
         total += task.await.unwrap();
     }
     let per_second = rate(total as f64, started.elapsed().as_secs_f64());
+    app.shutdown(Duration::ZERO).await;
     Row {
         scenario: format!("routing {}", ids.len()),
         figures: vec![
-            ("messages/s", format!("{per_second:.0}")),
-            ("tasks", "64".into()),
+            ("messages/s".into(), format!("{per_second:.0}")),
+            ("tasks".into(), "64".into()),
         ],
         json: json!({"conversations": ids.len(), "tasks": 64, "messages_per_second": per_second}),
     }

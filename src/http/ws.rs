@@ -36,7 +36,7 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 /// How long a closing connection may take to send its last events and the close frame.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes read from the socket at a time; larger frames grow the buffer as they arrive.
-const READ_BUFFER: usize = 2 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Bytes of frames gathered before they are written out.
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Queued events written in one go before the socket is flushed.
