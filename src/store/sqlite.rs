@@ -1,10 +1,11 @@
 //! The SQL store on an embedded SQLite database: WAL journal, migrations shipped in the binary.
 //!
-//! sqlx applies the migrations. Everything else goes through rusqlite, with no hop to another
-//! thread on the way: a read runs in the task that asks for it, on a connection of a small pool,
-//! and the writes run on one connection on a thread of their own. A statement run in place costs
-//! microseconds; a hand-off to a database thread, and back, costs more, and under load it waits
-//! behind busy threads (2,000 conversations activated at once took seconds that way).
+//! sqlx applies the migrations; every other statement goes through rusqlite. A point read runs
+//! in the task that asks for it, on a connection of a small read-only pool; a listing, which may
+//! read the whole database, runs on the blocking pool; writes run on one connection on a thread
+//! of their own. A statement run in place costs microseconds, while a hand-off to a database
+//! thread and back costs more and, under load, waits behind busy threads (2,000 conversations
+//! activated at once took seconds that way).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -327,7 +328,11 @@ impl ConversationStore for SqliteStore {
     async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError> {
         let limit = page.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
         let offset = page.offset.min(i64::MAX as usize) as i64;
-        self.readers.read(|db| list(db, limit, offset))
+        // A listing may read the whole database: it runs on the blocking pool, not in the task.
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.read(|db| list(db, limit, offset)))
+            .await
+            .map_err(db_error)?
     }
 
     async fn save_messages(
