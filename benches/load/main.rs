@@ -161,7 +161,8 @@ struct Bench {
 }
 
 impl Bench {
-    /// Shuts the server down, so that nothing of this scenario runs on into the next.
+    /// Shuts the server down, so that nothing of it runs on into the next server of the same
+    /// process (the fan-out sizes share one).
     async fn finish(self) {
         self.app.shutdown(Duration::ZERO).await;
     }

@@ -144,7 +144,8 @@ impl FromStr for Durability {
     }
 }
 
-/// A writing connection (the writer's or the checkpointer's), with the readers' settings.
+/// A writing connection (the writer's or the checkpointer's): WAL journal, the chosen
+/// durability, foreign keys enforced, and the WAL cut back after checkpoints.
 fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, ApiError> {
     let connection = rusqlite::Connection::open(path).map_err(db_error)?;
     connection.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
