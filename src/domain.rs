@@ -4,7 +4,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::error::ChatError;
 
 /// How many characters of the first user message make a conversation's title.
 const TITLE_CHARS: usize = 50;
@@ -176,7 +176,7 @@ pub fn title_from(message: &str) -> String {
 }
 
 /// Checks a conversation id a client chose: 1 to 128 letters, digits, `-` and `_`.
-pub fn validate_conversation_id(id: &str) -> Result<(), ApiError> {
+pub fn validate_conversation_id(id: &str) -> Result<(), ChatError> {
     let valid = !id.is_empty()
         && id.len() <= MAX_CONVERSATION_ID_LEN
         && id
@@ -185,7 +185,7 @@ pub fn validate_conversation_id(id: &str) -> Result<(), ApiError> {
     if valid {
         Ok(())
     } else {
-        Err(ApiError::InvalidRequest(
+        Err(ChatError::Invalid(
             "conversationId must be 1 to 128 letters, digits, '-' or '_'".into(),
         ))
     }

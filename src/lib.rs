@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actors::{ConversationContext, Conversations, Registry};
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::ChatError;
 use crate::http::Shared;
 use crate::http::limits::ConnectionLimit;
 use crate::llm::ModelProvider;
@@ -40,8 +40,10 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot start: {0:?}")]
-    Setup(ApiError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("cannot start the conversations: {0}")]
+    Conversations(#[from] ChatError),
 }
 
 /// A running server.
@@ -54,9 +56,7 @@ pub struct App {
 impl App {
     /// Starts the whole server as `config` says, on `config.host:config.port`.
     pub async fn start(config: Config) -> Result<App, StartError> {
-        let store = store::open(&config.database_url, config.sqlite_durability)
-            .await
-            .map_err(StartError::Setup)?;
+        let store = store::open(&config.database_url, config.sqlite_durability).await?;
         let provider = llm::from_config(&config.model, config.conversations.upstream_timeout);
         App::start_with(config, store, provider).await
     }
@@ -67,7 +67,7 @@ impl App {
         store: Arc<dyn ConversationStore>,
         provider: Arc<dyn ModelProvider>,
     ) -> Result<App, StartError> {
-        let interrupted = store.mark_interrupted().await.map_err(StartError::Setup)?;
+        let interrupted = store.mark_interrupted().await?;
         if interrupted > 0 {
             tracing::warn!(
                 count = interrupted,
@@ -89,8 +89,7 @@ impl App {
             registry: Registry::default(),
             metrics: metrics.clone(),
         })
-        .await
-        .map_err(StartError::Setup)?;
+        .await?;
         let shared = Arc::new(Shared {
             conversations,
             connection_limit: ConnectionLimit::new(config.max_connections_per_ip),

@@ -17,7 +17,7 @@ use super::events::{ChatEvent, Membership, Subscriber};
 use super::supervisor::Registry;
 use crate::config::ConversationSettings;
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
-use crate::error::ApiError;
+use crate::error::ChatError;
 use crate::llm::{ModelProvider, Prompt, ProviderError};
 use crate::metrics::Metrics;
 use crate::store::ConversationStore;
@@ -30,7 +30,7 @@ pub const APOLOGY: &str =
 const MAX_TITLE_CHARS: usize = 200;
 
 /// Where the answer to a request goes.
-pub type Answer<T> = oneshot::Sender<Result<T, ApiError>>;
+pub type Answer<T> = oneshot::Sender<Result<T, ChatError>>;
 
 /// What every conversation actor shares.
 pub struct ConversationContext {
@@ -264,7 +264,7 @@ impl Actor for ConversationActor {
 async fn mark_interrupted(
     store: &dyn ConversationStore,
     conversation: &mut Conversation,
-) -> Result<(), ApiError> {
+) -> Result<(), ChatError> {
     for message in conversation.messages.iter_mut() {
         if message.status == Some(MessageStatus::Streaming) {
             message.status = Some(MessageStatus::Error);
@@ -362,7 +362,7 @@ impl ConversationState {
                 if let Some(reply) = self.reply.as_mut() {
                     reply.task.abort();
                     if let Some(waiter) = reply.waiter.take() {
-                        let _ = waiter.send(Err(ApiError::Upstream));
+                        let _ = waiter.send(Err(ChatError::Upstream));
                         self.reply = None;
                         self.ctx.metrics.reply_finished();
                     } else {
@@ -374,16 +374,12 @@ impl ConversationState {
         }
     }
 
-    fn snapshot(&self) -> Result<Conversation, ApiError> {
-        self.conversation
-            .clone()
-            .ok_or(ApiError::ConversationNotFound)
+    fn snapshot(&self) -> Result<Conversation, ChatError> {
+        self.conversation.clone().ok_or(ChatError::NotFound)
     }
 
-    fn existing(&mut self) -> Result<&mut Conversation, ApiError> {
-        self.conversation
-            .as_mut()
-            .ok_or(ApiError::ConversationNotFound)
+    fn existing(&mut self) -> Result<&mut Conversation, ChatError> {
+        self.conversation.as_mut().ok_or(ChatError::NotFound)
     }
 
     fn add_member(&mut self, subscriber: Subscriber) {
@@ -460,19 +456,19 @@ impl ConversationState {
     }
 
     /// A new user message, once checked that the conversation can take one.
-    fn user_message(&self, content: String, create: bool) -> Result<Message, ApiError> {
+    fn user_message(&self, content: String, create: bool) -> Result<Message, ChatError> {
         if self.conversation.is_none() && !create {
-            return Err(ApiError::ConversationNotFound);
+            return Err(ChatError::NotFound);
         }
         if self.reply.is_some() {
-            return Err(ApiError::Conflict);
+            return Err(ChatError::Busy);
         }
         self.maybe_inject_fault(&content);
         Ok(Message::new(&self.id, Role::User, content))
     }
 
     /// Stores new messages in one write, creating the conversation when it has none yet.
-    async fn add_messages(&mut self, added: Vec<Message>) -> Result<(), ApiError> {
+    async fn add_messages(&mut self, added: Vec<Message>) -> Result<(), ChatError> {
         let store = self.ctx.store.clone();
         let updated_at = added.last().map_or_else(Timestamp::now, |m| m.timestamp);
         match self.conversation.as_mut() {
@@ -497,7 +493,7 @@ impl ConversationState {
         &mut self,
         myself: &ActorRef<ConversationMsg>,
         content: String,
-    ) -> Result<StreamStarted, ApiError> {
+    ) -> Result<StreamStarted, ChatError> {
         let question = self.user_message(content, true)?;
         self.stream_reply(myself, vec![question]).await
     }
@@ -508,7 +504,7 @@ impl ConversationState {
         &mut self,
         myself: &ActorRef<ConversationMsg>,
         mut added: Vec<Message>,
-    ) -> Result<StreamStarted, ApiError> {
+    ) -> Result<StreamStarted, ChatError> {
         let mut placeholder = Message::new(&self.id, Role::Assistant, String::new());
         placeholder.status = Some(MessageStatus::Streaming);
         let message_id = placeholder.id.clone();
@@ -558,7 +554,7 @@ impl ConversationState {
         content: String,
         create: bool,
         answer: Answer<ChatCompleted>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ChatError> {
         let added = match self.user_message(content, create) {
             Ok(question) => self.add_messages(vec![question]).await,
             Err(e) => Err(e),
@@ -729,7 +725,7 @@ impl ConversationState {
             Ok(text) => text,
             Err(e) => {
                 tracing::warn!(conversation = %self.id, error = %e, "reply failed");
-                let _ = waiter.send(Err(ApiError::Upstream));
+                let _ = waiter.send(Err(ChatError::Upstream));
                 return;
             }
         };
@@ -744,7 +740,7 @@ impl ConversationState {
         message_id: String,
         text: String,
         status: MessageStatus,
-    ) -> Result<ChatCompleted, ApiError> {
+    ) -> Result<ChatCompleted, ChatError> {
         let store = self.ctx.store.clone();
         let conversation = self.existing()?;
         let mut message = Message::new(&conversation.id, Role::Assistant, text);
@@ -777,7 +773,7 @@ impl ConversationState {
         })
     }
 
-    async fn stop(&mut self) -> Result<(), ApiError> {
+    async fn stop(&mut self) -> Result<(), ChatError> {
         self.existing()?;
         let Some(reply) = self.reply.as_mut() else {
             return Ok(());
@@ -801,9 +797,9 @@ impl ConversationState {
     async fn regenerate(
         &mut self,
         myself: &ActorRef<ConversationMsg>,
-    ) -> Result<StreamStarted, ApiError> {
+    ) -> Result<StreamStarted, ChatError> {
         if self.reply.is_some() {
-            return Err(ApiError::Conflict);
+            return Err(ChatError::Busy);
         }
         let store = self.ctx.store.clone();
         let conversation = self.existing()?;
@@ -811,7 +807,7 @@ impl ConversationState {
             .messages
             .iter()
             .rposition(|m| m.role == Role::User)
-            .ok_or_else(|| ApiError::InvalidRequest("There is no message to reply to".into()))?;
+            .ok_or_else(|| ChatError::Invalid("There is no message to reply to".into()))?;
         let now = Timestamp::now();
         for message in conversation.messages.drain(last_user + 1..) {
             store
@@ -822,11 +818,11 @@ impl ConversationState {
         self.stream_reply(myself, Vec::new()).await
     }
 
-    async fn rename(&mut self, title: String) -> Result<Conversation, ApiError> {
+    async fn rename(&mut self, title: String) -> Result<Conversation, ChatError> {
         let title = title.trim().to_owned();
         let length = title.chars().count();
         if length == 0 || length > MAX_TITLE_CHARS {
-            return Err(ApiError::InvalidRequest(format!(
+            return Err(ChatError::Invalid(format!(
                 "title must be 1 to {MAX_TITLE_CHARS} characters"
             )));
         }
@@ -848,14 +844,14 @@ impl ConversationState {
     }
 
     /// Deletes the conversation; the actor stays as an empty one until it goes idle.
-    async fn delete(&mut self) -> Result<(), ApiError> {
+    async fn delete(&mut self) -> Result<(), ChatError> {
         self.existing()?;
         self.ctx.store.delete_conversation(&self.id).await?;
         if let Some(reply) = self.reply.take() {
             reply.task.abort();
             self.ctx.metrics.reply_finished();
             if let Some(waiter) = reply.waiter {
-                let _ = waiter.send(Err(ApiError::ConversationNotFound));
+                let _ = waiter.send(Err(ChatError::NotFound));
             }
         }
         self.conversation = None;

@@ -11,7 +11,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Timestamp;
-use crate::error::ApiError;
 
 /// An event the server sends to the members of a conversation (or to one connection).
 #[derive(Debug, Clone, Serialize)]
@@ -82,16 +81,6 @@ impl ChatEvent {
             data: RawValue::from_string(data).unwrap_or_else(|_| null_value()),
             frame,
         })
-    }
-}
-
-impl From<&ApiError> for ChatEvent {
-    fn from(error: &ApiError) -> Self {
-        let body = error.body();
-        ChatEvent::Error {
-            message: body.message,
-            code: body.code,
-        }
     }
 }
 

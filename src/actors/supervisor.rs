@@ -14,7 +14,7 @@ use super::conversation::{
 };
 use super::events::Subscriber;
 use crate::domain::{Conversation, new_id, validate_conversation_id};
-use crate::error::ApiError;
+use crate::error::ChatError;
 use crate::store::Page;
 
 /// How many times a request follows a conversation whose actor has just stopped.
@@ -169,11 +169,11 @@ pub struct Conversations {
 
 impl Conversations {
     /// Starts the supervisor.
-    pub async fn start(ctx: ConversationContext) -> Result<Conversations, ApiError> {
+    pub async fn start(ctx: ConversationContext) -> Result<Conversations, ChatError> {
         let ctx = Arc::new(ctx);
         let (supervisor, _) = Actor::spawn(None, ConversationSupervisor, ctx.clone())
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(|e| ChatError::Failed(e.to_string()))?;
         Ok(Conversations { ctx, supervisor })
     }
 
@@ -208,14 +208,14 @@ impl Conversations {
         id: &str,
         activation: Activation,
         build: impl FnOnce(Answer<T>) -> Request,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, ChatError> {
         let (answer, receiver) = oneshot::channel();
         let mut request = build(answer);
         for _ in 0..ROUTE_ATTEMPTS {
             match self.ctx.registry.send(id, request) {
                 Ok(()) => {
                     return receiver.await.unwrap_or_else(|_| {
-                        Err(ApiError::internal(format!("conversation {id} failed")))
+                        Err(ChatError::Failed(format!("conversation {id} failed")))
                     });
                 }
                 Err(returned) => {
@@ -224,14 +224,14 @@ impl Conversations {
                 }
             }
         }
-        Err(ApiError::internal(format!(
+        Err(ChatError::Failed(format!(
             "conversation {id} kept stopping"
         )))
     }
 
     /// Starts the actor of `id`, loaded from the store, unless one runs already. Activations of
     /// different conversations run in parallel; of the same one, the first registered wins.
-    async fn activate(&self, id: &str, activation: Activation) -> Result<(), ApiError> {
+    async fn activate(&self, id: &str, activation: Activation) -> Result<(), ChatError> {
         if self.ctx.registry.contains(id) {
             return Ok(());
         }
@@ -240,7 +240,7 @@ impl Conversations {
             _ => self.ctx.store.load_conversation(id).await?,
         };
         if conversation.is_none() && activation == Activation::Existing {
-            return Err(ApiError::ConversationNotFound);
+            return Err(ChatError::NotFound);
         }
         let id: Arc<str> = id.into();
         let pending = Arc::new(AtomicUsize::new(0));
@@ -253,7 +253,7 @@ impl Conversations {
         let (actor, _) =
             Actor::spawn_linked(None, ConversationActor, args, self.supervisor.get_cell())
                 .await
-                .map_err(ApiError::internal)?;
+                .map_err(|e| ChatError::Failed(e.to_string()))?;
         let entry = Entry {
             actor: actor.clone(),
             pending,
@@ -265,7 +265,7 @@ impl Conversations {
     }
 
     /// A conversation with its messages; read from its actor when it runs, else from the store.
-    pub async fn get(&self, id: &str) -> Result<Conversation, ApiError> {
+    pub async fn get(&self, id: &str) -> Result<Conversation, ChatError> {
         if self.ctx.registry.contains(id) {
             return self
                 .request(id, Activation::Existing, Request::Snapshot)
@@ -275,12 +275,12 @@ impl Conversations {
             .store
             .load_conversation(id)
             .await?
-            .ok_or(ApiError::ConversationNotFound)
+            .ok_or(ChatError::NotFound)
     }
 
     /// Conversations, most recently updated first, from the store.
-    pub async fn list(&self, page: Page) -> Result<Vec<Conversation>, ApiError> {
-        self.ctx.store.list_conversations(page).await
+    pub async fn list(&self, page: Page) -> Result<Vec<Conversation>, ChatError> {
+        Ok(self.ctx.store.list_conversations(page).await?)
     }
 
     /// Stores `content` and answers with the whole reply (REST). Without an id, a new
@@ -289,7 +289,7 @@ impl Conversations {
         &self,
         conversation_id: Option<String>,
         content: String,
-    ) -> Result<ChatCompleted, ApiError> {
+    ) -> Result<ChatCompleted, ChatError> {
         let (id, activation) = match conversation_id {
             Some(id) => (id, Activation::Existing),
             None => (new_id(), Activation::New),
@@ -310,7 +310,7 @@ impl Conversations {
         conversation_id: Option<String>,
         content: String,
         sender: Option<Subscriber>,
-    ) -> Result<StreamStarted, ApiError> {
+    ) -> Result<StreamStarted, ChatError> {
         let (id, activation) = match conversation_id {
             Some(id) => {
                 validate_conversation_id(&id)?;
@@ -332,7 +332,7 @@ impl Conversations {
         id: &str,
         subscriber: Subscriber,
         resume: Option<Resume>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ChatError> {
         validate_conversation_id(id)?;
         self.request(id, Activation::OrNew, |answer| Request::Join {
             subscriber,
@@ -356,7 +356,7 @@ impl Conversations {
     }
 
     /// Stops the reply in progress; success when there is none.
-    pub async fn stop_reply(&self, id: &str) -> Result<(), ApiError> {
+    pub async fn stop_reply(&self, id: &str) -> Result<(), ChatError> {
         validate_conversation_id(id)?;
         self.request(id, Activation::Existing, Request::Stop).await
     }
@@ -366,7 +366,7 @@ impl Conversations {
         &self,
         id: &str,
         sender: Option<Subscriber>,
-    ) -> Result<StreamStarted, ApiError> {
+    ) -> Result<StreamStarted, ChatError> {
         validate_conversation_id(id)?;
         self.request(id, Activation::Existing, |answer| Request::Regenerate {
             sender,
@@ -376,7 +376,7 @@ impl Conversations {
     }
 
     /// Changes the conversation's title.
-    pub async fn rename(&self, id: &str, title: String) -> Result<Conversation, ApiError> {
+    pub async fn rename(&self, id: &str, title: String) -> Result<Conversation, ChatError> {
         self.request(id, Activation::Existing, |answer| Request::Rename {
             title,
             answer,
@@ -385,7 +385,7 @@ impl Conversations {
     }
 
     /// Deletes the conversation and tells its members.
-    pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, id: &str) -> Result<(), ChatError> {
         self.request(id, Activation::Existing, Request::Delete)
             .await
     }

@@ -19,8 +19,8 @@ use tower::{Layer, Service};
 use warp::http::{HeaderMap, HeaderValue, Request};
 use warp::reply::Response;
 
+use super::error::ApiError;
 use super::{ClientAddr, error_response};
-use crate::error::ApiError;
 
 /// The key a client is counted under: its address, with IPv4-mapped IPv6 addresses as IPv4
 /// and IPv6 addresses by their /56 network (what one subscriber usually gets, as

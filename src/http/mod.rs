@@ -1,6 +1,7 @@
 //! The HTTP side: warp routes for REST and `/ws`, and Socket.IO at `/socket.io/`, wrapped in
 //! tower layers and served by hyper with connection upgrades.
 
+pub mod error;
 pub mod limits;
 mod middleware;
 mod payload;
@@ -29,8 +30,8 @@ use warp::{Filter, Rejection};
 
 use crate::actors::Conversations;
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
+use error::ApiError;
 use limits::{ConnectionLimit, RateLimitLayer};
 use middleware::AccessLogLayer;
 

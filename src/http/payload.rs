@@ -2,9 +2,9 @@
 
 use serde_json::{Map, Value};
 
+use super::error::ApiError;
 use crate::actors::Resume;
 use crate::domain::validate_conversation_id;
-use crate::error::ApiError;
 
 /// A JSON object a client sent.
 pub struct Payload<'a>(&'a Map<String, Value>);

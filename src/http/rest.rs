@@ -8,9 +8,9 @@ use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
 use super::Shared;
+use super::error::ApiError;
 use super::payload::Payload;
 use crate::domain::{Timestamp, validate_conversation_id};
-use crate::error::ApiError;
 use crate::store::Page;
 
 /// `GET /api/health`.

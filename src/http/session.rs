@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};
 
+use super::error::ApiError;
 use super::limits::ReplyRate;
 use super::payload::Payload;
 use crate::actors::{Conversations, Subscriber, SubscriberInbox};
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);

@@ -19,10 +19,10 @@ use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 
+use super::error::ApiError;
 use super::session::Session;
 use super::{ClientAddr, Shared};
-use crate::actors::{ChatEvent, EncodedEvent};
-use crate::error::ApiError;
+use crate::actors::EncodedEvent;
 
 /// Client events one socket may have waiting to be handled; more are refused with an `error`.
 const PENDING_EVENTS: usize = 1024;
@@ -210,7 +210,7 @@ fn reply(
     let acknowledgement = match result {
         Ok(value) => value,
         Err(error) => {
-            emit(socket, &ChatEvent::from(&error).encode())?;
+            emit(socket, &error.event().encode())?;
             json!({ "error": error.body() })
         }
     };

@@ -21,11 +21,11 @@ use warp::http::{HeaderMap, StatusCode, header};
 use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
+use super::error::ApiError;
 use super::payload::parse_json;
 use super::session::Session;
 use super::{ClientAddr, Shared, error_response};
-use crate::actors::{ChatEvent, EncodedEvent};
-use crate::error::ApiError;
+use crate::actors::EncodedEvent;
 
 /// Close code for a client that could not keep up with its events.
 const CLOSE_TOO_SLOW: u16 = 1008;
@@ -228,9 +228,7 @@ async fn handle_frame(session: &mut Session, frame: Message) -> Option<Message> 
         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => Ok(()),
         Message::Binary(_) => Err(ApiError::InvalidRequest("Frames must be JSON text".into())),
     };
-    result
-        .err()
-        .map(|error| text(&ChatEvent::from(&error).encode()))
+    result.err().map(|error| text(&error.event().encode()))
 }
 
 async fn dispatch(session: &mut Session, text: &str) -> Result<(), ApiError> {

@@ -5,9 +5,8 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
-use super::{ConversationStore, Page};
+use super::{ConversationStore, Page, StoreError};
 use crate::domain::{Conversation, Message, MessageStatus, Timestamp};
-use crate::error::ApiError;
 
 /// Conversations in a map, for tests and for `DATABASE_URL=memory`.
 #[derive(Debug, Default)]
@@ -24,19 +23,22 @@ impl MemoryStore {
     fn write<T>(
         &self,
         f: impl FnOnce(&mut HashMap<String, Conversation>) -> T,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, StoreError> {
         let mut map = self
             .conversations
             .write()
-            .map_err(|_| ApiError::internal("memory store lock poisoned"))?;
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
         Ok(f(&mut map))
     }
 
-    fn read<T>(&self, f: impl FnOnce(&HashMap<String, Conversation>) -> T) -> Result<T, ApiError> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&HashMap<String, Conversation>) -> T,
+    ) -> Result<T, StoreError> {
         let map = self
             .conversations
             .read()
-            .map_err(|_| ApiError::internal("memory store lock poisoned"))?;
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
         Ok(f(&map))
     }
 
@@ -45,31 +47,31 @@ impl MemoryStore {
         id: &str,
         updated_at: Timestamp,
         change: impl FnOnce(&mut Conversation),
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         self.write(|map| match map.get_mut(id) {
             Some(conversation) => {
                 change(conversation);
                 conversation.updated_at = updated_at;
                 Ok(())
             }
-            None => Err(ApiError::ConversationNotFound),
+            None => Err(StoreError::NotFound),
         })?
     }
 }
 
 #[async_trait]
 impl ConversationStore for MemoryStore {
-    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError> {
+    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError> {
         self.write(|map| {
             map.insert(conversation.id.clone(), conversation.clone());
         })
     }
 
-    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError> {
+    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
         self.read(|map| map.get(id).cloned())
     }
 
-    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError> {
+    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, StoreError> {
         self.read(|map| {
             let mut all: Vec<&Conversation> = map.values().collect();
             all.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
@@ -85,7 +87,7 @@ impl ConversationStore for MemoryStore {
         &self,
         messages: &[Message],
         updated_at: Timestamp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         let Some(first) = messages.first() else {
             return Ok(());
         };
@@ -104,7 +106,7 @@ impl ConversationStore for MemoryStore {
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         self.update(conversation_id, updated_at, |c| {
             c.messages.retain(|m| m.id != message_id)
         })
@@ -115,15 +117,15 @@ impl ConversationStore for MemoryStore {
         id: &str,
         title: &str,
         updated_at: Timestamp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         self.update(id, updated_at, |c| c.title = title.to_owned())
     }
 
-    async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError> {
+    async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError> {
         self.write(|map| map.remove(id).is_some())
     }
 
-    async fn mark_interrupted(&self) -> Result<u64, ApiError> {
+    async fn mark_interrupted(&self) -> Result<u64, StoreError> {
         self.write(|map| {
             let mut count = 0;
             for message in map.values_mut().flat_map(|c| c.messages.iter_mut()) {

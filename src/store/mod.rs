@@ -1,5 +1,6 @@
 //! Persistence behind one async, fallible trait.
 
+mod error;
 mod memory;
 mod sqlite;
 
@@ -7,11 +8,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use sqlite::{Durability, SqliteStore};
 
 use crate::domain::{Conversation, Message, Timestamp};
-use crate::error::ApiError;
 
 /// Which slice of the conversation list to read, most recently updated first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,20 +27,24 @@ pub struct Page {
 #[async_trait]
 pub trait ConversationStore: Send + Sync {
     /// Stores a new conversation with the messages it already has, in one write.
-    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError>;
+    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError>;
     /// One conversation with its messages in order, if it exists.
-    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError>;
+    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
     /// Conversations with their messages, most recently updated first.
-    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError>;
+    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, StoreError>;
     /// Inserts messages of one conversation, or replaces the content and status of those already
     /// stored, and moves the conversation's `updatedAt`, in one write.
     async fn save_messages(
         &self,
         messages: &[Message],
         updated_at: Timestamp,
-    ) -> Result<(), ApiError>;
+    ) -> Result<(), StoreError>;
     /// [`ConversationStore::save_messages`] for one message.
-    async fn save_message(&self, message: &Message, updated_at: Timestamp) -> Result<(), ApiError> {
+    async fn save_message(
+        &self,
+        message: &Message,
+        updated_at: Timestamp,
+    ) -> Result<(), StoreError> {
         self.save_messages(std::slice::from_ref(message), updated_at)
             .await
     }
@@ -49,33 +54,33 @@ pub trait ConversationStore: Send + Sync {
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
-    ) -> Result<(), ApiError>;
+    ) -> Result<(), StoreError>;
     /// Changes a conversation's title.
     async fn rename_conversation(
         &self,
         id: &str,
         title: &str,
         updated_at: Timestamp,
-    ) -> Result<(), ApiError>;
+    ) -> Result<(), StoreError>;
     /// Removes a conversation and its messages; false when there was none.
-    async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError>;
+    async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError>;
     /// Marks every reply still `streaming` as `error` (interrupted); run at start-up.
-    async fn mark_interrupted(&self) -> Result<u64, ApiError>;
+    async fn mark_interrupted(&self) -> Result<u64, StoreError>;
 }
 
 /// The store `DATABASE_URL` names: `memory`, or a `sqlite:` URL.
 pub async fn open(
     url: &str,
     durability: Durability,
-) -> Result<Arc<dyn ConversationStore>, ApiError> {
+) -> Result<Arc<dyn ConversationStore>, StoreError> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
     }
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(SqliteStore::open(url, durability).await?));
     }
-    Err(ApiError::InvalidRequest(format!(
-        "DATABASE_URL must be `memory` or a `sqlite:` URL, not {url:?}"
+    Err(StoreError::UnsupportedUrl(format!(
+        "{url:?}: expected `memory` or a `sqlite:` URL"
     )))
 }
 

@@ -18,9 +18,8 @@ use rusqlite::{OpenFlags, OptionalExtension};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ConversationStore, Page};
+use super::{ConversationStore, Page, StoreError};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
-use crate::error::ApiError;
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
 /// waiting in one transaction (group commit) and answers each write once it is committed; reads
@@ -46,7 +45,7 @@ impl Readers {
     fn read<T>(
         &self,
         read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, StoreError> {
         let idle = self
             .idle
             .lock()
@@ -120,7 +119,7 @@ impl Write {
 #[derive(Debug)]
 struct WriteJob {
     write: Write,
-    done: oneshot::Sender<Result<u64, ApiError>>,
+    done: oneshot::Sender<Result<u64, StoreError>>,
 }
 
 /// How hard each commit waits for the disk (`SQLITE_SYNCHRONOUS`).
@@ -146,7 +145,7 @@ impl FromStr for Durability {
 
 /// A writing connection (the writer's or the checkpointer's): WAL journal, the chosen
 /// durability, foreign keys enforced, and the WAL cut back after checkpoints.
-fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, ApiError> {
+fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, StoreError> {
     let connection = rusqlite::Connection::open(path).map_err(db_error)?;
     connection.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
     let synchronous = match durability {
@@ -163,14 +162,14 @@ fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connecti
     Ok(connection)
 }
 
-fn db_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(format!("database: {e}"))
+fn db_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::storage(format!("database: {e}"))
 }
 
 impl SqliteStore {
     /// Opens (creating when missing, with its folder) the database at `url`
     /// (`sqlite://path/to/file.db`), and brings its schema up to date.
-    pub async fn open(url: &str, durability: Durability) -> Result<SqliteStore, ApiError> {
+    pub async fn open(url: &str, durability: Durability) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(db_error)?
             .create_if_missing(true)
@@ -215,7 +214,7 @@ impl SqliteStore {
     }
 
     /// Hands a write to the writer thread and waits until it is committed.
-    async fn write(&self, write: Write) -> Result<u64, ApiError> {
+    async fn write(&self, write: Write) -> Result<u64, StoreError> {
         let (done, outcome) = oneshot::channel();
         self.writes
             .send(WriteJob { write, done })
@@ -227,7 +226,7 @@ impl SqliteStore {
     }
 
     /// Runs SQLite's own consistency check; `ok` when the file is sound.
-    pub async fn integrity_check(&self) -> Result<String, ApiError> {
+    pub async fn integrity_check(&self) -> Result<String, StoreError> {
         self.readers
             .read(|db| db.query_row("PRAGMA integrity_check", [], |row| row.get(0)))
     }
@@ -316,17 +315,17 @@ fn list(db: &rusqlite::Connection, limit: i64, offset: i64) -> rusqlite::Result<
 
 #[async_trait]
 impl ConversationStore for SqliteStore {
-    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), ApiError> {
+    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError> {
         self.write(Write::Create(conversation.clone()))
             .await
             .map(drop)
     }
 
-    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, ApiError> {
+    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
         self.readers.read(|db| load(db, id))
     }
 
-    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, ApiError> {
+    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, StoreError> {
         let limit = page.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
         let offset = page.offset.min(i64::MAX as usize) as i64;
         // A listing may read the whole database: it runs on the blocking pool, not in the task.
@@ -340,7 +339,7 @@ impl ConversationStore for SqliteStore {
         &self,
         messages: &[Message],
         updated_at: Timestamp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         if messages.is_empty() {
             return Ok(());
         }
@@ -354,7 +353,7 @@ impl ConversationStore for SqliteStore {
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         self.write(Write::DeleteMessage {
             conversation_id: conversation_id.to_owned(),
             message_id: message_id.to_owned(),
@@ -369,7 +368,7 @@ impl ConversationStore for SqliteStore {
         id: &str,
         title: &str,
         updated_at: Timestamp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StoreError> {
         self.write(Write::Rename {
             id: id.to_owned(),
             title: title.to_owned(),
@@ -379,12 +378,12 @@ impl ConversationStore for SqliteStore {
         .map(drop)
     }
 
-    async fn delete_conversation(&self, id: &str) -> Result<bool, ApiError> {
+    async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError> {
         let deleted = self.write(Write::DeleteConversation(id.to_owned())).await?;
         Ok(deleted > 0)
     }
 
-    async fn mark_interrupted(&self) -> Result<u64, ApiError> {
+    async fn mark_interrupted(&self) -> Result<u64, StoreError> {
         self.write(Write::MarkInterrupted).await
     }
 }
@@ -430,7 +429,7 @@ fn checkpoint_loop(connection: rusqlite::Connection, requests: std::sync::mpsc::
 fn commit(
     connection: &mut rusqlite::Connection,
     batch: &[WriteJob],
-) -> Result<Vec<Result<u64, ApiError>>, ApiError> {
+) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     let mut tx = connection.transaction().map_err(db_error)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
@@ -459,14 +458,14 @@ fn run(
     tx: &rusqlite::Connection,
     sql: &str,
     params: impl rusqlite::Params,
-) -> Result<u64, ApiError> {
+) -> Result<u64, StoreError> {
     let mut statement = tx.prepare_cached(sql).map_err(db_error)?;
     let rows = statement.execute(params).map_err(db_error)?;
     Ok(rows as u64)
 }
 
 /// Runs one write inside the batch's transaction; the number is the rows it changed.
-fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, ApiError> {
+fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
     match write {
         Write::Create(conversation) => {
             run(
@@ -521,16 +520,16 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, ApiError> {
 }
 
 /// Rows changed, or not found when none were.
-fn found(rows: u64) -> Result<u64, ApiError> {
+fn found(rows: u64) -> Result<u64, StoreError> {
     if rows == 0 {
-        Err(ApiError::ConversationNotFound)
+        Err(StoreError::NotFound)
     } else {
         Ok(rows)
     }
 }
 
 /// Inserts a message, or replaces the content and status of the stored one.
-fn upsert_message(tx: &rusqlite::Connection, message: &Message) -> Result<(), ApiError> {
+fn upsert_message(tx: &rusqlite::Connection, message: &Message) -> Result<(), StoreError> {
     run(
         tx,
         "INSERT INTO messages (id, conversation_id, role, content, status, timestamp) \
@@ -549,7 +548,7 @@ fn upsert_message(tx: &rusqlite::Connection, message: &Message) -> Result<(), Ap
 }
 
 /// Moves a conversation's `updated_at`; not found when it does not exist.
-fn touch(tx: &rusqlite::Connection, id: &str, updated_at: Timestamp) -> Result<u64, ApiError> {
+fn touch(tx: &rusqlite::Connection, id: &str, updated_at: Timestamp) -> Result<u64, StoreError> {
     found(run(
         tx,
         "UPDATE conversations SET updated_at = ? WHERE id = ?",

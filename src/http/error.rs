@@ -1,0 +1,156 @@
+//! The one place where failures become HTTP: every layer's error maps here to the contract's
+//! status and `{message, code}` body, for REST answers, real-time `error` events and
+//! acknowledgements alike.
+
+use serde::Serialize;
+use serde_json::Value;
+use warp::http::StatusCode;
+
+use crate::actors::ChatEvent;
+use crate::error::ChatError;
+
+/// Every failure a client can be told about.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// Bad input: missing or empty fields, wrong JSON types, malformed JSON, a bad id.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The conversation does not exist (or was deleted).
+    #[error("Conversation not found")]
+    ConversationNotFound,
+    /// No such route.
+    #[error("Route not found")]
+    NotFound,
+    /// The route exists but not for this method.
+    #[error("Method not allowed")]
+    MethodNotAllowed,
+    /// The body is over the configured limit.
+    #[error("Request body is too large")]
+    PayloadTooLarge,
+    /// Over the per-client rate limit.
+    #[error("Too many requests from this IP")]
+    RateLimited,
+    /// A reply is already being generated in that conversation.
+    #[error("A reply is already being generated in this conversation")]
+    Conflict,
+    /// The model provider failed.
+    #[error("The model provider failed to answer")]
+    Upstream,
+    /// Anything else; what happened is logged where it is mapped, never sent.
+    #[error("Internal server error")]
+    Internal,
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub message: String,
+    pub code: &'static str,
+}
+
+impl ApiError {
+    /// The machine-readable code of the contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "INVALID_REQUEST",
+            ApiError::ConversationNotFound => "CONVERSATION_NOT_FOUND",
+            ApiError::NotFound => "NOT_FOUND",
+            ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ApiError::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ApiError::RateLimited => "RATE_LIMIT_EXCEEDED",
+            ApiError::Conflict => "CONFLICT",
+            ApiError::Upstream => "UPSTREAM_ERROR",
+            ApiError::Internal => "INTERNAL_ERROR",
+        }
+    }
+
+    /// The HTTP status of the contract.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::ConversationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Conflict => StatusCode::CONFLICT,
+            ApiError::Upstream => StatusCode::BAD_GATEWAY,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `{message, code}` body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            message: self.to_string(),
+            code: self.code(),
+        }
+    }
+
+    /// The body as a JSON value, for acknowledgements.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self.body()).unwrap_or(Value::Null)
+    }
+
+    /// The real-time `error` event telling one connection about this failure.
+    pub fn event(&self) -> ChatEvent {
+        let body = self.body();
+        ChatEvent::Error {
+            message: body.message,
+            code: body.code,
+        }
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(error: ChatError) -> Self {
+        match error {
+            ChatError::Invalid(message) => ApiError::InvalidRequest(message),
+            ChatError::NotFound => ApiError::ConversationNotFound,
+            ChatError::Busy => ApiError::Conflict,
+            ChatError::Upstream => ApiError::Upstream,
+            ChatError::Storage(_) | ChatError::Failed(_) => {
+                tracing::error!(error = %error, "request failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl warp::reject::Reject for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_details_never_reach_the_body() {
+        let error = ApiError::from(ChatError::Storage("disk on fire at /var/db".into()));
+        let body = error.body();
+        assert_eq!(body.message, "Internal server error");
+        assert_eq!(body.code, "INTERNAL_ERROR");
+        assert_eq!(error.status().as_u16(), 500);
+    }
+
+    #[test]
+    fn domain_errors_map_to_the_contract() {
+        let cases = [
+            (ChatError::NotFound, 404, "CONVERSATION_NOT_FOUND"),
+            (ChatError::Busy, 409, "CONFLICT"),
+            (ChatError::Upstream, 502, "UPSTREAM_ERROR"),
+            (ChatError::Invalid("bad".into()), 400, "INVALID_REQUEST"),
+        ];
+        for (error, status, code) in cases {
+            let error = ApiError::from(error);
+            assert_eq!((error.status().as_u16(), error.code()), (status, code));
+        }
+    }
+
+    #[test]
+    fn rate_limit_message_matches_the_original() {
+        assert_eq!(
+            ApiError::RateLimited.body().message,
+            "Too many requests from this IP"
+        );
+        assert_eq!(ApiError::RateLimited.status().as_u16(), 429);
+    }
+}
