@@ -2,6 +2,7 @@
 
 mod error;
 mod memory;
+mod migrations;
 mod sqlite;
 
 use std::sync::Arc;
@@ -195,7 +196,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_database_urls_are_refused() {
-        assert!(open("postgres://x", Durability::Normal).await.is_err());
+    async fn database_urls_name_a_store_this_server_knows() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/chat.db", dir.path().display());
+        assert!(open(&url, Durability::Normal).await.is_ok());
+        assert!(open("memory", Durability::Normal).await.is_ok());
+        for url in [
+            "postgres://x",
+            "",
+            "sqlite:",
+            "sqlite::memory:",
+            "sqlite://chat.db?mode=rwc",
+        ] {
+            assert!(
+                matches!(
+                    open(url, Durability::Normal).await,
+                    Err(StoreError::UnsupportedUrl(_))
+                ),
+                "{url}"
+            );
+        }
     }
 }
