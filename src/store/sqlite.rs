@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use percent_encoding::percent_decode_str;
-use rusqlite::{OpenFlags, OptionalExtension};
+use rusqlite::{OpenFlags, OptionalExtension, ffi};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ConversationStore, Page, StoreError, migrations};
@@ -174,6 +174,18 @@ fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connecti
 
 fn db_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::storage(format!("database: {e}"))
+}
+
+/// A failed statement in the store's words: a primary key or unique constraint means a
+/// conversation already stored, a foreign key one a message for a conversation that is not.
+fn statement_error(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error().map(|e| e.extended_code) {
+        Some(ffi::SQLITE_CONSTRAINT_PRIMARYKEY | ffi::SQLITE_CONSTRAINT_UNIQUE) => {
+            StoreError::AlreadyExists
+        }
+        Some(ffi::SQLITE_CONSTRAINT_FOREIGNKEY) => StoreError::NotFound,
+        _ => db_error(e),
+    }
 }
 
 /// The file a `sqlite:` URL names: `sqlite://data/chat.db` (relative to the working folder) or
@@ -478,7 +490,7 @@ fn run(
     params: impl rusqlite::Params,
 ) -> Result<u64, StoreError> {
     let mut statement = tx.prepare_cached(sql).map_err(db_error)?;
-    let rows = statement.execute(params).map_err(db_error)?;
+    let rows = statement.execute(params).map_err(statement_error)?;
     Ok(rows as u64)
 }
 
