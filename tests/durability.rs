@@ -294,3 +294,111 @@ async fn deleting_tells_the_members_and_frees_the_id() {
     use ai_chat_server::store::ConversationStore;
     assert!(store.load_conversation("doomed").await.unwrap().is_none());
 }
+
+/// The database file of a release that applied its migrations with sqlx: the schema of migration
+/// 1, and sqlx's table listing it.
+const SQLX_RELEASE_SCHEMA: &str = "
+CREATE TABLE conversations (
+    id         TEXT    PRIMARY KEY NOT NULL,
+    title      TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX conversations_by_update ON conversations (updated_at DESC, id DESC);
+CREATE TABLE messages (
+    id              TEXT    NOT NULL UNIQUE,
+    conversation_id TEXT    NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    role            TEXT    NOT NULL,
+    content         TEXT    NOT NULL,
+    status          TEXT,
+    timestamp       INTEGER NOT NULL
+);
+CREATE INDEX messages_by_conversation ON messages (conversation_id);
+CREATE INDEX messages_streaming ON messages (status) WHERE status = 'streaming';
+CREATE TABLE _sqlx_migrations (
+    version BIGINT PRIMARY KEY,
+    description TEXT NOT NULL,
+    installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    success BOOLEAN NOT NULL,
+    checksum BLOB NOT NULL,
+    execution_time BIGINT NOT NULL
+);
+INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+VALUES (1, 'conversations', TRUE, randomblob(48), 1834000);
+";
+
+#[tokio::test]
+async fn a_database_of_the_sqlx_release_opens_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let file = dir.path().join("data").join("chat.db");
+    let db = rusqlite::Connection::open(&file).unwrap();
+    db.pragma_update(None, "journal_mode", "WAL").unwrap();
+    db.execute_batch(SQLX_RELEASE_SCHEMA).unwrap();
+    db.execute_batch(
+        "INSERT INTO conversations VALUES ('kept', 'An old one', 1700000000000, 1700000002000);
+         INSERT INTO messages VALUES ('m1', 'kept', 'user', 'old question', NULL, 1700000001000);
+         INSERT INTO messages VALUES ('m2', 'kept', 'assistant', 'old answer', 'complete', 1700000002000);
+         INSERT INTO conversations VALUES ('cut', 'Cut short', 1600000000000, 1600000000000);
+         INSERT INTO messages VALUES ('m3', 'cut', 'user', 'and then', NULL, 1600000000000);
+         INSERT INTO messages VALUES ('m4', 'cut', 'assistant', 'half of', 'streaming', 1600000000000);",
+    )
+    .unwrap();
+    drop(db);
+
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.database_url = sqlite_url(&dir);
+    let server = TestServer::start(config.clone()).await;
+    let (status, kept) = server.get("/api/conversations/kept").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        kept,
+        json!({
+            "id": "kept",
+            "title": "An old one",
+            "createdAt": "2023-11-14T22:13:20.000Z",
+            "updatedAt": "2023-11-14T22:13:22.000Z",
+            "messages": [
+                {"id": "m1", "conversationId": "kept", "role": "user", "content": "old question",
+                 "timestamp": "2023-11-14T22:13:21.000Z"},
+                {"id": "m2", "conversationId": "kept", "role": "assistant", "content": "old answer",
+                 "status": "complete", "timestamp": "2023-11-14T22:13:22.000Z"},
+            ],
+        })
+    );
+    let (_, list) = server.get("/api/conversations").await;
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["kept", "cut"]);
+    let (_, cut) = server.get("/api/conversations/cut").await;
+    assert_eq!(cut["messages"][1]["content"], "half of");
+    assert_eq!(cut["messages"][1]["status"], "error");
+
+    let (status, _) = server
+        .post(
+            "/api/chat",
+            json!({"conversationId": "kept", "message": "new question"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let sent = model.received().last().unwrap()["messages"].clone();
+    assert_eq!(sent[1]["content"], "old question");
+    assert_eq!(sent[3]["content"], "new question");
+    server.app.shutdown(Duration::from_secs(1)).await;
+
+    let server = TestServer::start(config).await;
+    let (_, kept) = server.get("/api/conversations/kept").await;
+    assert_eq!(kept["messages"].as_array().unwrap().len(), 4);
+    let db = rusqlite::Connection::open(&file).unwrap();
+    let sqlx_versions: i64 = db
+        .query_row("SELECT count(*) FROM _sqlx_migrations", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(sqlx_versions, 1, "left for the sqlx release to open");
+}

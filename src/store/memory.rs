@@ -1,6 +1,7 @@
 //! The in-memory store: fast, and gone when the process ends.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::RwLock;
 
 use async_trait::async_trait;
@@ -62,9 +63,13 @@ impl MemoryStore {
 #[async_trait]
 impl ConversationStore for MemoryStore {
     async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError> {
-        self.write(|map| {
-            map.insert(conversation.id.clone(), conversation.clone());
-        })
+        self.write(|map| match map.entry(conversation.id.clone()) {
+            Entry::Occupied(_) => Err(StoreError::AlreadyExists),
+            Entry::Vacant(slot) => {
+                slot.insert(conversation.clone());
+                Ok(())
+            }
+        })?
     }
 
     async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
@@ -94,7 +99,10 @@ impl ConversationStore for MemoryStore {
         self.update(&first.conversation_id, updated_at, |c| {
             for message in messages {
                 match c.messages.iter_mut().find(|m| m.id == message.id) {
-                    Some(stored) => *stored = message.clone(),
+                    Some(stored) => {
+                        stored.content.clone_from(&message.content);
+                        stored.status = message.status;
+                    }
                     None => c.messages.push(message.clone()),
                 }
             }

@@ -1,7 +1,10 @@
 //! Persistence behind one async, fallible trait.
 
+#[cfg(test)]
+mod contract;
 mod error;
 mod memory;
+mod migrations;
 mod sqlite;
 
 use std::sync::Arc;
@@ -87,115 +90,27 @@ pub async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{MessageStatus, Role};
 
-    async fn stores() -> (tempfile::TempDir, Vec<Arc<dyn ConversationStore>>) {
+    #[tokio::test]
+    async fn database_urls_name_a_store_this_server_knows() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/chat.db", dir.path().display());
-        let sqlite = open(&url, Durability::Normal).await.unwrap();
-        (
-            dir,
-            vec![open("memory", Durability::Normal).await.unwrap(), sqlite],
-        )
-    }
-
-    fn at(millis: i64) -> Timestamp {
-        Timestamp::from_millis(millis)
-    }
-
-    #[tokio::test]
-    async fn both_stores_keep_the_same_contract() {
-        let (_dir, stores) = stores().await;
-        for store in stores {
-            let mut a = Conversation::new("a".into(), "first");
-            a.updated_at = at(1_000);
-            store.create_conversation(&a).await.unwrap();
-            let mut b = Conversation::new("b".into(), "second");
-            b.updated_at = at(2_000);
-            store.create_conversation(&b).await.unwrap();
-
-            let question = Message::new("a", Role::User, "question".into());
-            store.save_message(&question, at(3_000)).await.unwrap();
-            let mut answer = Message::new("a", Role::Assistant, "par".into());
-            answer.status = Some(MessageStatus::Streaming);
-            store.save_message(&answer, at(3_001)).await.unwrap();
-            answer.content = "partial".into();
-            store.save_message(&answer, at(3_002)).await.unwrap();
-
-            let loaded = store.load_conversation("a").await.unwrap().unwrap();
-            assert_eq!(loaded.messages, vec![question.clone(), answer.clone()]);
-            assert_eq!(loaded.updated_at, at(3_002));
-            assert_eq!(loaded.title, "first");
-
-            let listed = store.list_conversations(Page::default()).await.unwrap();
-            assert_eq!(
-                listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
-                ["a", "b"]
+        assert!(open(&url, Durability::Normal).await.is_ok());
+        assert!(open("memory", Durability::Normal).await.is_ok());
+        for url in [
+            "postgres://x",
+            "",
+            "sqlite:",
+            "sqlite::memory:",
+            "sqlite://chat.db?mode=rwc",
+        ] {
+            assert!(
+                matches!(
+                    open(url, Durability::Normal).await,
+                    Err(StoreError::UnsupportedUrl(_))
+                ),
+                "{url}"
             );
-            assert_eq!(listed[0], loaded);
-            let page = Page {
-                limit: Some(1),
-                offset: 1,
-            };
-            assert_eq!(store.list_conversations(page).await.unwrap()[0].id, "b");
-
-            assert_eq!(store.mark_interrupted().await.unwrap(), 1);
-            let loaded = store.load_conversation("a").await.unwrap().unwrap();
-            assert_eq!(loaded.messages[1].status, Some(MessageStatus::Error));
-            assert_eq!(loaded.messages[1].content, "partial");
-
-            store
-                .delete_message("a", &answer.id, at(4_000))
-                .await
-                .unwrap();
-            store
-                .rename_conversation("a", "renamed", at(4_001))
-                .await
-                .unwrap();
-            let loaded = store.load_conversation("a").await.unwrap().unwrap();
-            assert_eq!(loaded.messages, vec![question]);
-            assert_eq!(loaded.title, "renamed");
-            assert_eq!(loaded.updated_at, at(4_001));
-
-            assert!(store.delete_conversation("a").await.unwrap());
-            assert!(!store.delete_conversation("a").await.unwrap());
-            assert!(store.load_conversation("a").await.unwrap().is_none());
-            let orphan = Message::new("a", Role::User, "late".into());
-            assert!(store.save_message(&orphan, at(5_000)).await.is_err());
         }
-    }
-
-    #[tokio::test]
-    async fn several_messages_are_saved_in_one_write() {
-        let (_dir, stores) = stores().await;
-        for store in stores {
-            store
-                .create_conversation(&Conversation::new("a".into(), "first"))
-                .await
-                .unwrap();
-            let question = Message::new("a", Role::User, "question".into());
-            let mut answer = Message::new("a", Role::Assistant, String::new());
-            answer.status = Some(MessageStatus::Streaming);
-            let pair = [question, answer];
-            store.save_messages(&pair, at(2_000)).await.unwrap();
-            let loaded = store.load_conversation("a").await.unwrap().unwrap();
-            assert_eq!(loaded.messages, pair);
-            assert_eq!(loaded.updated_at, at(2_000));
-
-            let orphans = [
-                Message::new("b", Role::User, "lost".into()),
-                Message::new("b", Role::Assistant, String::new()),
-            ];
-            assert!(store.save_messages(&orphans, at(3_000)).await.is_err());
-            assert!(store.load_conversation("b").await.unwrap().is_none());
-            let listed = store.list_conversations(Page::default()).await.unwrap();
-            assert_eq!(listed.len(), 1);
-            assert_eq!(listed[0].messages.len(), 2);
-        }
-    }
-
-    #[tokio::test]
-    async fn unknown_database_urls_are_refused() {
-        assert!(open("postgres://x", Durability::Normal).await.is_err());
     }
 }

@@ -1,11 +1,11 @@
-//! The SQL store on an embedded SQLite database: WAL journal, migrations shipped in the binary.
+//! The SQL store on an embedded SQLite database: WAL journal, migrations shipped in the binary
+//! (see [`super::migrations`]), every statement through rusqlite.
 //!
-//! sqlx applies the migrations; every other statement goes through rusqlite. A point read runs
-//! in the task that asks for it, on a connection of a small read-only pool; a listing, which may
-//! read the whole database, runs on the blocking pool; writes run on one connection on a thread
-//! of their own. A statement run in place costs microseconds, while a hand-off to a database
-//! thread and back costs more and, under load, waits behind busy threads (2,000 conversations
-//! activated at once took seconds that way).
+//! A point read runs in the task that asks for it, on a connection of a small read-only pool; a
+//! listing, which may read the whole database, runs on the blocking pool; writes run on one
+//! connection on a thread of their own. A statement run in place costs microseconds, while a
+//! hand-off to a database thread and back costs more and, under load, waits behind busy threads
+//! (2,000 conversations activated at once took seconds that way).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{OpenFlags, OptionalExtension};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use percent_encoding::percent_decode_str;
+use rusqlite::{OpenFlags, OptionalExtension, ffi};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ConversationStore, Page, StoreError};
+use super::{ConversationStore, Page, StoreError, migrations};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
@@ -143,19 +143,29 @@ impl FromStr for Durability {
     }
 }
 
+/// A connection that may write, creating the file when missing: WAL journal, and waits for
+/// other connections' locks. Foreign keys are not enforced yet, as schema changes want.
+fn connect(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+    let connection = rusqlite::Connection::open(path).map_err(db_error)?;
+    connection.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+    connection
+        .pragma_update(None, "journal_mode", "WAL")
+        .map_err(db_error)?;
+    Ok(connection)
+}
+
 /// A writing connection (the writer's or the checkpointer's): WAL journal, the chosen
 /// durability, foreign keys enforced, and the WAL cut back after checkpoints.
 fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, StoreError> {
-    let connection = rusqlite::Connection::open(path).map_err(db_error)?;
-    connection.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+    let connection = connect(path)?;
     let synchronous = match durability {
         Durability::Normal => "NORMAL",
         Durability::Full => "FULL",
     };
     connection
         .execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \
-             PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+            "PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON; \
+             PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
         ))
         .map_err(db_error)?;
     connection.set_prepared_statement_cache_capacity(16);
@@ -166,38 +176,58 @@ fn db_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::storage(format!("database: {e}"))
 }
 
+/// A failed statement in the store's words: a primary key or unique constraint means a
+/// conversation already stored, a foreign key one a message for a conversation that is not.
+fn statement_error(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error().map(|e| e.extended_code) {
+        Some(ffi::SQLITE_CONSTRAINT_PRIMARYKEY | ffi::SQLITE_CONSTRAINT_UNIQUE) => {
+            StoreError::AlreadyExists
+        }
+        Some(ffi::SQLITE_CONSTRAINT_FOREIGNKEY) => StoreError::NotFound,
+        _ => db_error(e),
+    }
+}
+
+/// The file a `sqlite:` URL names: `sqlite://data/chat.db` (relative to the working folder) or
+/// `sqlite:///var/lib/chat.db`, `%` escapes decoded.
+fn database_path(url: &str) -> Result<PathBuf, StoreError> {
+    let unsupported = |why: &str| StoreError::UnsupportedUrl(format!("{url:?}: {why}"));
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| unsupported("expected a `sqlite:` URL"))?;
+    if path.contains('?') {
+        return Err(unsupported("query parameters are not supported"));
+    }
+    if path.is_empty() || path == ":memory:" {
+        return Err(unsupported(
+            "expected the path of a file (DATABASE_URL=memory keeps conversations in memory)",
+        ));
+    }
+    let path = percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| unsupported("the path is not UTF-8"))?;
+    Ok(PathBuf::from(path.as_ref()))
+}
+
 impl SqliteStore {
     /// Opens (creating when missing, with its folder) the database at `url`
     /// (`sqlite://path/to/file.db`), and brings its schema up to date.
     pub async fn open(url: &str, durability: Durability) -> Result<SqliteStore, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(db_error)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(BUSY_TIMEOUT);
-        if let Some(folder) = Path::new(options.get_filename()).parent()
+        let path = database_path(url)?;
+        if let Some(folder) = path.parent()
             && !folder.as_os_str().is_empty()
         {
             std::fs::create_dir_all(folder).map_err(db_error)?;
         }
-        let migrator = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await
-            .map_err(db_error)?;
-        sqlx::migrate!("src/store/migrations")
-            .run(&migrator)
-            .await
-            .map_err(db_error)?;
-        migrator.close().await;
-        let path = options.get_filename();
-        let writer = open_writer(path, durability)?;
+        migrations::apply(&mut connect(&path)?, migrations::SQLITE)?;
+        let writer = open_writer(&path, durability)?;
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db_error)?;
-        let checkpointer = open_writer(path, durability)?;
+        let checkpointer = open_writer(&path, durability)?;
         let readers = Arc::new(Readers {
-            path: path.to_owned(),
+            path,
             idle: Mutex::new(Vec::new()),
         });
         let (writes, jobs) = mpsc::channel(MAX_BATCH * 4);
@@ -460,7 +490,7 @@ fn run(
     params: impl rusqlite::Params,
 ) -> Result<u64, StoreError> {
     let mut statement = tx.prepare_cached(sql).map_err(db_error)?;
-    let rows = statement.execute(params).map_err(db_error)?;
+    let rows = statement.execute(params).map_err(statement_error)?;
     Ok(rows as u64)
 }
 
@@ -559,6 +589,53 @@ fn touch(tx: &rusqlite::Connection, id: &str, updated_at: Timestamp) -> Result<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sqlite_url_names_a_file() {
+        let path = |url| database_path(url).map(|p| p.display().to_string());
+        assert_eq!(path("sqlite://data/chat.db").unwrap(), "data/chat.db");
+        assert_eq!(path("sqlite:data/chat.db").unwrap(), "data/chat.db");
+        assert_eq!(
+            path("sqlite:///var/lib/chat.db").unwrap(),
+            "/var/lib/chat.db"
+        );
+        assert_eq!(
+            path("sqlite://my%20data/chat.db").unwrap(),
+            "my data/chat.db"
+        );
+        for url in [
+            "sqlite://",
+            "sqlite::memory:",
+            "sqlite://chat.db?mode=ro",
+            "sqlite://%FF",
+        ] {
+            assert!(
+                matches!(database_path(url), Err(StoreError::UnsupportedUrl(_))),
+                "{url}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn opening_creates_the_database_and_its_folder_with_the_whole_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("new").join("folder").join("chat.db");
+        let url = format!("sqlite://{}", file.display());
+        let store = SqliteStore::open(&url, Durability::Full).await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(&url, Durability::Normal).await.unwrap();
+        assert_eq!(store.integrity_check().await.unwrap(), "ok");
+
+        let db = rusqlite::Connection::open(&file).unwrap();
+        let journal: String = db
+            .pragma_query_value(None, "journal_mode", |row| row.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
+        let version: i64 = db
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, migrations::SQLITE.len() as i64);
+    }
 
     #[tokio::test]
     async fn committed_pages_reach_the_database_file_without_waiting_for_a_writer() {

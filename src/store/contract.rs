@@ -1,0 +1,376 @@
+//! The store contract: what every [`ConversationStore`] answers, checked against each store.
+//!
+//! Each check is a function of a fresh, empty store; `contract!` runs all of them as tests of one
+//! store, so a store joins the suite with one line at the end of this file.
+
+use super::{ConversationStore, Durability, MemoryStore, Page, SqliteStore, StoreError};
+use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
+
+/// A fresh, empty store, and what it needs kept while it is used (such as its database folder).
+struct Fresh {
+    store: Box<dyn ConversationStore>,
+    _kept: Box<dyn Send>,
+}
+
+/// Runs every check of the contract as a test of the store that `$fresh().await` gives, in a
+/// module named `$store`.
+macro_rules! contract {
+    ($store:ident => $fresh:ident) => {
+        mod $store {
+            contract!(@checks $fresh;
+                a_created_conversation_loads_as_it_was,
+                an_unknown_conversation_loads_as_none,
+                a_conversation_id_already_stored_is_refused,
+                conversations_are_listed_most_recently_updated_first,
+                a_page_is_a_slice_of_the_listing,
+                saved_messages_are_added_in_order_and_move_updated_at,
+                a_saved_message_already_stored_gets_its_new_content_and_status,
+                nothing_to_save_changes_nothing,
+                messages_for_an_unknown_conversation_are_refused_and_not_stored,
+                a_deleted_message_is_gone_and_moves_updated_at,
+                deleting_a_message_of_an_unknown_conversation_is_not_found,
+                a_renamed_conversation_keeps_its_messages,
+                renaming_an_unknown_conversation_is_not_found,
+                a_deleted_conversation_is_gone_with_its_messages,
+                streaming_replies_are_marked_interrupted,
+            );
+        }
+    };
+    (@checks $fresh:ident; $($check:ident,)*) => {
+        $(
+            #[tokio::test]
+            async fn $check() {
+                let fresh = super::$fresh().await;
+                super::$check(fresh.store.as_ref()).await;
+            }
+        )*
+    };
+}
+
+async fn fresh_memory() -> Fresh {
+    Fresh {
+        store: Box::new(MemoryStore::new()),
+        _kept: Box::new(()),
+    }
+}
+
+async fn fresh_sqlite() -> Fresh {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/chat.db", dir.path().display());
+    Fresh {
+        store: Box::new(SqliteStore::open(&url, Durability::Normal).await.unwrap()),
+        _kept: Box::new(dir),
+    }
+}
+
+fn at(millis: i64) -> Timestamp {
+    Timestamp::from_millis(millis)
+}
+
+/// A conversation `id` last updated at `updated_at`, with no messages.
+fn conversation(id: &str, title: &str, updated_at: i64) -> Conversation {
+    Conversation {
+        id: id.into(),
+        title: title.into(),
+        messages: Vec::new(),
+        created_at: at(500),
+        updated_at: at(updated_at),
+    }
+}
+
+/// A message of `conversation_id` written at `timestamp`.
+fn message(conversation_id: &str, role: Role, content: &str, timestamp: i64) -> Message {
+    Message {
+        timestamp: at(timestamp),
+        ..Message::new(conversation_id, role, content.into())
+    }
+}
+
+/// A reply still being written.
+fn streaming(conversation_id: &str, content: &str, timestamp: i64) -> Message {
+    Message {
+        status: Some(MessageStatus::Streaming),
+        ..message(conversation_id, Role::Assistant, content, timestamp)
+    }
+}
+
+async fn stored(store: &dyn ConversationStore, id: &str) -> Conversation {
+    store.load_conversation(id).await.unwrap().unwrap()
+}
+
+async fn listed_ids(store: &dyn ConversationStore, page: Page) -> Vec<String> {
+    let listed = store.list_conversations(page).await.unwrap();
+    listed.into_iter().map(|c| c.id).collect()
+}
+
+async fn a_created_conversation_loads_as_it_was(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    a.messages = vec![
+        message("a", Role::User, "question", 900),
+        Message {
+            status: Some(MessageStatus::Complete),
+            ..message("a", Role::Assistant, "answer", 950)
+        },
+        streaming("a", "", 1_000),
+    ];
+    store.create_conversation(&a).await.unwrap();
+    assert_eq!(stored(store, "a").await, a);
+}
+
+async fn an_unknown_conversation_loads_as_none(store: &dyn ConversationStore) {
+    store
+        .create_conversation(&conversation("a", "first", 1_000))
+        .await
+        .unwrap();
+    assert_eq!(store.load_conversation("b").await, Ok(None));
+}
+
+async fn a_conversation_id_already_stored_is_refused(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    a.messages.push(message("a", Role::User, "question", 1_000));
+    store.create_conversation(&a).await.unwrap();
+
+    let mut again = conversation("a", "second", 2_000);
+    again
+        .messages
+        .push(message("a", Role::User, "another", 2_000));
+    assert_eq!(
+        store.create_conversation(&again).await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(stored(store, "a").await, a);
+    let listed = store.list_conversations(Page::default()).await.unwrap();
+    assert_eq!(listed, [a]);
+}
+
+async fn conversations_are_listed_most_recently_updated_first(store: &dyn ConversationStore) {
+    for (id, updated_at) in [("a", 1_000), ("b", 3_000), ("c", 2_000), ("d", 2_000)] {
+        store
+            .create_conversation(&conversation(id, id, updated_at))
+            .await
+            .unwrap();
+    }
+    let question = message("a", Role::User, "question", 4_000);
+    store.save_message(&question, at(4_000)).await.unwrap();
+    // Ties go to the greater id first.
+    assert_eq!(
+        listed_ids(store, Page::default()).await,
+        ["a", "b", "d", "c"]
+    );
+    let listed = store.list_conversations(Page::default()).await.unwrap();
+    assert_eq!(listed[0], stored(store, "a").await);
+    assert_eq!(listed[0].messages, [question]);
+}
+
+async fn a_page_is_a_slice_of_the_listing(store: &dyn ConversationStore) {
+    assert!(listed_ids(store, Page::default()).await.is_empty());
+    for (id, updated_at) in [("a", 1_000), ("b", 2_000), ("c", 3_000)] {
+        let mut c = conversation(id, id, updated_at);
+        c.messages.push(message(id, Role::User, id, updated_at));
+        store.create_conversation(&c).await.unwrap();
+    }
+    let page = |limit, offset| Page { limit, offset };
+    assert_eq!(listed_ids(store, page(Some(2), 0)).await, ["c", "b"]);
+    assert_eq!(listed_ids(store, page(Some(2), 2)).await, ["a"]);
+    assert_eq!(listed_ids(store, page(None, 1)).await, ["b", "a"]);
+    assert_eq!(listed_ids(store, page(Some(usize::MAX), 0)).await.len(), 3);
+    assert!(listed_ids(store, page(Some(0), 0)).await.is_empty());
+    assert!(listed_ids(store, page(None, 3)).await.is_empty());
+    assert!(
+        listed_ids(store, page(Some(1), usize::MAX))
+            .await
+            .is_empty()
+    );
+    let listed = store.list_conversations(page(Some(1), 1)).await.unwrap();
+    assert_eq!(listed, [stored(store, "b").await]);
+}
+
+async fn saved_messages_are_added_in_order_and_move_updated_at(store: &dyn ConversationStore) {
+    store
+        .create_conversation(&conversation("a", "first", 1_000))
+        .await
+        .unwrap();
+    let question = message("a", Role::User, "question", 2_000);
+    store.save_message(&question, at(2_000)).await.unwrap();
+    let pair = [
+        message("a", Role::User, "again", 3_000),
+        streaming("a", "", 3_000),
+    ];
+    store.save_messages(&pair, at(3_001)).await.unwrap();
+
+    let a = stored(store, "a").await;
+    assert_eq!(a.messages, [question, pair[0].clone(), pair[1].clone()]);
+    assert_eq!(a.updated_at, at(3_001));
+    assert_eq!(a.created_at, at(500));
+}
+
+async fn a_saved_message_already_stored_gets_its_new_content_and_status(
+    store: &dyn ConversationStore,
+) {
+    store
+        .create_conversation(&conversation("a", "first", 1_000))
+        .await
+        .unwrap();
+    let question = message("a", Role::User, "question", 2_000);
+    let mut reply = streaming("a", "par", 2_000);
+    store
+        .save_messages(&[question.clone(), reply.clone()], at(2_000))
+        .await
+        .unwrap();
+    let later = message("a", Role::User, "later", 2_500);
+    store.save_message(&later, at(2_500)).await.unwrap();
+
+    // Only the content and status change: the message keeps its place, role and time.
+    let saved = Message {
+        content: "partial".into(),
+        status: Some(MessageStatus::Complete),
+        timestamp: at(9_999),
+        role: Role::User,
+        ..reply.clone()
+    };
+    store.save_message(&saved, at(3_000)).await.unwrap();
+    reply.content = saved.content;
+    reply.status = saved.status;
+
+    let a = stored(store, "a").await;
+    assert_eq!(a.messages, [question, reply, later]);
+    assert_eq!(a.updated_at, at(3_000));
+}
+
+async fn nothing_to_save_changes_nothing(store: &dyn ConversationStore) {
+    let a = conversation("a", "first", 1_000);
+    store.create_conversation(&a).await.unwrap();
+    store.save_messages(&[], at(2_000)).await.unwrap();
+    assert_eq!(stored(store, "a").await, a);
+}
+
+async fn messages_for_an_unknown_conversation_are_refused_and_not_stored(
+    store: &dyn ConversationStore,
+) {
+    let a = conversation("a", "first", 1_000);
+    store.create_conversation(&a).await.unwrap();
+    let orphan = message("b", Role::User, "lost", 2_000);
+    assert_eq!(
+        store.save_message(&orphan, at(2_000)).await,
+        Err(StoreError::NotFound)
+    );
+    let orphans = [
+        message("b", Role::User, "lost", 2_000),
+        streaming("b", "", 2_000),
+    ];
+    assert_eq!(
+        store.save_messages(&orphans, at(2_000)).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(store.load_conversation("b").await, Ok(None));
+    let listed = store.list_conversations(Page::default()).await.unwrap();
+    assert_eq!(listed, [a]);
+}
+
+async fn a_deleted_message_is_gone_and_moves_updated_at(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    a.messages = vec![
+        message("a", Role::User, "question", 1_000),
+        streaming("a", "", 1_000),
+    ];
+    store.create_conversation(&a).await.unwrap();
+    let reply = &a.messages[1].id;
+
+    store.delete_message("a", reply, at(2_000)).await.unwrap();
+    let loaded = stored(store, "a").await;
+    assert_eq!(loaded.messages, a.messages[..1]);
+    assert_eq!(loaded.updated_at, at(2_000));
+
+    // A message that is not there: nothing to remove, and the time still moves.
+    store.delete_message("a", reply, at(3_000)).await.unwrap();
+    let loaded = stored(store, "a").await;
+    assert_eq!(loaded.messages, a.messages[..1]);
+    assert_eq!(loaded.updated_at, at(3_000));
+}
+
+async fn deleting_a_message_of_an_unknown_conversation_is_not_found(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    let question = message("a", Role::User, "question", 1_000);
+    a.messages.push(question.clone());
+    store.create_conversation(&a).await.unwrap();
+    assert_eq!(
+        store.delete_message("b", &question.id, at(2_000)).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(stored(store, "a").await, a);
+}
+
+async fn a_renamed_conversation_keeps_its_messages(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    a.messages.push(message("a", Role::User, "question", 1_000));
+    store.create_conversation(&a).await.unwrap();
+    store
+        .rename_conversation("a", "renamed", at(2_000))
+        .await
+        .unwrap();
+    a.title = "renamed".into();
+    a.updated_at = at(2_000);
+    assert_eq!(stored(store, "a").await, a);
+}
+
+async fn renaming_an_unknown_conversation_is_not_found(store: &dyn ConversationStore) {
+    assert_eq!(
+        store.rename_conversation("a", "renamed", at(2_000)).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(store.load_conversation("a").await, Ok(None));
+}
+
+async fn a_deleted_conversation_is_gone_with_its_messages(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    let question = message("a", Role::User, "question", 1_000);
+    a.messages.push(question.clone());
+    store.create_conversation(&a).await.unwrap();
+    let b = conversation("b", "second", 1_000);
+    store.create_conversation(&b).await.unwrap();
+
+    assert_eq!(store.delete_conversation("a").await, Ok(true));
+    assert_eq!(store.delete_conversation("a").await, Ok(false));
+    assert_eq!(store.load_conversation("a").await, Ok(None));
+    assert_eq!(listed_ids(store, Page::default()).await, ["b"]);
+    assert_eq!(
+        store.save_message(&question, at(2_000)).await,
+        Err(StoreError::NotFound)
+    );
+
+    // The id is free again, and its messages went with it.
+    let again = conversation("a", "again", 3_000);
+    store.create_conversation(&again).await.unwrap();
+    assert_eq!(stored(store, "a").await, again);
+}
+
+async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore) {
+    assert_eq!(store.mark_interrupted().await, Ok(0));
+    let mut a = conversation("a", "first", 1_000);
+    a.messages = vec![
+        message("a", Role::User, "question", 1_000),
+        streaming("a", "partial", 1_000),
+    ];
+    store.create_conversation(&a).await.unwrap();
+    let mut b = conversation("b", "second", 2_000);
+    b.messages = vec![
+        Message {
+            status: Some(MessageStatus::Complete),
+            ..message("b", Role::Assistant, "done", 2_000)
+        },
+        streaming("b", "", 2_000),
+    ];
+    store.create_conversation(&b).await.unwrap();
+
+    assert_eq!(store.mark_interrupted().await, Ok(2));
+    for mut expected in [a, b] {
+        let last = expected.messages.last_mut().unwrap();
+        last.status = Some(MessageStatus::Error);
+        // The text so far and the conversation's time are kept.
+        assert_eq!(stored(store, &expected.id).await, expected);
+    }
+    assert_eq!(store.mark_interrupted().await, Ok(0));
+}
+
+contract!(memory => fresh_memory);
+contract!(sqlite => fresh_sqlite);
