@@ -51,7 +51,9 @@ pub struct Usage {
 /// the model reported it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Streamed {
+    /// The next piece of the reply's text.
     Text(String),
+    /// What the whole reply took; nothing follows it.
     Usage(Usage),
 }
 
@@ -71,6 +73,7 @@ pub type TokenStream = BoxStream<'static, Result<Streamed, ProviderError>>;
 /// A reply answered all at once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
+    /// The reply's text.
     pub text: String,
     /// The tokens it took, when the model reported them.
     pub usage: Option<Usage>,
