@@ -2,6 +2,7 @@
 
 use std::fmt::Display;
 use std::net::IpAddr;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -69,14 +70,14 @@ pub struct Config {
 pub struct ModelConfig {
     /// `OPENAI_API_KEY`; unset means the built-in demo model.
     pub api_key: Option<String>,
-    /// `OPENAI_BASE_URL`; unset means OpenAI's.
+    /// `OPENAI_BASE_URL`, an http or https URL; unset means OpenAI's.
     pub base_url: Option<String>,
     /// `OPENAI_MODEL`.
     pub model: String,
-    /// `OPENAI_TEMPERATURE`.
-    pub temperature: f32,
-    /// `OPENAI_MAX_TOKENS`.
-    pub max_tokens: u32,
+    /// `OPENAI_TEMPERATURE`, from 0 to 2; `None` (`off`) sends none.
+    pub temperature: Option<f32>,
+    /// `OPENAI_MAX_TOKENS`; `None` (`off`) sends no cap.
+    pub max_tokens: Option<u32>,
     /// `DEMO_TOKEN_DELAY_MS`: the demo model's pause between pieces.
     pub demo_token_delay: Duration,
 }
@@ -140,10 +141,14 @@ impl Config {
             max_connections_per_ip: vars.parse("MAX_CONNECTIONS_PER_IP", 64)?,
             model: ModelConfig {
                 api_key,
-                base_url: vars.optional("OPENAI_BASE_URL"),
+                base_url: vars.url("OPENAI_BASE_URL")?,
                 model: vars.text("OPENAI_MODEL", "gpt-4"),
-                temperature: vars.parse("OPENAI_TEMPERATURE", 0.7)?,
-                max_tokens: vars.positive("OPENAI_MAX_TOKENS", 2000)?,
+                temperature: vars.unless_off("OPENAI_TEMPERATURE", || {
+                    vars.within("OPENAI_TEMPERATURE", 0.7, 0.0..=2.0)
+                })?,
+                max_tokens: vars.unless_off("OPENAI_MAX_TOKENS", || {
+                    vars.positive("OPENAI_MAX_TOKENS", 2000)
+                })?,
                 demo_token_delay: Duration::from_millis(vars.parse("DEMO_TOKEN_DELAY_MS", 40)?),
             },
             conversations: ConversationSettings {
@@ -191,6 +196,53 @@ impl<F: Fn(&str) -> Option<String>> Vars<'_, F> {
                 variable: name,
                 reason: e.to_string(),
                 value,
+            }),
+        }
+    }
+
+    /// A setting that can be left out: empty or `off` is `None`, anything else is `read`.
+    fn unless_off<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce() -> Result<T, ConfigError>,
+    ) -> Result<Option<T>, ConfigError> {
+        match (self.0)(name) {
+            Some(v) if v.trim().is_empty() || v.trim().eq_ignore_ascii_case("off") => Ok(None),
+            _ => read().map(Some),
+        }
+    }
+
+    fn within<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        range: RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + Display,
+        T::Err: Display,
+    {
+        let value = self.parse(name, default)?;
+        if !range.contains(&value) {
+            return Err(ConfigError {
+                variable: name,
+                value: value.to_string(),
+                reason: format!("expected {} to {}", range.start(), range.end()),
+            });
+        }
+        Ok(value)
+    }
+
+    fn url(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        let Some(value) = self.optional(name) else {
+            return Ok(None);
+        };
+        match reqwest::Url::parse(value.trim()) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(Some(value.trim().into())),
+            _ => Err(ConfigError {
+                variable: name,
+                value,
+                reason: "expected an http or https URL".into(),
             }),
         }
     }
@@ -243,8 +295,8 @@ mod tests {
             c.conversations.system_prompt,
             "You are a helpful assistant."
         );
-        assert_eq!(c.model.temperature, 0.7);
-        assert_eq!(c.model.max_tokens, 2000);
+        assert_eq!(c.model.temperature, Some(0.7));
+        assert_eq!(c.model.max_tokens, Some(2000));
         assert!(c.model.api_key.is_none());
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
         assert_eq!(c.rt_messages_per_minute, 30);
@@ -283,5 +335,45 @@ mod tests {
         assert!(c.log_json);
         assert_eq!(c.rt_messages_per_minute, 0);
         assert_eq!(c.max_connections_per_ip, 2);
+    }
+
+    #[test]
+    fn temperature_and_token_cap_can_be_off() {
+        for off in ["off", "OFF", "", " "] {
+            let c = with(&[("OPENAI_TEMPERATURE", off), ("OPENAI_MAX_TOKENS", off)]).unwrap();
+            assert_eq!(c.model.temperature, None, "{off:?}");
+            assert_eq!(c.model.max_tokens, None, "{off:?}");
+        }
+        let c = with(&[("OPENAI_TEMPERATURE", "0"), ("OPENAI_MAX_TOKENS", "1")]).unwrap();
+        assert_eq!(c.model.temperature, Some(0.0));
+        assert_eq!(c.model.max_tokens, Some(1));
+        assert_eq!(
+            with(&[("OPENAI_TEMPERATURE", "2")])
+                .unwrap()
+                .model
+                .temperature,
+            Some(2.0)
+        );
+    }
+
+    #[test]
+    fn model_settings_out_of_range_name_the_variable() {
+        for bad in ["2.01", "-0.1", "NaN", "inf", "warm"] {
+            let err = with(&[("OPENAI_TEMPERATURE", bad)]).unwrap_err();
+            assert_eq!(err.variable, "OPENAI_TEMPERATURE", "{bad}");
+        }
+        for bad in ["0", "-1", "many"] {
+            let err = with(&[("OPENAI_MAX_TOKENS", bad)]).unwrap_err();
+            assert_eq!(err.variable, "OPENAI_MAX_TOKENS", "{bad}");
+        }
+        for bad in ["localhost:11434/v1", "ftp://example.com", "not a url"] {
+            let err = with(&[("OPENAI_BASE_URL", bad)]).unwrap_err();
+            assert_eq!(err.variable, "OPENAI_BASE_URL", "{bad}");
+        }
+        let c = with(&[("OPENAI_BASE_URL", "http://127.0.0.1:11434/v1")]).unwrap();
+        assert_eq!(
+            c.model.base_url.as_deref(),
+            Some("http://127.0.0.1:11434/v1")
+        );
     }
 }

@@ -44,6 +44,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error("cannot start the conversations: {0}")]
     Conversations(#[from] ChatError),
+    #[error("cannot start the model provider: {}", .0.0)]
+    Provider(llm::ProviderError),
 }
 
 /// A running server.
@@ -56,8 +58,9 @@ pub struct App {
 impl App {
     /// Starts the whole server as `config` says, on `config.host:config.port`.
     pub async fn start(config: Config) -> Result<App, StartError> {
+        let provider = llm::from_config(&config.model, config.conversations.upstream_timeout)
+            .map_err(StartError::Provider)?;
         let store = store::open(&config.database_url, config.sqlite_durability).await?;
-        let provider = llm::from_config(&config.model, config.conversations.upstream_timeout);
         App::start_with(config, store, provider).await
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryFutureExt, TryStreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
@@ -570,7 +570,8 @@ impl ConversationState {
         let prompt = self.prompt(false);
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = within(ctx.settings.upstream_timeout, ctx.provider.complete(prompt)).await;
+            let whole = ctx.provider.complete(prompt).map_ok(|reply| reply.text);
+            let result = within(ctx.settings.upstream_timeout, whole).await;
             ctx.metrics
                 .upstream_finished(started.elapsed(), result.is_err());
             let event = GenerationEvent::Whole(result);
@@ -914,7 +915,9 @@ async fn stream_reply(
     heartbeat: Duration,
     report: &impl Fn(GenerationEvent) -> bool,
 ) -> Result<(), ProviderError> {
-    let mut stream = with_heartbeat(provider.stream(prompt), heartbeat, report).await?;
+    let mut stream = with_heartbeat(provider.stream(prompt), heartbeat, report)
+        .await?
+        .try_filter_map(|item| futures::future::ok(item.into_text()));
     loop {
         let Some(piece) = with_heartbeat(stream.next(), heartbeat, report).await else {
             return Ok(());

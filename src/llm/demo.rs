@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 
-use super::{ModelProvider, Prompt, ProviderError, TokenStream};
+use super::{Completion, ModelProvider, Prompt, ProviderError, Streamed, TokenStream};
 
 /// Answers every prompt with an explanation that it is the offline demo and how to configure a
 /// real model, streamed a word at a time with a pause between pieces.
@@ -67,14 +67,17 @@ impl ModelProvider for DemoProvider {
         let words = pieces(&Self::reply(&prompt));
         let stream = futures::stream::iter(words).then(move |word| async move {
             tokio::time::sleep(delay).await;
-            Ok(word)
+            Ok(Streamed::Text(word))
         });
         Ok(stream.boxed())
     }
 
-    async fn complete(&self, prompt: Prompt) -> Result<String, ProviderError> {
+    async fn complete(&self, prompt: Prompt) -> Result<Completion, ProviderError> {
         tokio::time::sleep(self.delay).await;
-        Ok(Self::reply(&prompt))
+        Ok(Completion {
+            text: Self::reply(&prompt),
+            usage: None,
+        })
     }
 }
 
@@ -98,11 +101,11 @@ mod tests {
             .stream(prompt.clone())
             .await
             .unwrap()
-            .map(|p| p.unwrap())
+            .map(|p| p.unwrap().into_text().unwrap())
             .collect()
             .await;
         assert!(streamed.len() > 20);
-        let whole = demo.complete(prompt).await.unwrap();
+        let whole = demo.complete(prompt).await.unwrap().text;
         assert_eq!(streamed.concat(), whole);
         assert!(whole.contains("OPENAI_API_KEY"));
         assert!(whole.contains("\"hi\""));

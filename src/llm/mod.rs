@@ -1,6 +1,7 @@
 //! Model providers: one trait, the offline demo model and any OpenAI-compatible server.
 
 mod demo;
+mod dialect;
 mod openai;
 
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use serde::Deserialize;
 
 pub use demo::DemoProvider;
 pub use openai::OpenAiProvider;
@@ -33,8 +35,49 @@ pub struct PromptMessage {
 #[error("model provider failed: {0}")]
 pub struct ProviderError(pub String);
 
-/// The pieces of a streamed reply, in order.
-pub type TokenStream = BoxStream<'static, Result<String, ProviderError>>;
+/// The tokens a reply took, as the model reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    /// Tokens of the prompt.
+    pub prompt_tokens: u64,
+    /// Tokens of the reply.
+    pub completion_tokens: u64,
+    /// Both together.
+    pub total_tokens: u64,
+}
+
+/// One item of a streamed reply: a piece of its text or, after the last piece, its usage when
+/// the model reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Streamed {
+    /// The next piece of the reply's text.
+    Text(String),
+    /// What the whole reply took; nothing follows it.
+    Usage(Usage),
+}
+
+impl Streamed {
+    /// The piece of text, if this is one.
+    pub fn into_text(self) -> Option<String> {
+        match self {
+            Streamed::Text(text) => Some(text),
+            Streamed::Usage(_) => None,
+        }
+    }
+}
+
+/// A streamed reply, in order.
+pub type TokenStream = BoxStream<'static, Result<Streamed, ProviderError>>;
+
+/// A reply answered all at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The reply's text.
+    pub text: String,
+    /// The tokens it took, when the model reported them.
+    pub usage: Option<Usage>,
+}
 
 /// A language model that answers a prompt, streamed piece by piece or all at once.
 #[async_trait]
@@ -42,15 +85,19 @@ pub trait ModelProvider: Send + Sync {
     /// Starts a streamed reply.
     async fn stream(&self, prompt: Prompt) -> Result<TokenStream, ProviderError>;
     /// Answers with the whole reply at once.
-    async fn complete(&self, prompt: Prompt) -> Result<String, ProviderError>;
+    async fn complete(&self, prompt: Prompt) -> Result<Completion, ProviderError>;
 }
 
 /// The provider the configuration asks for: OpenAI-compatible with a key, the demo model without.
-pub fn from_config(config: &ModelConfig, timeout: Duration) -> Arc<dyn ModelProvider> {
-    match &config.api_key {
-        Some(_) => Arc::new(OpenAiProvider::new(config, timeout)),
+/// Fails when the OpenAI-compatible provider cannot be set up (its HTTP client cannot be built).
+pub fn from_config(
+    config: &ModelConfig,
+    timeout: Duration,
+) -> Result<Arc<dyn ModelProvider>, ProviderError> {
+    Ok(match &config.api_key {
+        Some(_) => Arc::new(OpenAiProvider::new(config, timeout)?),
         None => Arc::new(DemoProvider::new(config.demo_token_delay)),
-    }
+    })
 }
 
 impl Prompt {

@@ -1,6 +1,9 @@
 //! A test model server speaking OpenAI's chat-completions wire format, streaming (SSE
 //! `chat.completion.chunk` events and `data: [DONE]`) and not. It records every request and can
-//! fail with 500, cut a stream midway, or hang.
+//! fail with 500, cut a stream midway, or hang; refuse request parameters the way OpenAI's
+//! reasoning models or older servers do; and answer with minimal chunks, as some
+//! OpenAI-compatible servers and proxies send. It reports usage when a stream asks for it
+//! (`stream_options.include_usage`) and in every whole answer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,11 +33,62 @@ pub enum Mode {
     Hang,
 }
 
+/// A request parameter the server refuses with 400, and how it says so.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Refusal {
+    /// As OpenAI's reasoning models do: `param` names it, `code` is `unsupported_parameter`
+    /// (`unsupported_value` for `temperature`).
+    Unsupported(&'static str),
+    /// As an older server that does not know it does: only the message names it.
+    Unrecognized(&'static str),
+}
+
+/// What OpenAI's reasoning models refuse.
+pub const REASONING_MODEL: [Refusal; 2] = [
+    Refusal::Unsupported("max_tokens"),
+    Refusal::Unsupported("temperature"),
+];
+
+/// What an older, strict server refuses: everything newer than `max_tokens`.
+pub const OLDER_SERVER: [Refusal; 2] = [
+    Refusal::Unrecognized("max_completion_tokens"),
+    Refusal::Unrecognized("stream_options"),
+];
+
+impl Refusal {
+    fn parameter(self) -> &'static str {
+        match self {
+            Refusal::Unsupported(name) | Refusal::Unrecognized(name) => name,
+        }
+    }
+
+    /// The error body, as the server it imitates words it.
+    fn body(self) -> Value {
+        let error = match self {
+            Refusal::Unsupported("temperature") => json!({
+                "message": "Unsupported value: 'temperature' does not support 0.7 with this model. Only the default (1) value is supported.",
+                "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"
+            }),
+            Refusal::Unsupported(name) => json!({
+                "message": format!("Unsupported parameter: '{name}' is not supported with this model. Use 'max_completion_tokens' instead."),
+                "type": "invalid_request_error", "param": name, "code": "unsupported_parameter"
+            }),
+            Refusal::Unrecognized(name) => json!({
+                "message": format!("Unrecognized request argument supplied: {name}"),
+                "type": "invalid_request_error", "param": null, "code": null
+            }),
+        };
+        json!({ "error": error })
+    }
+}
+
 struct Behaviour {
     mode: Mode,
     pieces: Vec<String>,
     delay: Duration,
     first_delay: Duration,
+    refusals: Vec<Refusal>,
+    minimal: bool,
 }
 
 /// A running test model server.
@@ -72,6 +126,8 @@ impl ModelServer {
             pieces: pieces_of("Hello from the test model."),
             delay: Duration::from_millis(5),
             first_delay: Duration::ZERO,
+            refusals: Vec::new(),
+            minimal: false,
         }));
         let received = Arc::new(Mutex::new(Vec::new()));
         let dropped = Arc::new(AtomicUsize::new(0));
@@ -119,6 +175,22 @@ impl ModelServer {
         self.behaviour.lock().unwrap().first_delay = delay;
     }
 
+    /// Sets the request parameters answered with a 400.
+    pub fn set_refusals(&self, refusals: &[Refusal]) {
+        self.behaviour.lock().unwrap().refusals = refusals.to_vec();
+    }
+
+    /// Answers with only `choices` (and `usage`): chunks without `id`, `object`, `created`,
+    /// `model` or `index`, whole answers with only `message.content` and `finish_reason`.
+    pub fn set_minimal(&self, minimal: bool) {
+        self.behaviour.lock().unwrap().minimal = minimal;
+    }
+
+    /// The usage it reports for a reply of `pieces` to a request with `messages` messages.
+    pub fn usage(messages: usize, pieces: usize) -> Value {
+        json!({"prompt_tokens": messages, "completion_tokens": pieces, "total_tokens": messages + pieces})
+    }
+
     /// The reply as one text.
     pub fn reply_text(&self) -> String {
         self.behaviour.lock().unwrap().pieces.concat()
@@ -141,11 +213,32 @@ impl ModelServer {
 
     async fn answer(&self, body: Value) -> Response {
         let stream = body["stream"].as_bool().unwrap_or(false);
-        self.received.lock().unwrap().push(body);
-        let (mode, pieces, delay, first_delay) = {
+        let with_usage = body["stream_options"]["include_usage"] == true;
+        let messages = body["messages"].as_array().map_or(0, Vec::len);
+        let (mode, pieces, delay, first_delay, refusals, minimal) = {
             let b = self.behaviour.lock().unwrap();
-            (b.mode.clone(), b.pieces.clone(), b.delay, b.first_delay)
+            let (mode, pieces) = (b.mode.clone(), b.pieces.clone());
+            (
+                mode,
+                pieces,
+                b.delay,
+                b.first_delay,
+                b.refusals.clone(),
+                b.minimal,
+            )
         };
+        let refused = refusals
+            .into_iter()
+            .find(|r| body.get(r.parameter()).is_some_and(|v| !v.is_null()));
+        self.received.lock().unwrap().push(body);
+        if let Some(refusal) = refused {
+            return warp::reply::with_status(
+                warp::reply::json(&refusal.body()),
+                StatusCode::BAD_REQUEST,
+            )
+            .into_response();
+        }
+        let usage = ModelServer::usage(messages, pieces.len());
         match mode {
             Mode::Fail => {
                 let error = json!({"error": {"message": "test failure", "type": "server_error", "param": null, "code": null}});
@@ -168,19 +261,29 @@ impl ModelServer {
         }
         if !stream {
             tokio::time::sleep(delay).await;
-            let body = json!({
-                "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "test",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": pieces.concat()}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-            });
+            let content = pieces.concat();
+            let body = if minimal {
+                json!({
+                    "choices": [{"message": {"content": content}, "finish_reason": "stop"}],
+                    "usage": usage
+                })
+            } else {
+                json!({
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": "test",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": usage
+                })
+            };
             return warp::reply::json(&body).into_response();
         }
-        let cut = mode == Mode::Cut;
         let body = sse(
             pieces,
-            delay,
-            first_delay,
-            cut,
+            Timing { delay, first_delay },
+            Format {
+                minimal,
+                usage: with_usage.then_some(usage),
+                cut: mode == Mode::Cut,
+            },
             StreamGuard {
                 done: false,
                 dropped: self.dropped.clone(),
@@ -196,48 +299,82 @@ impl ModelServer {
     }
 }
 
-fn chunk(delta: Value, finish: Option<&str>) -> Bytes {
-    let event = json!({
-        "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
-    });
-    Bytes::from(format!("data: {event}\n\n"))
-}
-
-/// The SSE body: an empty first delta (as some servers send), the pieces, a finish chunk and
-/// `[DONE]`; or, when `cut`, half the pieces and then an error that breaks the connection.
-fn sse(
-    pieces: Vec<String>,
+/// The pauses of a stream: before the first piece and before each.
+struct Timing {
     delay: Duration,
     first_delay: Duration,
+}
+
+/// How a stream's chunks look and end.
+struct Format {
+    /// Only `choices` (and `usage`) in each chunk.
+    minimal: bool,
+    /// The usage chunk sent before `[DONE]`, when asked for.
+    usage: Option<Value>,
+    /// Half the pieces, then a broken connection.
     cut: bool,
-    mut guard: StreamGuard,
-) -> Feed {
-    let keep = if cut { pieces.len() / 2 } else { pieces.len() };
+}
+
+impl Format {
+    /// One SSE event: a chunk with `choices` (`delta` and, at the end, `finish_reason`), or
+    /// with no choices and the usage.
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> Bytes {
+        let mut event = if self.minimal {
+            json!({"choices": choices})
+        } else {
+            json!({"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1, "model": "test", "choices": choices})
+        };
+        if let Some(usage) = usage {
+            event["usage"] = usage;
+        }
+        Bytes::from(format!("data: {event}\n\n"))
+    }
+
+    fn delta(&self, delta: Value, finish: Option<&str>) -> Bytes {
+        let choice = if self.minimal {
+            match finish {
+                Some(reason) => json!({"delta": delta, "finish_reason": reason}),
+                None => json!({"delta": delta}),
+            }
+        } else {
+            json!({"index": 0, "delta": delta, "finish_reason": finish})
+        };
+        self.chunk(json!([choice]), None)
+    }
+}
+
+/// The SSE body: an empty first delta (as some servers send), the pieces, a finish chunk, the
+/// usage chunk when asked for, and `[DONE]`; or, when cut, half the pieces and then an error
+/// that breaks the connection.
+fn sse(pieces: Vec<String>, timing: Timing, format: Format, mut guard: StreamGuard) -> Feed {
+    let keep = if format.cut {
+        pieces.len() / 2
+    } else {
+        pieces.len()
+    };
     async_stream(move |tx| async move {
-        tokio::time::sleep(first_delay).await;
-        if tx
-            .send(Ok(chunk(json!({"role": "assistant", "content": ""}), None)))
-            .await
-            .is_err()
-        {
+        tokio::time::sleep(timing.first_delay).await;
+        let first = format.delta(json!({"role": "assistant", "content": ""}), None);
+        if tx.send(Ok(first)).await.is_err() {
             return;
         }
         for piece in pieces.into_iter().take(keep) {
-            tokio::time::sleep(delay).await;
-            if tx
-                .send(Ok(chunk(json!({"content": piece}), None)))
-                .await
-                .is_err()
-            {
+            tokio::time::sleep(timing.delay).await;
+            let next = format.delta(json!({"content": piece}), None);
+            if tx.send(Ok(next)).await.is_err() {
                 return;
             }
         }
-        if cut {
+        if format.cut {
             let _ = tx.send(Err(std::io::Error::other("cut"))).await;
             return;
         }
-        let _ = tx.send(Ok(chunk(json!({}), Some("stop")))).await;
+        let _ = tx.send(Ok(format.delta(json!({}), Some("stop")))).await;
+        if let Some(usage) = &format.usage {
+            let _ = tx
+                .send(Ok(format.chunk(json!([]), Some(usage.clone()))))
+                .await;
+        }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
         guard.done = true;
         drop(guard);
