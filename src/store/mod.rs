@@ -198,6 +198,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn marking_one_conversation_interrupted_changes_only_its_streaming_replies() {
+        let (_dir, stores) = stores().await;
+        for store in stores {
+            let mut messages = Vec::new();
+            for id in ["a", "b"] {
+                store
+                    .create_conversation(&Conversation::new(id.into(), id))
+                    .await
+                    .unwrap();
+                let mut streaming = Message::new(id, Role::Assistant, "cut".into());
+                streaming.status = Some(MessageStatus::Streaming);
+                let mut complete = Message::new(id, Role::Assistant, "done".into());
+                complete.status = Some(MessageStatus::Complete);
+                let pair = [streaming, complete];
+                store.save_messages(&pair, at(1_000)).await.unwrap();
+                messages.push(pair);
+            }
+            assert_eq!(store.mark_interrupted_in("a").await.unwrap(), 1);
+            assert_eq!(store.mark_interrupted_in("a").await.unwrap(), 0);
+            let (mut a, b) = (messages[0].clone(), &messages[1]);
+            a[0].status = Some(MessageStatus::Error);
+            assert_eq!(
+                store
+                    .load_conversation("a")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .messages,
+                a
+            );
+            assert_eq!(
+                store
+                    .load_conversation("b")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .messages,
+                b
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn unknown_database_urls_are_refused() {
         assert!(open("postgres://x", Durability::Normal).await.is_err());
     }
