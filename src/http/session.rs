@@ -29,6 +29,7 @@ pub struct Session {
     replies: ReplyRate,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Counts the connection as open, for shutdown, until the session is gone.
     _open: TaskTrackerToken,
 }
 

@@ -18,6 +18,7 @@ pub(super) struct Members {
 }
 
 impl Members {
+    /// No members yet.
     pub(super) fn new(conversation_id: Arc<str>) -> Self {
         Members {
             conversation_id,
@@ -25,6 +26,7 @@ impl Members {
         }
     }
 
+    /// Whether nobody is watching.
     pub(super) fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
