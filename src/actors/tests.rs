@@ -419,8 +419,9 @@ async fn a_join_racing_passivation_is_never_lost() {
     until_complete(&mut first_inbox).await;
     h.conversations.leave("c", first_id).await;
     for round in 0..30 {
-        // The actor passivates a millisecond after each round; the join lands on either side.
-        for _ in 0..round % 5 {
+        // The actor passivates a millisecond after each round; the join lands before, during or
+        // after that.
+        for _ in 0..round * 40 {
             tokio::task::yield_now().await;
         }
         let (subscriber, mut inbox) = member();
