@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::actors::{ConversationContext, Conversations, Registry};
 use crate::config::Config;
@@ -91,6 +92,7 @@ impl App {
             settings: config.conversations.clone(),
             registry: Registry::default(),
             metrics: metrics.clone(),
+            replies: TaskTracker::new(),
         })
         .await?;
         let shared = Arc::new(Shared {
@@ -101,6 +103,7 @@ impl App {
             started: Instant::now(),
             stop_accepting: CancellationToken::new(),
             shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
         });
         let grace = shared.config.shutdown_grace;
         let server = tokio::spawn(http::serve(listener, shared.clone(), grace));
@@ -128,11 +131,16 @@ impl App {
         self.shared.stop_accepting.cancel();
         self.shared.conversations.shutdown(grace).await;
         self.shared.shutdown.cancel();
-        let closing = tokio::time::Instant::now() + CLOSE_TIMEOUT;
-        while self.shared.metrics.snapshot().open_connections > 0
-            && tokio::time::Instant::now() < closing
+        let connections = &self.shared.connections;
+        connections.close();
+        if tokio::time::timeout(CLOSE_TIMEOUT, connections.wait())
+            .await
+            .is_err()
         {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tracing::warn!(
+                connections = connections.len(),
+                "real-time connections still open after closing them"
+            );
         }
         let _ = self.server.await;
     }

@@ -1,9 +1,15 @@
-//! The actors: one per conversation, and the supervisor that routes to them.
+//! The actors: one per conversation, the registry that finds a running one, and the supervisor
+//! that activates them and cleans up after failures.
 
 pub mod conversation;
 pub mod events;
+pub mod registry;
 pub mod supervisor;
 
 pub use conversation::{APOLOGY, ChatCompleted, ConversationContext, Resume, StreamStarted};
 pub use events::{ChatEvent, EncodedEvent, Subscriber, SubscriberInbox};
-pub use supervisor::{Conversations, Registry};
+pub use registry::Registry;
+pub use supervisor::Conversations;
+
+#[cfg(test)]
+mod tests;

@@ -1,16 +1,15 @@
-//! Routing to conversation actors: a registry read without any mailbox on the hot path, and a
-//! supervisor actor that activates conversations from the store and cleans up after failures.
+//! Routing to conversation actors: requests go straight to a running actor through the
+//! [`Registry`]; the supervisor actor is the parent of every conversation actor, and the
+//! [`Conversations`] front door activates conversations from the store when they are not running.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use tokio::sync::oneshot;
 
 use super::conversation::{
-    Answer, ChatCompleted, ConversationActor, ConversationArgs, ConversationContext,
-    ConversationMsg, Request, Resume, StreamStarted,
+    AlreadyRunning, Answer, ChatCompleted, ConversationActor, ConversationArgs,
+    ConversationContext, Request, Resume, StreamStarted,
 };
 use super::events::Subscriber;
 use crate::domain::{Conversation, new_id, validate_conversation_id};
@@ -19,102 +18,6 @@ use crate::store::Page;
 
 /// How many times a request follows a conversation whose actor has just stopped.
 const ROUTE_ATTEMPTS: usize = 4;
-
-/// Running conversation actors by id.
-#[derive(Clone, Default)]
-pub struct Registry {
-    actors: Arc<RwLock<HashMap<Arc<str>, Entry>>>,
-}
-
-#[derive(Clone)]
-struct Entry {
-    actor: ActorRef<ConversationMsg>,
-    /// Requests sent to the actor and not yet handled.
-    pending: Arc<AtomicUsize>,
-}
-
-impl Registry {
-    /// Sends a request to the running actor of `id`; gives it back when there is none.
-    fn send(&self, id: &str, request: Request) -> Result<(), Request> {
-        let stale = {
-            let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
-            let Some(entry) = actors.get(id) else {
-                return Err(request);
-            };
-            entry.pending.fetch_add(1, Ordering::AcqRel);
-            match entry.actor.send_message(ConversationMsg::Request(request)) {
-                Ok(()) => return Ok(()),
-                Err(ractor::MessagingErr::SendErr(ConversationMsg::Request(request))) => {
-                    entry.pending.fetch_sub(1, Ordering::AcqRel);
-                    (entry.actor.get_id(), request)
-                }
-                Err(_) => unreachable!("send_message returns the message it could not send"),
-            }
-        };
-        self.remove(id, stale.0);
-        Err(stale.1)
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
-        actors.contains_key(id)
-    }
-
-    /// Registers `entry` unless another actor already runs for `id`; false when one does.
-    fn insert_if_absent(&self, id: Arc<str>, entry: Entry) -> bool {
-        let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        if actors.contains_key(&id) {
-            return false;
-        }
-        actors.insert(id, entry);
-        true
-    }
-
-    /// Forgets a failed actor, whichever conversation it ran.
-    fn remove_actor(&self, actor: ActorId) -> Option<Arc<str>> {
-        let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        let id = actors
-            .iter()
-            .find(|(_, e)| e.actor.get_id() == actor)
-            .map(|(id, _)| id.clone())?;
-        actors.remove(&id);
-        Some(id)
-    }
-
-    fn remove(&self, id: &str, actor: ActorId) {
-        let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        if actors.get(id).is_some_and(|e| e.actor.get_id() == actor) {
-            actors.remove(id);
-        }
-    }
-
-    /// Removes the actor of `id` if no request is waiting for it; true when removed.
-    pub fn remove_if_unused(&self, id: &str, actor: ActorId) -> bool {
-        let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        let unused = actors
-            .get(id)
-            .is_some_and(|e| e.actor.get_id() == actor && e.pending.load(Ordering::Acquire) == 0);
-        if unused {
-            actors.remove(id);
-        }
-        unused
-    }
-
-    fn ids(&self) -> Vec<Arc<str>> {
-        let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
-        actors.keys().cloned().collect()
-    }
-
-    /// How many conversation actors are running.
-    pub fn len(&self) -> usize {
-        self.actors.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether no conversation actor is running.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Whether a request may bring a conversation that is not stored yet into being.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,11 +83,13 @@ impl Conversations {
     /// Lets replies in progress finish for up to `grace`, then ends the rest as interrupted
     /// (stored with status `error`, members told), and stops every actor.
     pub async fn shutdown(&self, grace: std::time::Duration) {
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.ctx.metrics.snapshot().replies_in_progress > 0
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let replies = &self.ctx.replies;
+        replies.close();
+        if tokio::time::timeout(grace, replies.wait()).await.is_err() {
+            tracing::warn!(
+                replies = replies.len(),
+                "replies still in progress after the grace period; interrupting them"
+            );
         }
         for id in self.ctx.registry.ids() {
             if self.ctx.registry.contains(&id) {
@@ -230,7 +135,8 @@ impl Conversations {
     }
 
     /// Starts the actor of `id`, loaded from the store, unless one runs already. Activations of
-    /// different conversations run in parallel; of the same one, the first registered wins.
+    /// different conversations run in parallel; of the same one, the first to register wins and
+    /// the others stop before writing anything.
     async fn activate(&self, id: &str, activation: Activation) -> Result<(), ChatError> {
         if self.ctx.registry.contains(id) {
             return Ok(());
@@ -242,26 +148,21 @@ impl Conversations {
         if conversation.is_none() && activation == Activation::Existing {
             return Err(ChatError::NotFound);
         }
-        let id: Arc<str> = id.into();
-        let pending = Arc::new(AtomicUsize::new(0));
         let args = ConversationArgs {
-            id: id.clone(),
+            id: id.into(),
             conversation,
             ctx: self.ctx.clone(),
-            pending: pending.clone(),
         };
-        let (actor, _) =
-            Actor::spawn_linked(None, ConversationActor, args, self.supervisor.get_cell())
-                .await
-                .map_err(|e| ChatError::Failed(e.to_string()))?;
-        let entry = Entry {
-            actor: actor.clone(),
-            pending,
-        };
-        if !self.ctx.registry.insert_if_absent(id, entry) {
-            actor.stop(None);
+        let supervisor = self.supervisor.get_cell();
+        match Actor::spawn_linked(None, ConversationActor, args, supervisor).await {
+            Ok(_) => Ok(()),
+            Err(SpawnErr::StartupFailed(error)) => match error.downcast::<ChatError>() {
+                Ok(error) => Err(*error),
+                Err(error) if error.is::<AlreadyRunning>() => Ok(()),
+                Err(error) => Err(ChatError::Failed(error.to_string())),
+            },
+            Err(error) => Err(ChatError::Failed(error.to_string())),
         }
-        Ok(())
     }
 
     /// A conversation with its messages; read from its actor when it runs, else from the store.

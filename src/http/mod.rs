@@ -22,6 +22,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::{Layer, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use warp::http::{HeaderValue, Method, header};
@@ -47,6 +48,8 @@ pub struct Shared {
     pub stop_accepting: CancellationToken,
     /// Cancelled once replies in progress are over; open WebSockets close on it.
     pub shutdown: CancellationToken,
+    /// Every open real-time connection holds a token of it; shutdown waits for them to close.
+    pub connections: TaskTracker,
 }
 
 /// The client's address, put on every request by the server.

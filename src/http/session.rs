@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use super::Shared;
 use super::error::ApiError;
 use super::limits::ReplyRate;
 use super::payload::Payload;
@@ -20,29 +22,33 @@ static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 pub struct Session {
     conversations: Conversations,
     subscriber: Subscriber,
+    /// The conversations this connection is a member of, as their actors see it: joined, or
+    /// where a `stream_chat` or `regenerate` of its own started a reply (a refused one joins
+    /// nothing).
     joined: HashSet<String>,
     replies: ReplyRate,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Counts the connection as open, for shutdown, until the session is gone.
+    _open: TaskTrackerToken,
 }
 
 impl Session {
-    /// A new session and the inbox its transport writes out from.
-    pub fn open(
-        conversations: Conversations,
-        config: Arc<Config>,
-        metrics: Arc<Metrics>,
-    ) -> (Session, SubscriberInbox) {
+    /// A new session and the inbox its transport writes out from. Until the session is closed
+    /// or dropped, shutdown counts the connection as open.
+    pub fn open(shared: &Shared) -> (Session, SubscriberInbox) {
         let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+        let config = shared.config.clone();
         let (subscriber, inbox) = Subscriber::new(id, config.subscriber_queue);
-        metrics.connection_opened();
+        shared.metrics.connection_opened();
         let session = Session {
-            conversations,
+            conversations: shared.conversations.clone(),
             subscriber,
             joined: HashSet::new(),
             replies: ReplyRate::new(config.rt_messages_per_minute),
             config,
-            metrics,
+            metrics: shared.metrics.clone(),
+            _open: shared.connections.token(),
         };
         (session, inbox)
     }

@@ -148,11 +148,7 @@ impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
 
 /// Serves one socket until it disconnects, is too slow, or the server shuts down.
 async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(
-        shared.conversations.clone(),
-        shared.config.clone(),
-        shared.metrics.clone(),
-    );
+    let (mut session, mut inbox) = Session::open(&shared);
     tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
     let shutdown = shared.shutdown.clone();
     let too_slow = loop {

@@ -140,11 +140,7 @@ fn text(event: &EncodedEvent) -> Message {
 
 /// Serves one upgraded connection until either side closes it.
 async fn serve(socket: Socket, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(
-        shared.conversations.clone(),
-        shared.config.clone(),
-        shared.metrics.clone(),
-    );
+    let (mut session, mut inbox) = Session::open(&shared);
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
     loop {

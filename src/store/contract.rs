@@ -33,6 +33,7 @@ macro_rules! contract {
                 renaming_an_unknown_conversation_is_not_found,
                 a_deleted_conversation_is_gone_with_its_messages,
                 streaming_replies_are_marked_interrupted,
+                marking_one_conversation_interrupted_changes_only_its_streaming_replies,
             );
         }
     };
@@ -370,6 +371,31 @@ async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore)
         assert_eq!(stored(store, &expected.id).await, expected);
     }
     assert_eq!(store.mark_interrupted().await, Ok(0));
+}
+
+async fn marking_one_conversation_interrupted_changes_only_its_streaming_replies(
+    store: &dyn ConversationStore,
+) {
+    let mut expected = Vec::new();
+    for (id, at) in [("a", 1_000), ("b", 2_000)] {
+        let mut c = conversation(id, id, at);
+        c.messages = vec![
+            streaming(id, "cut", at),
+            Message {
+                status: Some(MessageStatus::Complete),
+                ..message(id, Role::Assistant, "done", at)
+            },
+        ];
+        store.create_conversation(&c).await.unwrap();
+        expected.push(c);
+    }
+    assert_eq!(store.mark_interrupted_in("a").await, Ok(1));
+    assert_eq!(store.mark_interrupted_in("a").await, Ok(0));
+    assert_eq!(store.mark_interrupted_in("unknown").await, Ok(0));
+    expected[0].messages[0].status = Some(MessageStatus::Error);
+    for c in expected {
+        assert_eq!(stored(store, &c.id).await, c);
+    }
 }
 
 contract!(memory => fresh_memory);

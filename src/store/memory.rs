@@ -134,15 +134,27 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {
-        self.write(|map| {
-            let mut count = 0;
-            for message in map.values_mut().flat_map(|c| c.messages.iter_mut()) {
-                if message.status == Some(MessageStatus::Streaming) {
-                    message.status = Some(MessageStatus::Error);
-                    count += 1;
-                }
-            }
-            count
-        })
+        self.write(|map| mark_streaming_as_error(map.values_mut()))
     }
+
+    async fn mark_interrupted_in(&self, conversation_id: &str) -> Result<u64, StoreError> {
+        self.write(|map| mark_streaming_as_error(map.get_mut(conversation_id)))
+    }
+}
+
+/// Marks the `streaming` replies of `conversations` as `error`; how many there were.
+fn mark_streaming_as_error<'a>(
+    conversations: impl IntoIterator<Item = &'a mut Conversation>,
+) -> u64 {
+    let mut count = 0;
+    for message in conversations
+        .into_iter()
+        .flat_map(|c| c.messages.iter_mut())
+    {
+        if message.status == Some(MessageStatus::Streaming) {
+            message.status = Some(MessageStatus::Error);
+            count += 1;
+        }
+    }
+    count
 }

@@ -69,6 +69,9 @@ pub trait ConversationStore: Send + Sync {
     async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError>;
     /// Marks every reply still `streaming` as `error` (interrupted); run at start-up.
     async fn mark_interrupted(&self) -> Result<u64, StoreError>;
+    /// Marks the replies of one conversation still `streaming` as `error`, and nothing else: no
+    /// other field and no reply that has left `streaming` meanwhile.
+    async fn mark_interrupted_in(&self, conversation_id: &str) -> Result<u64, StoreError>;
 }
 
 /// The store `DATABASE_URL` names: `memory`, or a `sqlite:` URL.

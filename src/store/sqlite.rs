@@ -102,6 +102,7 @@ enum Write {
     },
     DeleteConversation(String),
     MarkInterrupted,
+    MarkInterruptedIn(String),
 }
 
 impl Write {
@@ -416,6 +417,11 @@ impl ConversationStore for SqliteStore {
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {
         self.write(Write::MarkInterrupted).await
     }
+
+    async fn mark_interrupted_in(&self, conversation_id: &str) -> Result<u64, StoreError> {
+        self.write(Write::MarkInterruptedIn(conversation_id.to_owned()))
+            .await
+    }
 }
 
 /// The writer thread: takes every write waiting, commits them in one transaction, then answers
@@ -545,6 +551,11 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
             tx,
             "UPDATE messages SET status = 'error' WHERE status = 'streaming'",
             [],
+        ),
+        Write::MarkInterruptedIn(id) => run(
+            tx,
+            "UPDATE messages SET status = 'error' WHERE conversation_id = ? AND status = 'streaming'",
+            [id],
         ),
     }
 }

@@ -1,0 +1,142 @@
+//! The tasks that ask the model for a reply. Each runs on its own, so the actor never waits on
+//! the model, and reports to the actor's mailbox under its reply's generation number; news from
+//! a reply that has already ended is ignored there. Aborting the task stops the model.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, TryFutureExt, TryStreamExt};
+use ractor::ActorRef;
+use tokio::task::AbortHandle;
+
+use super::{ConversationContext, ConversationMsg};
+use crate::llm::{ModelProvider, Prompt, ProviderError};
+
+/// What a generation task reports.
+pub enum GenerationEvent {
+    /// New text of a streamed reply.
+    Piece(String),
+    /// The model has been silent for the heartbeat interval.
+    Silent,
+    /// The streamed reply ended.
+    Finished(Result<(), ProviderError>),
+    /// A reply generated in one piece.
+    Whole(Result<String, ProviderError>),
+}
+
+/// Starts the task that streams reply `generation` from the model into the actor's mailbox.
+pub(super) fn spawn_streamed(
+    ctx: Arc<ConversationContext>,
+    actor: ActorRef<ConversationMsg>,
+    generation: u64,
+    prompt: Prompt,
+) -> AbortHandle {
+    tokio::spawn(async move {
+        let report = |event| {
+            actor
+                .send_message(ConversationMsg::Generated { generation, event })
+                .is_ok()
+        };
+        let started = std::time::Instant::now();
+        let result = within(
+            ctx.settings.upstream_timeout,
+            read_stream(
+                &*ctx.provider,
+                prompt,
+                ctx.settings.heartbeat_interval,
+                &report,
+            ),
+        )
+        .await;
+        ctx.metrics
+            .upstream_finished(started.elapsed(), result.is_err());
+        report(GenerationEvent::Finished(result));
+    })
+    .abort_handle()
+}
+
+/// Starts the task that asks the model for reply `generation` in one piece.
+pub(super) fn spawn_whole(
+    ctx: Arc<ConversationContext>,
+    actor: ActorRef<ConversationMsg>,
+    generation: u64,
+    prompt: Prompt,
+) -> AbortHandle {
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let whole = ctx.provider.complete(prompt).map_ok(|reply| reply.text);
+        let result = within(ctx.settings.upstream_timeout, whole).await;
+        ctx.metrics
+            .upstream_finished(started.elapsed(), result.is_err());
+        let event = GenerationEvent::Whole(result);
+        let _ = actor.send_message(ConversationMsg::Generated { generation, event });
+    })
+    .abort_handle()
+}
+
+/// Runs `work` for at most `limit`; running out of time is a provider failure.
+async fn within<T>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(ProviderError("the model did not finish in time".into())))
+}
+
+/// Reads the model's stream, merging pieces that are already waiting into one, and reports
+/// silence longer than `heartbeat`. Returns early when the actor is gone.
+async fn read_stream(
+    provider: &dyn ModelProvider,
+    prompt: Prompt,
+    heartbeat: Duration,
+    report: &impl Fn(GenerationEvent) -> bool,
+) -> Result<(), ProviderError> {
+    let mut stream = with_heartbeat(provider.stream(prompt), heartbeat, report)
+        .await?
+        .try_filter_map(|item| futures::future::ok(item.into_text()));
+    loop {
+        let Some(piece) = with_heartbeat(stream.next(), heartbeat, report).await else {
+            return Ok(());
+        };
+        let mut text = piece?;
+        let mut end = None;
+        while let Some(next) = stream.next().now_or_never() {
+            match next {
+                Some(Ok(more)) => text.push_str(&more),
+                Some(Err(e)) => {
+                    end = Some(Err(e));
+                    break;
+                }
+                None => {
+                    end = Some(Ok(()));
+                    break;
+                }
+            }
+        }
+        if !report(GenerationEvent::Piece(text)) {
+            return Ok(());
+        }
+        if let Some(end) = end {
+            return end;
+        }
+    }
+}
+
+/// Awaits `work`, reporting `Silent` every `interval` it takes.
+async fn with_heartbeat<T>(
+    work: impl Future<Output = T>,
+    interval: Duration,
+    report: &impl Fn(GenerationEvent) -> bool,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    loop {
+        match tokio::time::timeout(interval, &mut work).await {
+            Ok(value) => return value,
+            Err(_) => {
+                report(GenerationEvent::Silent);
+            }
+        }
+    }
+}

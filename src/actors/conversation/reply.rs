@@ -1,0 +1,347 @@
+//! The reply in progress: the text the model has sent so far, fanned out chunk by chunk and
+//! checkpointed now and then, and the one way a reply ends.
+//!
+//! Every ending (the model finished or failed, a client stopped it, the server is stopping, the
+//! conversation was deleted) goes through [`ConversationState::end_reply`]: the model's task is
+//! aborted, the reply is stored with its final status, the REST caller waiting for it is
+//! answered, the members are told, and only then does it count as finished. The bookkeeping that
+//! must never be missed (abort the task, count the reply finished, release shutdown) is done by
+//! dropping the reply, so no early return and no failing actor can skip it.
+
+use std::sync::Arc;
+
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use super::generation::GenerationEvent;
+use super::{Answer, ChatCompleted, ConversationContext, ConversationState, Resume};
+use crate::actors::events::ChatEvent;
+use crate::domain::{Message, MessageStatus, Role, Timestamp};
+use crate::error::ChatError;
+use crate::metrics::Metrics;
+
+/// The text of a reply whose model failed, as the original server sent it.
+pub const APOLOGY: &str =
+    "I apologize, but I encountered an error while processing your request. Please try again.";
+
+/// The reply in progress.
+pub(super) struct Reply {
+    /// Which generation task's news belongs to this reply.
+    pub(super) generation: u64,
+    message_id: String,
+    /// The REST caller waiting for a reply generated in one piece; `None` when streamed.
+    waiter: Option<Answer<ChatCompleted>>,
+    /// Byte length of the content after each chunk; `offsets[seq]`.
+    offsets: Vec<usize>,
+    last_checkpoint: Instant,
+    in_progress: InProgress,
+}
+
+/// What a reply holds while it is in progress, given back when the reply is dropped however it
+/// ends: the model's task is aborted, and the reply stops counting in the metrics and in the
+/// replies shutdown waits for.
+struct InProgress {
+    task: AbortHandle,
+    metrics: Arc<Metrics>,
+    _tracked: TaskTrackerToken,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.metrics.reply_finished();
+    }
+}
+
+/// How a reply ends.
+pub(super) enum Ending {
+    /// The model finished; a reply generated in one piece comes with its whole text.
+    Completed(String),
+    /// The model failed, timed out or broke off.
+    Failed,
+    /// A client stopped it.
+    Stopped,
+    /// The server is stopping.
+    Interrupted,
+    /// The conversation was deleted: nothing is left to store.
+    Deleted,
+}
+
+impl Reply {
+    /// Reply `generation`, stored as `message_id`, that `task` is generating; `waiter` is the REST
+    /// caller of a reply generated in one piece.
+    pub(super) fn start(
+        ctx: &ConversationContext,
+        generation: u64,
+        message_id: String,
+        task: AbortHandle,
+        waiter: Option<Answer<ChatCompleted>>,
+    ) -> Reply {
+        ctx.metrics.reply_started();
+        Reply {
+            generation,
+            message_id,
+            waiter,
+            offsets: vec![0],
+            last_checkpoint: Instant::now(),
+            in_progress: InProgress {
+                task,
+                metrics: ctx.metrics.clone(),
+                _tracked: ctx.replies.token(),
+            },
+        }
+    }
+
+    /// Whether the reply is stored as message `id`.
+    pub(super) fn is(&self, id: &str) -> bool {
+        self.message_id == id
+    }
+
+    /// The sequence number of the last chunk sent.
+    fn seq(&self) -> u64 {
+        (self.offsets.len() - 1) as u64
+    }
+
+    /// What a connection joining now missed of this reply, whose text so far is `content`:
+    /// `stream_start` unless it resumes this reply, then one chunk with all the text it has not
+    /// seen. A reply generated in one piece is shown only once complete.
+    pub(super) fn missed(
+        &self,
+        conversation_id: &str,
+        content: &str,
+        resume: Option<Resume>,
+    ) -> Vec<ChatEvent> {
+        if self.waiter.is_some() {
+            return Vec::new();
+        }
+        let seen = resume
+            .filter(|r| r.message_id == self.message_id)
+            .map(|r| r.seq.min(self.seq()) as usize);
+        let mut events = Vec::new();
+        if seen.is_none() {
+            events.push(ChatEvent::StreamStart {
+                message_id: self.message_id.clone(),
+                conversation_id: conversation_id.to_owned(),
+            });
+        }
+        let from = self.offsets[seen.unwrap_or(0)];
+        if let Some(delta) = content.get(from..).filter(|d| !d.is_empty()) {
+            events.push(ChatEvent::StreamChunk {
+                message_id: self.message_id.clone(),
+                conversation_id: conversation_id.to_owned(),
+                content: content.to_owned(),
+                delta: delta.to_owned(),
+                is_complete: false,
+                seq: self.seq(),
+            });
+        }
+        events
+    }
+}
+
+impl ConversationState {
+    /// Handles news from the task generating reply `generation`; news of an ended reply is
+    /// ignored.
+    pub(super) async fn handle_generated(&mut self, generation: u64, event: GenerationEvent) {
+        let Some(reply) = self.reply.as_ref().filter(|r| r.generation == generation) else {
+            return;
+        };
+        match event {
+            GenerationEvent::Piece(text) => self.append(text).await,
+            GenerationEvent::Silent => {
+                let event = ChatEvent::StreamHeartbeat {
+                    message_id: reply.message_id.clone(),
+                    conversation_id: self.id.to_string(),
+                };
+                self.members.broadcast(event);
+            }
+            GenerationEvent::Finished(Ok(())) => {
+                self.end_reply(Ending::Completed(String::new())).await
+            }
+            GenerationEvent::Whole(Ok(text)) => self.end_reply(Ending::Completed(text)).await,
+            GenerationEvent::Finished(Err(e)) | GenerationEvent::Whole(Err(e)) => {
+                tracing::warn!(conversation = %self.id, error = %e, "reply failed");
+                self.end_reply(Ending::Failed).await
+            }
+        }
+    }
+
+    /// Appends new text to the streaming reply, fans it out, and checkpoints it now and then.
+    async fn append(&mut self, text: String) {
+        let (Some(reply), Some(conversation)) = (self.reply.as_mut(), self.conversation.as_mut())
+        else {
+            return;
+        };
+        let Some(message) = conversation
+            .messages
+            .iter_mut()
+            .rev()
+            .find(|m| m.id == reply.message_id)
+        else {
+            return;
+        };
+        message.content.push_str(&text);
+        let content = message.content.clone();
+        reply.offsets.push(content.len());
+        let checkpoint = reply.last_checkpoint.elapsed() >= self.ctx.settings.checkpoint_interval;
+        if checkpoint {
+            reply.last_checkpoint = Instant::now();
+        }
+        let message_id = reply.message_id.clone();
+        let seq = reply.seq();
+        self.ctx.metrics.tokens_streamed(1);
+        self.members.broadcast(ChatEvent::StreamChunk {
+            message_id: message_id.clone(),
+            conversation_id: self.id.to_string(),
+            content,
+            delta: text,
+            is_complete: false,
+            seq,
+        });
+        if checkpoint {
+            self.save_streamed(&message_id).await;
+        }
+    }
+
+    /// The streamed reply stored as `message_id`, in the conversation.
+    fn streamed_message(&mut self, message_id: &str) -> Option<&mut Message> {
+        self.conversation
+            .as_mut()?
+            .messages
+            .iter_mut()
+            .rev()
+            .find(|m| m.id == message_id)
+    }
+
+    /// Saves the streamed reply `message_id` as it is now, and moves `updatedAt` with it.
+    async fn save_streamed(&mut self, message_id: &str) {
+        let store = self.ctx.store.clone();
+        let now = Timestamp::now();
+        let Some(message) = self.streamed_message(message_id).cloned() else {
+            return;
+        };
+        if let Some(conversation) = self.conversation.as_mut() {
+            conversation.updated_at = now;
+        }
+        if let Err(e) = store.save_message(&message, now).await {
+            tracing::error!(conversation = %self.id, error = %e, "could not save reply");
+        }
+    }
+
+    /// Ends the reply in progress, if any; the one way every reply ends (see the module).
+    pub(super) async fn end_reply(&mut self, ending: Ending) {
+        let Some(mut reply) = self.reply.take() else {
+            return;
+        };
+        reply.in_progress.task.abort();
+        match reply.waiter.take() {
+            Some(waiter) => {
+                let outcome = self.end_whole(&reply.message_id, ending).await;
+                let _ = waiter.send(outcome);
+            }
+            None => self.end_streamed(&mut reply, ending).await,
+        }
+        // Stored and told: now it counts as finished.
+        drop(reply);
+    }
+
+    /// Stores a streamed reply with its final status and sends the members its last chunk and
+    /// `stream_complete`.
+    async fn end_streamed(&mut self, reply: &mut Reply, ending: Ending) {
+        let status = match ending {
+            Ending::Completed(_) => MessageStatus::Complete,
+            Ending::Failed | Ending::Interrupted => MessageStatus::Error,
+            Ending::Stopped => MessageStatus::Cancelled,
+            Ending::Deleted => return,
+        };
+        let complete = ChatEvent::StreamComplete {
+            message_id: reply.message_id.clone(),
+            conversation_id: self.id.to_string(),
+        };
+        let Some(message) = self.streamed_message(&reply.message_id) else {
+            tracing::warn!(conversation = %self.id, "a streamed reply's message was gone at its end");
+            self.members.broadcast(complete);
+            return;
+        };
+        let tail = match ending {
+            Ending::Failed if message.content.is_empty() => APOLOGY.to_owned(),
+            Ending::Failed => format!("\n\n{APOLOGY}"),
+            _ => String::new(),
+        };
+        message.content.push_str(&tail);
+        message.status = Some(status);
+        let content = message.content.clone();
+        self.save_streamed(&reply.message_id).await;
+        reply.offsets.push(content.len());
+        self.members.broadcast(ChatEvent::StreamChunk {
+            message_id: reply.message_id.clone(),
+            conversation_id: self.id.to_string(),
+            content,
+            delta: tail,
+            is_complete: true,
+            seq: reply.seq(),
+        });
+        self.members.broadcast(complete);
+    }
+
+    /// The answer to the REST caller of a reply generated in one piece: the stored reply when
+    /// the model finished or a client stopped it, an error otherwise (nothing is stored).
+    async fn end_whole(
+        &mut self,
+        message_id: &str,
+        ending: Ending,
+    ) -> Result<ChatCompleted, ChatError> {
+        match ending {
+            Ending::Completed(text) => {
+                self.store_whole(message_id, text, MessageStatus::Complete)
+                    .await
+            }
+            Ending::Stopped => {
+                self.store_whole(message_id, String::new(), MessageStatus::Cancelled)
+                    .await
+            }
+            Ending::Failed | Ending::Interrupted => Err(ChatError::Upstream),
+            Ending::Deleted => Err(ChatError::NotFound),
+        }
+    }
+
+    /// Stores a reply generated in one piece and shows it to the members as a one-chunk stream.
+    async fn store_whole(
+        &mut self,
+        message_id: &str,
+        text: String,
+        status: MessageStatus,
+    ) -> Result<ChatCompleted, ChatError> {
+        let store = self.ctx.store.clone();
+        let conversation = self.existing()?;
+        let mut message = Message::new(&conversation.id, Role::Assistant, text);
+        message.id = message_id.to_owned();
+        message.status = Some(status);
+        store.save_message(&message, message.timestamp).await?;
+        conversation.updated_at = message.timestamp;
+        conversation.messages.push(message.clone());
+        let snapshot = conversation.clone();
+        let conversation_id = self.id.to_string();
+        self.members.broadcast(ChatEvent::StreamStart {
+            message_id: message.id.clone(),
+            conversation_id: conversation_id.clone(),
+        });
+        self.members.broadcast(ChatEvent::StreamChunk {
+            message_id: message.id.clone(),
+            conversation_id: conversation_id.clone(),
+            content: message.content.clone(),
+            delta: message.content.clone(),
+            is_complete: true,
+            seq: 1,
+        });
+        self.members.broadcast(ChatEvent::StreamComplete {
+            message_id: message.id.clone(),
+            conversation_id,
+        });
+        Ok(ChatCompleted {
+            message,
+            conversation: snapshot,
+        })
+    }
+}

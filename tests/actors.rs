@@ -1,0 +1,49 @@
+//! What the conversation actors show from outside: who is a member of a conversation, and when
+//! its actor leaves memory.
+
+mod support;
+
+use support::RealtimeClient;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{ModelServer, TestServer, config_for, words};
+
+#[tokio::test]
+async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates() {
+    let model = ModelServer::start().await;
+    model.set_reply(words(5), Duration::from_millis(100));
+    let mut config = config_for(&model);
+    config.conversations.idle_timeout = Duration::from_millis(100);
+    let server = TestServer::start(config).await;
+
+    for (round, refused) in ["stream_chat", "regenerate"].into_iter().enumerate() {
+        let id = format!("busy-{round}");
+        let mut first = server.ws().await;
+        first
+            .send(
+                "stream_chat",
+                json!({"conversationId": id, "message": "hi"}),
+            )
+            .await;
+        assert_eq!(first.next().await.0, "stream_start");
+
+        // Another tab asks for a reply while this one streams, is refused, and goes.
+        let mut second = server.ws().await;
+        second
+            .send(refused, json!({"conversationId": id, "message": "me too"}))
+            .await;
+        let (event, error) = second.next().await;
+        assert_eq!(event, "error", "{error}");
+        assert_eq!(error["code"], "CONFLICT");
+        first.until_complete().await;
+        assert_eq!(second.try_next(Duration::from_millis(200)).await, None);
+        second.close().await;
+        first.close().await;
+
+        server
+            .wait_for_health(|h| h["activeConnections"] == 0 && h["activeConversations"] == 0)
+            .await;
+    }
+}
