@@ -1,5 +1,6 @@
 //! The plain WebSocket transport at `/ws`: text frames of `{"event": NAME, "data": PAYLOAD}`.
-//! A frame that carries an `id` is answered with an `ack` frame once handled.
+//! A frame that carries an `id` is answered with an `ack` frame once handled. Connections are
+//! pinged, and one that sends nothing back in time is closed.
 //!
 //! The handshake is answered here (with tungstenite's accept key) rather than by warp's filter, so
 //! that every connection gets small read and write buffers: an idle connection costs a few
@@ -12,6 +13,7 @@ use futures::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -148,6 +150,12 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
     );
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
+    let ping_interval = shared.config.ws_ping_interval;
+    let ping_timeout = shared.config.ws_ping_timeout;
+    // One timer per connection: when to ping next, or, once a ping is out, when to give up.
+    let heartbeat = tokio::time::sleep(ping_interval);
+    tokio::pin!(heartbeat);
+    let mut ping_sent: Option<Instant> = None;
     loop {
         tokio::select! {
             frame = frames.next() => {
@@ -163,11 +171,29 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
                 if let Message::Close(_) = frame {
                     break;
                 }
+                // Any frame answers the ping that is out.
+                if let Some(sent) = ping_sent.take() {
+                    heartbeat.as_mut().reset(sent + ping_interval);
+                }
                 // Boxed, like the rejoin: the connection's task stays small while it waits.
                 let answer = Box::pin(handle_frame(&mut session, frame)).await;
                 if !answer.is_empty() && !write(&mut sink, answer, &inbox.dropped).await {
                     break;
                 }
+            }
+            () = &mut heartbeat => {
+                if ping_sent.is_some() {
+                    // The client is presumed gone: no close frame, the socket is just dropped.
+                    tracing::debug!(connection = session.id(), "no answer to a ping, closing");
+                    break;
+                }
+                let now = Instant::now();
+                let ping = sink.send(Message::Ping(Default::default()));
+                if !matches!(tokio::time::timeout(ping_timeout, ping).await, Ok(Ok(()))) {
+                    break;
+                }
+                ping_sent = Some(now);
+                heartbeat.as_mut().reset(now + ping_timeout);
             }
             Some(event) = inbox.events.recv() => {
                 let mut batch = vec![text(&event)];
