@@ -346,6 +346,27 @@ impl WsClient {
         }
     }
 
+    /// How many pings the server sent within `wait` (each answered), and whether the
+    /// connection was still open at the end; events on the way are kept.
+    pub async fn pings_within(&mut self, wait: Duration) -> (usize, bool) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pings = 0;
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.next()).await {
+                Err(_) => return (pings, true),
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let frame = serde_json::from_str(&text).expect("frames are JSON");
+                    self.pending.push_back(event_of(frame));
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => {
+                    return (pings, false);
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
     /// Whether the server closed the connection (or it ended) within `wait`.
     pub async fn closed_within(&mut self, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
