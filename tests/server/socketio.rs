@@ -90,7 +90,12 @@ async fn an_event_without_data_gets_an_error_and_the_socket_stays() {
 
 #[tokio::test]
 async fn a_thousand_token_reply_reaches_a_polling_client_whole() {
-    let (server, model) = TestServer::with_model().await;
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    // A thousand chunks of a growing reply take seconds on a busy machine; the whole reply's
+    // time limit is not what this test is about.
+    config.conversations.upstream_timeout = Duration::from_secs(60);
+    let server = TestServer::start(config).await;
     let pieces: Vec<String> = (0..1000).map(|i| format!("token{i} ")).collect();
     model.set_reply(pieces, Duration::ZERO);
     let mut client =
