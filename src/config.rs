@@ -49,6 +49,11 @@ pub struct Config {
     pub max_message_chars: usize,
     /// Largest real-time frame in bytes (`WS_MAX_FRAME_BYTES`).
     pub ws_max_frame_bytes: usize,
+    /// How often a `/ws` connection is pinged (`WS_PING_INTERVAL_MS`).
+    pub ws_ping_interval: Duration,
+    /// How long a `/ws` connection may take to answer a ping before it is closed
+    /// (`WS_PING_TIMEOUT_MS`); any frame from the client counts as an answer.
+    pub ws_ping_timeout: Duration,
     /// Packets buffered for one Socket.IO connection before it counts as too slow and is dropped
     /// (`SOCKETIO_BUFFER`).
     pub socketio_buffer: usize,
@@ -163,6 +168,8 @@ impl Config {
             body_limit_bytes: vars.positive("BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
             max_message_chars: vars.positive("MAX_MESSAGE_CHARS", 32_000)?,
             ws_max_frame_bytes: vars.positive("WS_MAX_FRAME_BYTES", 1024 * 1024)?,
+            ws_ping_interval: vars.millis("WS_PING_INTERVAL_MS", 25_000)?,
+            ws_ping_timeout: vars.millis("WS_PING_TIMEOUT_MS", 20_000)?,
             socketio_buffer: vars.positive("SOCKETIO_BUFFER", 1024)?,
             max_joined_conversations: vars.positive("MAX_JOINED_CONVERSATIONS", 100)?,
             subscriber_queue: vars.positive("SUBSCRIBER_QUEUE", 1024)?,
@@ -301,6 +308,8 @@ mod tests {
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
         assert_eq!(c.rt_messages_per_minute, 30);
         assert_eq!(c.max_connections_per_ip, 64);
+        assert_eq!(c.ws_ping_interval, Duration::from_secs(25));
+        assert_eq!(c.ws_ping_timeout, Duration::from_secs(20));
     }
 
     #[test]
@@ -327,6 +336,8 @@ mod tests {
             ("LOG_FORMAT", "json"),
             ("RT_MESSAGES_PER_MINUTE", "0"),
             ("MAX_CONNECTIONS_PER_IP", "2"),
+            ("WS_PING_INTERVAL_MS", "250"),
+            ("WS_PING_TIMEOUT_MS", "100"),
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
@@ -335,6 +346,8 @@ mod tests {
         assert!(c.log_json);
         assert_eq!(c.rt_messages_per_minute, 0);
         assert_eq!(c.max_connections_per_ip, 2);
+        assert_eq!(c.ws_ping_interval, Duration::from_millis(250));
+        assert_eq!(c.ws_ping_timeout, Duration::from_millis(100));
     }
 
     #[test]

@@ -1,4 +1,6 @@
 //! The plain WebSocket transport at `/ws`: text frames of `{"event": NAME, "data": PAYLOAD}`.
+//! A frame that carries an `id` is answered with an `ack` frame once handled. Connections are
+//! pinged, and one that sends nothing back in time is closed.
 //!
 //! The handshake is answered here (with tungstenite's accept key) rather than by warp's filter, so
 //! that every connection gets small read and write buffers: an idle connection costs a few
@@ -10,7 +12,8 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde_json::{Value, json};
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -143,6 +146,12 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
     let (mut session, mut inbox) = Session::open(&shared);
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
+    let ping_interval = shared.config.ws_ping_interval;
+    let ping_timeout = shared.config.ws_ping_timeout;
+    // One timer per connection: when to ping next, or, once a ping is out, when to give up.
+    let heartbeat = tokio::time::sleep(ping_interval);
+    tokio::pin!(heartbeat);
+    let mut ping_sent: Option<Instant> = None;
     loop {
         tokio::select! {
             frame = frames.next() => {
@@ -158,12 +167,29 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
                 if let Message::Close(_) = frame {
                     break;
                 }
+                // Any frame answers the ping that is out.
+                if let Some(sent) = ping_sent.take() {
+                    heartbeat.as_mut().reset(sent + ping_interval);
+                }
                 // Boxed, like the rejoin: the connection's task stays small while it waits.
-                if let Some(reply) = Box::pin(handle_frame(&mut session, frame)).await
-                    && !write(&mut sink, vec![reply], &inbox.dropped).await
-                {
+                let answer = Box::pin(handle_frame(&mut session, frame)).await;
+                if !answer.is_empty() && !write(&mut sink, answer, &inbox.dropped).await {
                     break;
                 }
+            }
+            () = &mut heartbeat => {
+                if ping_sent.is_some() {
+                    // The client is presumed gone: no close frame, the socket is just dropped.
+                    tracing::debug!(connection = session.id(), "no answer to a ping, closing");
+                    break;
+                }
+                let now = Instant::now();
+                let ping = sink.send(Message::Ping(Default::default()));
+                if !matches!(tokio::time::timeout(ping_timeout, ping).await, Ok(Ok(()))) {
+                    break;
+                }
+                ping_sent = Some(now);
+                heartbeat.as_mut().reset(now + ping_timeout);
             }
             Some(event) = inbox.events.recv() => {
                 let mut batch = vec![text(&event)];
@@ -217,24 +243,64 @@ async fn write(
     }
 }
 
-/// Handles one client frame; the answer is an `error` frame to send back, if any.
-async fn handle_frame(session: &mut Session, frame: Message) -> Option<Message> {
-    let result = match &frame {
-        Message::Text(text) => dispatch(session, text.as_str()).await,
-        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => Ok(()),
+/// Handles one client frame; the answer is the frames to send back: an `error` event when it
+/// failed, then the acknowledgement when the frame carried an `id`.
+async fn handle_frame(session: &mut Session, frame: Message) -> Vec<Message> {
+    let request = match &frame {
+        Message::Text(text) => parse_json(text.as_bytes()),
         Message::Binary(_) => Err(ApiError::InvalidRequest("Frames must be JSON text".into())),
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) | Message::Close(_) => {
+            return Vec::new();
+        }
     };
-    result.err().map(|error| text(&error.event().encode()))
+    let (ack_id, result) = match request {
+        Ok(request) => dispatch(session, request).await,
+        Err(error) => (None, Err(error)),
+    };
+    let mut answer = Vec::new();
+    let acknowledgement = match result {
+        Ok(value) => value,
+        Err(error) => {
+            answer.push(text(&error.event().encode()));
+            json!({ "error": error.body() })
+        }
+    };
+    if let Some(id) = ack_id {
+        let ack = json!({ "event": "ack", "id": id, "data": acknowledgement });
+        answer.push(Message::text(ack.to_string()));
+    }
+    answer
 }
 
-async fn dispatch(session: &mut Session, text: &str) -> Result<(), ApiError> {
-    let value = parse_json(text.as_bytes())?;
-    let event = value
-        .get("event")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::InvalidRequest("event must be a string".into()))?;
-    let data = value.get("data").unwrap_or(&Value::Null);
-    session.handle(event, data).await.map(drop)
+/// Handles one client request `{event, data, id?}`: the acknowledgement id it carried, if any,
+/// and the handler's value.
+async fn dispatch(
+    session: &mut Session,
+    mut request: Value,
+) -> (Option<Value>, Result<Value, ApiError>) {
+    let ack_id = match take_ack_id(&mut request) {
+        Ok(id) => id,
+        Err(error) => return (None, Err(error)),
+    };
+    let result = match request.get("event").and_then(Value::as_str) {
+        Some(event) => {
+            let data = request.get("data").unwrap_or(&Value::Null);
+            session.handle(event, data).await
+        }
+        None => Err(ApiError::InvalidRequest("event must be a string".into())),
+    };
+    (ack_id, result)
+}
+
+/// Takes a request's acknowledgement id out of it: a string or a number; null is none.
+fn take_ack_id(request: &mut Value) -> Result<Option<Value>, ApiError> {
+    match request.get_mut("id").map(Value::take) {
+        None | Some(Value::Null) => Ok(None),
+        Some(id @ (Value::String(_) | Value::Number(_))) => Ok(Some(id)),
+        Some(_) => Err(ApiError::InvalidRequest(
+            "id must be a string or a number".into(),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -247,5 +313,19 @@ mod tests {
         headers.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
         assert!(header_has(&headers, header::CONNECTION, "upgrade"));
         assert!(!header_has(&headers, header::UPGRADE, "websocket"));
+    }
+
+    #[test]
+    fn acknowledgement_ids_are_strings_or_numbers() {
+        for id in [json!("a"), json!(""), json!(0), json!(-2.5)] {
+            let mut request = json!({ "event": "e", "id": id });
+            assert_eq!(take_ack_id(&mut request).ok(), Some(Some(id)));
+        }
+        for request in [json!({ "event": "e" }), json!({ "id": null }), json!([1])] {
+            assert_eq!(take_ack_id(&mut request.clone()).ok(), Some(None));
+        }
+        for id in [json!(true), json!([1]), json!({ "n": 1 })] {
+            assert!(take_ack_id(&mut json!({ "id": id })).is_err());
+        }
     }
 }

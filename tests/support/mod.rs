@@ -1,10 +1,11 @@
-//! What the black-box tests share: a real server on `127.0.0.1:0`, a test model server, and
-//! HTTP and WebSocket clients.
-#![allow(dead_code, unused_imports)]
+//! What the black-box tests share: a real server on `127.0.0.1:0`, a test model server, HTTP,
+//! WebSocket and Socket.IO clients, and what a realtime scenario needs to run over either
+//! transport ([`RealtimeClient`], `over_both_transports!`).
 
 pub mod model_server;
 pub mod process;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use model_server::{Mode, ModelServer, pieces_of};
@@ -95,10 +96,12 @@ impl TestServer {
         (TestServer::start(config_for(&model)).await, model)
     }
 
+    /// Where the server listens.
     pub fn addr(&self) -> SocketAddr {
         self.app.addr()
     }
 
+    /// The server's URL for `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr(), path)
     }
@@ -108,10 +111,12 @@ impl TestServer {
         call_at(self.addr(), method, path, body).await
     }
 
+    /// `GET path`.
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.call("GET", path, None).await
     }
 
+    /// `POST path` with a JSON body.
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call("POST", path, Some(body)).await
     }
@@ -168,17 +173,46 @@ impl TestServer {
 
 /// What the tests do the same way over either real-time transport.
 #[allow(async_fn_in_trait)]
-pub trait RealtimeClient {
+pub trait RealtimeClient: Sized {
+    /// Connects to the server at `addr` as a front end would (Socket.IO: its default
+    /// transports, polling first, then the upgrade to websocket).
+    async fn connect(addr: SocketAddr) -> Self;
+    /// Sends one event, asking for no acknowledgement.
+    async fn emit(&mut self, event: &str, data: Value);
+    /// Sends one event asking for an acknowledgement, and returns it; the events that arrive
+    /// meanwhile are kept for [`RealtimeClient::next`].
+    async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value;
+    /// The next event within `wait`, if any; none once the connection is closed.
+    async fn try_next(&mut self, wait: Duration) -> Option<(String, Value)>;
+    /// Closes the connection cleanly.
+    async fn close(self);
+    /// Drops the connection without a goodbye, as a client that dies does.
+    async fn kill(self);
+
     /// The next event, as (name, data); fails after [`WAIT`].
-    async fn next_event(&mut self) -> (String, Value);
-    /// Sends one event.
-    async fn send_event(&mut self, event: &str, data: Value);
+    async fn next(&mut self) -> (String, Value) {
+        self.try_next(WAIT).await.expect("an event in time")
+    }
+
+    /// Joins a conversation and waits until the server has handled the join.
+    async fn join(&mut self, conversation_id: &str) {
+        self.join_from(json!({ "conversationId": conversation_id }))
+            .await;
+    }
+
+    /// Joins with any payload (a resume point, say) and waits until the server has handled it.
+    async fn join_from(&mut self, payload: Value) {
+        let ack = self
+            .emit_with_ack("join_conversation", payload.clone())
+            .await;
+        assert_eq!(ack, json!({ "conversationId": payload["conversationId"] }));
+    }
 
     /// Events up to and including `stream_complete`.
     async fn until_complete(&mut self) -> Vec<(String, Value)> {
         let mut events = Vec::new();
         loop {
-            let event = self.next_event().await;
+            let event = self.next().await;
             let done = event.0 == "stream_complete";
             events.push(event);
             if done {
@@ -190,40 +224,99 @@ pub trait RealtimeClient {
     /// Sends `stream_chat` and returns every event up to `stream_complete`.
     async fn chat(&mut self, conversation_id: &str, message: &str) -> Vec<(String, Value)> {
         let data = json!({"conversationId": conversation_id, "message": message});
-        self.send_event("stream_chat", data).await;
+        self.emit("stream_chat", data).await;
         self.until_complete().await
     }
 }
 
-impl RealtimeClient for WsClient {
-    async fn next_event(&mut self) -> (String, Value) {
-        self.next().await
-    }
-
-    async fn send_event(&mut self, event: &str, data: Value) {
-        self.send(event, data).await;
-    }
+/// Runs each generic scenario `async fn NAME<C: RealtimeClient>()` of the calling module over
+/// both transports, as the tests `ws::NAME` and `socketio::NAME`.
+macro_rules! over_both_transports {
+    ($($scenario:ident),* $(,)?) => {
+        mod ws {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario::<crate::support::WsClient>().await;
+                }
+            )*
+        }
+        mod socketio {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario::<crate::support::socketio::SioClient>().await;
+                }
+            )*
+        }
+    };
 }
+pub(crate) use over_both_transports;
 
-/// A plain WebSocket client speaking `{"event", "data"}` frames.
+/// A plain WebSocket client speaking `{"event", "data", "id"?}` frames. It answers pings
+/// whenever it reads.
 pub struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Events read while waiting for an acknowledgement.
+    pending: VecDeque<(String, Value)>,
+    next_ack: u64,
 }
 
-impl WsClient {
-    pub async fn connect(addr: SocketAddr) -> WsClient {
+impl RealtimeClient for WsClient {
+    async fn connect(addr: SocketAddr) -> WsClient {
         let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
             .await
             .expect("websocket connects");
-        WsClient { socket }
+        WsClient {
+            socket,
+            pending: VecDeque::new(),
+            next_ack: 1,
+        }
     }
 
-    /// Sends one event.
-    pub async fn send(&mut self, event: &str, data: Value) {
-        self.send_raw(Message::text(
-            json!({"event": event, "data": data}).to_string(),
-        ))
-        .await;
+    async fn emit(&mut self, event: &str, data: Value) {
+        self.send_json(json!({"event": event, "data": data})).await;
+    }
+
+    async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        self.send_json(json!({"event": event, "data": data, "id": id}))
+            .await;
+        loop {
+            let mut frame = self.next_frame().await;
+            if frame["event"] == "ack" && frame["id"] == id {
+                return frame["data"].take();
+            }
+            self.pending.push_back(event_of(frame));
+        }
+    }
+
+    async fn try_next(&mut self, wait: Duration) -> Option<(String, Value)> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
+        self.try_next_frame(wait).await.map(event_of)
+    }
+
+    async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+
+    async fn kill(self) {
+        drop(self.socket);
+    }
+}
+
+/// A frame's (event, data).
+fn event_of(mut frame: Value) -> (String, Value) {
+    let name = frame["event"].as_str().expect("frames name their event");
+    (name.to_owned(), frame["data"].take())
+}
+
+impl WsClient {
+    async fn send_json(&mut self, frame: Value) {
+        self.send_raw(Message::text(frame.to_string())).await;
     }
 
     /// Sends any frame.
@@ -231,13 +324,13 @@ impl WsClient {
         self.socket.send(message).await.expect("frame sent");
     }
 
-    /// The next event, as (name, data); fails after [`WAIT`].
-    pub async fn next(&mut self) -> (String, Value) {
-        self.try_next(WAIT).await.expect("an event in time")
+    /// The next text frame, whole; fails after [`WAIT`].
+    pub async fn next_frame(&mut self) -> Value {
+        self.try_next_frame(WAIT).await.expect("a frame in time")
     }
 
-    /// The next event within `wait`, if any.
-    pub async fn try_next(&mut self, wait: Duration) -> Option<(String, Value)> {
+    /// The next text frame within `wait`, whole, if any.
+    async fn try_next_frame(&mut self, wait: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let frame = tokio::time::timeout_at(deadline, self.socket.next())
@@ -245,12 +338,31 @@ impl WsClient {
                 .ok()??;
             match frame.ok()? {
                 Message::Text(text) => {
-                    let value: Value = serde_json::from_str(&text).expect("frames are JSON");
-                    let name = value["event"].as_str().expect("frames name their event");
-                    return Some((name.to_owned(), value["data"].clone()));
+                    return Some(serde_json::from_str(&text).expect("frames are JSON"));
                 }
                 Message::Close(_) => return None,
                 _ => continue,
+            }
+        }
+    }
+
+    /// How many pings the server sent within `wait` (each answered), and whether the
+    /// connection was still open at the end; events on the way are kept.
+    pub async fn pings_within(&mut self, wait: Duration) -> (usize, bool) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pings = 0;
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.next()).await {
+                Err(_) => return (pings, true),
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let frame = serde_json::from_str(&text).expect("frames are JSON");
+                    self.pending.push_back(event_of(frame));
+                }
+                Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => {
+                    return (pings, false);
+                }
+                Ok(Some(Ok(_))) => continue,
             }
         }
     }
@@ -279,10 +391,45 @@ impl WsClient {
             }
         }
     }
+}
 
-    pub async fn close(mut self) {
-        let _ = self.socket.close(None).await;
+/// A `/ws` handshake from 127.0.0.1, closed at once: `Ok` when accepted, the refusal's status
+/// otherwise.
+pub async fn ws_handshake(server: &TestServer) -> Result<(), u16> {
+    let url = format!("ws://{}/ws", server.addr());
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("handshake in time")
+    {
+        Ok(_) => Ok(()),
+        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("handshake failed: {e}"),
     }
+}
+
+/// Checks a whole reply's events: start, chunks that add up in order, complete.
+pub fn assert_whole_reply(events: &[(String, Value)], conversation_id: &str, text: &str) {
+    let order = names(events);
+    assert_eq!(order[0], "stream_start");
+    assert_eq!(*order.last().unwrap(), "stream_complete");
+    let message_id = events[0].1["messageId"].as_str().unwrap();
+    assert_eq!(events[0].1["conversationId"], conversation_id);
+    let chunks = &events[1..events.len() - 1];
+    let mut so_far = String::new();
+    for (i, (name, chunk)) in chunks.iter().enumerate() {
+        assert_eq!(name, "stream_chunk");
+        assert_eq!(chunk["messageId"], message_id);
+        assert_eq!(chunk["conversationId"], conversation_id);
+        so_far.push_str(chunk["delta"].as_str().unwrap());
+        assert_eq!(chunk["content"], so_far.as_str());
+        assert_eq!(chunk["seq"], (i + 1) as u64);
+        assert_eq!(chunk["isComplete"], i == chunks.len() - 1);
+    }
+    assert_eq!(final_content(events), text);
+    assert_eq!(
+        events.last().unwrap().1,
+        json!({"messageId": message_id, "conversationId": conversation_id})
+    );
 }
 
 /// The final chunk's content of a reply's events.

@@ -11,8 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use super::WAIT;
 use super::npm::{ensure_installed, node_dir};
+use super::{RealtimeClient, WAIT};
 
 /// One Socket.IO client in its own Node process.
 pub struct SioClient {
@@ -33,7 +33,7 @@ pub struct SioClient {
 impl SioClient {
     /// Connects to `addr` with the client's default options plus `options` (reconnection off
     /// unless `options` says otherwise), and waits for the `connect` event.
-    pub async fn connect(addr: SocketAddr, options: Value) -> SioClient {
+    pub async fn connect_with(addr: SocketAddr, options: Value) -> SioClient {
         ensure_installed();
         let mut child = Command::new("node")
             .arg(node_dir().join("client.mjs"))
@@ -126,55 +126,10 @@ impl SioClient {
         }
     }
 
-    /// Emits `event` with `data`, without an acknowledgement.
-    pub async fn emit(&mut self, event: &str, data: Value) {
-        self.emit_args(event, vec![data]).await;
-    }
-
     /// Emits `event` with any arguments (none at all, several), without an acknowledgement.
     pub async fn emit_args(&mut self, event: &str, args: Vec<Value>) {
         self.command(json!({"cmd": "emit", "event": event, "args": args}))
             .await;
-    }
-
-    /// Emits `event` with `data` and an acknowledgement callback, and returns what it got.
-    pub async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value {
-        let id = self.next_ack;
-        self.next_ack += 1;
-        self.command(json!({"cmd": "emit", "event": event, "args": [data], "ack": id}))
-            .await;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(ack) = self.acks.remove(&id) {
-                return ack;
-            }
-            assert!(self.pump(deadline).await, "no acknowledgement for {event}");
-        }
-    }
-
-    /// The next event, as (name, data); fails after [`WAIT`] or once the client is disconnected.
-    pub async fn next(&mut self) -> (String, Value) {
-        match self.try_next(WAIT).await {
-            Some(event) => event,
-            None => panic!(
-                "no event in time; disconnected: {:?}",
-                self.disconnect_reason
-            ),
-        }
-    }
-
-    /// The next event within `wait`, if any; none once the client is disconnected and has read
-    /// every event it got.
-    pub async fn try_next(&mut self, wait: Duration) -> Option<(String, Value)> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Some(event);
-            }
-            if self.disconnect_reason.is_some() || !self.pump(deadline).await {
-                return None;
-            }
-        }
     }
 
     /// Waits until the client has moved to another transport, and names it.
@@ -202,26 +157,69 @@ impl SioClient {
         self.command(json!({"cmd": "block", "ms": time.as_millis() as u64}))
             .await;
     }
+}
 
-    /// Disconnects cleanly, as `socket.disconnect()` does.
-    pub async fn disconnect(mut self) {
+impl RealtimeClient for SioClient {
+    async fn connect(addr: SocketAddr) -> SioClient {
+        SioClient::connect_with(addr, json!({})).await
+    }
+
+    async fn emit(&mut self, event: &str, data: Value) {
+        self.emit_args(event, vec![data]).await;
+    }
+
+    async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        self.command(json!({"cmd": "emit", "event": event, "args": [data], "ack": id}))
+            .await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(ack) = self.acks.remove(&id) {
+                return ack;
+            }
+            assert!(self.pump(deadline).await, "no acknowledgement for {event}");
+        }
+    }
+
+    /// Fails with the disconnect's reason, if there was one.
+    async fn next(&mut self) -> (String, Value) {
+        match self.try_next(WAIT).await {
+            Some(event) => event,
+            None => panic!(
+                "no event in time; disconnected: {:?}",
+                self.disconnect_reason
+            ),
+        }
+    }
+
+    /// None once the client is disconnected and has read every event it got.
+    async fn try_next(&mut self, wait: Duration) -> Option<(String, Value)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Some(event);
+            }
+            if self.disconnect_reason.is_some() || !self.pump(deadline).await {
+                return None;
+            }
+        }
+    }
+
+    /// Disconnects as `socket.disconnect()` does.
+    async fn close(mut self) {
         self.command(json!({"cmd": "disconnect"})).await;
         let reason = self.disconnected_within(WAIT).await;
         assert_eq!(reason.as_deref(), Some("io client disconnect"));
     }
 
-    /// Kills the client process: its connection drops without a goodbye.
-    pub async fn kill(mut self) {
+    /// Kills the client process. A client that started on polling is let upgrade first: the
+    /// server sees a websocket drop at once, a poll that never comes only after the heartbeat's
+    /// timeout.
+    async fn kill(mut self) {
+        if self.first_transport.as_deref() == Some("polling") {
+            self.upgraded().await;
+        }
         self.child.kill().await.expect("client killed");
-    }
-}
-
-impl super::RealtimeClient for SioClient {
-    async fn next_event(&mut self) -> (String, Value) {
-        self.next().await
-    }
-
-    async fn send_event(&mut self, event: &str, data: Value) {
-        self.emit(event, data).await;
     }
 }

@@ -3,19 +3,17 @@
 //! settings left unsent, and a provider that cannot be set up. Black-box: the real server (or
 //! the provider through the library's API), the test model server, real clients.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::model_server::{OLDER_SERVER, REASONING_MODEL, Refusal};
+use crate::support::{ModelServer, RealtimeClient, TestServer, WAIT, config_for, final_content};
 use ai_chat_server::config::Config;
 use ai_chat_server::domain::{Message, Role};
 use ai_chat_server::llm::{ModelProvider, OpenAiProvider, Prompt, Streamed, Usage};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::model_server::{OLDER_SERVER, REASONING_MODEL, Refusal};
-use support::{ModelServer, RealtimeClient, TestServer, WAIT, config_for, final_content};
 
 /// A chat server for `model` whose model is named `name`, with the default settings.
 async fn server_for(model: &ModelServer, name: &str) -> TestServer {

@@ -1,10 +1,6 @@
 //! Production hardening, black-box: security headers, the access log, rate and connection
 //! limits, input limits at their edges, and the Prometheus metrics.
 
-mod support;
-
-use support::RealtimeClient;
-
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,8 +9,17 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use support::{Mode, ModelServer, TestServer, WAIT, config_for, names, test_config};
 use tokio_tungstenite::tungstenite;
+
+use crate::support::{
+    Mode, ModelServer, RealtimeClient, TestServer, WAIT, config_for, names, over_both_transports,
+    test_config,
+};
+
+over_both_transports!(
+    real_time_replies_are_limited_per_connection,
+    message_length_over_real_time_is_limited_at_the_edge,
+);
 
 /// helmet's defaults, as every answer must carry them.
 const SECURITY_HEADERS: [(&str, &str); 12] = [
@@ -182,36 +187,38 @@ async fn api_requests_are_limited_per_client_address() {
     assert_eq!(header(other.headers(), "ratelimit-remaining"), "2");
 }
 
-#[tokio::test]
-async fn real_time_replies_are_limited_per_connection() {
+async fn real_time_replies_are_limited_per_connection<C: RealtimeClient>() {
     let model = ModelServer::start().await;
     let mut config = config_for(&model);
     config.rt_messages_per_minute = 2;
     let server = TestServer::start(config).await;
-    let mut client = server.ws().await;
+    let mut client = C::connect(server.addr()).await;
     client.chat("rt-1", "one").await;
     client.chat("rt-2", "two").await;
-    client
-        .send(
+    let ack = client
+        .emit_with_ack(
             "stream_chat",
             json!({"conversationId": "rt-3", "message": "three"}),
         )
         .await;
+    assert_eq!(ack["error"]["code"], "RATE_LIMIT_EXCEEDED");
     let (name, data) = client.next().await;
     assert_eq!(
         (name.as_str(), &data["code"]),
         ("error", &json!("RATE_LIMIT_EXCEEDED"))
     );
     client
-        .send("regenerate", json!({"conversationId": "rt-1"}))
+        .emit("regenerate", json!({"conversationId": "rt-1"}))
         .await;
     let (name, data) = client.next().await;
     assert_eq!(
         (name.as_str(), &data["code"]),
         ("error", &json!("RATE_LIMIT_EXCEEDED"))
     );
+    // Joining is not limited.
+    client.join("rt-4").await;
 
-    let mut other = server.ws().await;
+    let mut other = C::connect(server.addr()).await;
     let events = other.chat("rt-4", "another connection").await;
     assert_eq!(names(&events)[0], "stream_start");
 }
@@ -240,16 +247,15 @@ async fn real_time_connections_are_limited_per_address() {
     }
 }
 
-#[tokio::test]
-async fn message_length_over_websocket_is_limited_at_the_edge() {
+async fn message_length_over_real_time_is_limited_at_the_edge<C: RealtimeClient>() {
     let mut config = test_config();
     config.max_message_chars = 10;
     let server = TestServer::start(config).await;
-    let mut client = server.ws().await;
+    let mut client = C::connect(server.addr()).await;
     let events = client.chat("edge", &"é".repeat(10)).await;
     assert_eq!(names(&events)[0], "stream_start");
     client
-        .send(
+        .emit(
             "stream_chat",
             json!({"conversationId": "edge", "message": "é".repeat(11)}),
         )

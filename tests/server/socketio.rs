@@ -1,8 +1,6 @@
-//! The Socket.IO transport at `/socket.io/`, black-box, with the real `socket.io-client` 4.x.
-
-mod support;
-
-use support::RealtimeClient;
+//! What only Socket.IO does, black-box, with the real `socket.io-client` 4.x: the handshake,
+//! polling and the upgrade, CORS of polling, a full buffer, shutdown, the connection cap; and
+//! Socket.IO and `/ws` members of one conversation side by side.
 
 use std::time::Duration;
 
@@ -12,40 +10,21 @@ use reqwest::header::{
     ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, CONTENT_TYPE, ORIGIN,
 };
 use serde_json::{Value, json};
-use support::socketio::SioClient;
-use support::{
-    Mode, ModelServer, TestServer, WsClient, config_for, final_content, names, pieces_of,
+
+use crate::support::socketio::SioClient;
+use crate::support::{
+    ModelServer, RealtimeClient, TestServer, WAIT, WsClient, assert_whole_reply, chunks,
+    config_for, eventually, final_content, names, pieces_of, seqs, words, ws_handshake,
 };
 
-/// Checks a whole reply's events: start, chunks that add up in order, complete.
-fn assert_whole_reply(events: &[(String, Value)], conversation_id: &str, text: &str) {
-    let order = names(events);
-    assert_eq!(order[0], "stream_start");
-    assert_eq!(*order.last().unwrap(), "stream_complete");
-    let message_id = events[0].1["messageId"].as_str().unwrap();
-    assert_eq!(events[0].1["conversationId"], conversation_id);
-    let chunks = &events[1..events.len() - 1];
-    let mut so_far = String::new();
-    for (i, (name, chunk)) in chunks.iter().enumerate() {
-        assert_eq!(name, "stream_chunk");
-        assert_eq!(chunk["messageId"], message_id);
-        assert_eq!(chunk["conversationId"], conversation_id);
-        so_far.push_str(chunk["delta"].as_str().unwrap());
-        assert_eq!(chunk["content"], so_far.as_str());
-        assert_eq!(chunk["seq"], (i + 1) as u64);
-        assert_eq!(chunk["isComplete"], i == chunks.len() - 1);
-    }
-    assert_eq!(final_content(events), text);
-    assert_eq!(
-        events.last().unwrap().1,
-        json!({"messageId": message_id, "conversationId": conversation_id})
-    );
+fn websocket_only() -> Value {
+    json!({"transports": ["websocket"]})
 }
 
 #[tokio::test]
 async fn the_default_client_polls_then_upgrades_and_streams_in_order() {
     let (server, model) = TestServer::with_model().await;
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
+    let mut client = SioClient::connect(server.addr()).await;
     assert_eq!(client.first_transport.as_deref(), Some("polling"));
     let events = client.chat("sio-1", "Hi model").await;
     assert_whole_reply(&events, "sio-1", &model.reply_text());
@@ -65,7 +44,7 @@ async fn the_default_client_polls_then_upgrades_and_streams_in_order() {
 #[tokio::test]
 async fn a_websocket_only_client_streams() {
     let (server, model) = TestServer::with_model().await;
-    let mut client = SioClient::connect(server.addr(), json!({"transports": ["websocket"]})).await;
+    let mut client = SioClient::connect_with(server.addr(), websocket_only()).await;
     assert_eq!(client.first_transport.as_deref(), Some("websocket"));
     client
         .emit("stream_chat", json!({"message": "no id given"}))
@@ -79,7 +58,7 @@ async fn a_websocket_only_client_streams() {
 #[tokio::test]
 async fn socketio_and_ws_members_get_identical_events_in_the_same_order() {
     let (server, model) = TestServer::with_model().await;
-    let mut sio = SioClient::connect(server.addr(), json!({})).await;
+    let mut sio = SioClient::connect(server.addr()).await;
     let joined = sio
         .emit_with_ack("join_conversation", json!({"conversationId": "mixed"}))
         .await;
@@ -97,146 +76,30 @@ async fn socketio_and_ws_members_get_identical_events_in_the_same_order() {
 }
 
 #[tokio::test]
-async fn a_member_that_leaves_gets_nothing_more() {
+async fn an_event_without_data_gets_an_error_and_the_socket_stays() {
     let (server, _model) = TestServer::with_model().await;
-    let mut sio = SioClient::connect(server.addr(), json!({})).await;
-    sio.emit_with_ack("join_conversation", json!({"conversationId": "room"}))
-        .await;
-    let mut ws = server.ws().await;
-    ws.chat("room", "first").await;
-    assert_eq!(names(&sio.until_complete().await)[0], "stream_start");
-    let left = sio
-        .emit_with_ack("leave_conversation", json!({"conversationId": "room"}))
-        .await;
-    assert_eq!(left, json!({"conversationId": "room"}));
-    ws.chat("room", "second").await;
-    assert_eq!(sio.try_next(Duration::from_millis(300)).await, None);
-}
-
-#[tokio::test]
-async fn a_disconnected_socket_leaves_every_conversation() {
-    let model = ModelServer::start().await;
-    let mut config = config_for(&model);
-    config.conversations.idle_timeout = Duration::from_millis(100);
-    let server = TestServer::start(config).await;
-
-    // A clean disconnect.
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
-    client.chat("a", "one").await;
-    client.chat("b", "two").await;
-    server
-        .wait_for_health(|h| h["activeConnections"] == 1 && h["activeConversations"] == 2)
-        .await;
-    client.disconnect().await;
-    server
-        .wait_for_health(|h| h["activeConnections"] == 0 && h["activeConversations"] == 0)
-        .await;
-
-    // A dropped one: the client process dies.
-    let mut client = SioClient::connect(server.addr(), json!({"transports": ["websocket"]})).await;
-    client.chat("a", "three").await;
-    server
-        .wait_for_health(|h| h["activeConnections"] == 1 && h["activeConversations"] == 1)
-        .await;
-    client.kill().await;
-    server
-        .wait_for_health(|h| h["activeConnections"] == 0 && h["activeConversations"] == 0)
-        .await;
-
-    let (_, conversation) = server.get("/api/conversations/a").await;
-    assert_eq!(conversation["messages"].as_array().unwrap().len(), 4);
-}
-
-#[tokio::test]
-async fn bad_payloads_get_an_error_and_the_socket_stays() {
-    let (server, _model) = TestServer::with_model().await;
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
-    let bad: Vec<(&str, Vec<Value>)> = vec![
-        ("stream_chat", vec![]),
-        ("stream_chat", vec![json!("text")]),
-        ("stream_chat", vec![json!(null)]),
-        ("stream_chat", vec![json!([{"message": "in an array"}])]),
-        ("stream_chat", vec![json!({"message": ""})]),
-        ("stream_chat", vec![json!({"message": 1})]),
-        (
-            "stream_chat",
-            vec![json!({"message": "x", "conversationId": "bad id!"})],
-        ),
-        ("join_conversation", vec![json!({})]),
-        ("join_conversation", vec![json!({"conversationId": ["x"]})]),
-        ("leave_conversation", vec![json!(7)]),
-        ("no_such_event", vec![json!({})]),
-    ];
-    for (event, args) in bad {
-        client.emit_args(event, args.clone()).await;
-        let (name, data) = client.next().await;
-        assert_eq!(name, "error", "{event} {args:?}");
-        assert_eq!(data["code"], "INVALID_REQUEST", "{event} {args:?}");
-        assert!(data["message"].as_str().is_some_and(|m| !m.is_empty()));
-    }
-    client.emit("stream_chat", json!({"message": "   "})).await;
-    assert_eq!(
-        client.next().await,
-        (
-            "error".to_owned(),
-            json!({"message": "Message is required", "code": "INVALID_REQUEST"})
-        )
-    );
+    let mut client = SioClient::connect(server.addr()).await;
+    client.emit_args("stream_chat", vec![]).await;
+    let (name, data) = client.next().await;
+    assert_eq!(name, "error");
+    assert_eq!(data["code"], "INVALID_REQUEST");
     let events = client.chat("still-open", "works").await;
     assert_eq!(names(&events)[0], "stream_start");
     assert_eq!(client.disconnect_reason, None);
 }
 
 #[tokio::test]
-async fn acknowledgements_carry_the_ids_or_the_error() {
-    let (server, model) = TestServer::with_model().await;
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
-    let ack = client
-        .emit_with_ack(
-            "stream_chat",
-            json!({"conversationId": "acked", "message": "hello"}),
-        )
-        .await;
-    let events = client.until_complete().await;
-    assert_whole_reply(&events, "acked", &model.reply_text());
-    assert_eq!(
-        ack,
-        json!({"conversationId": "acked", "messageId": events[0].1["messageId"]})
-    );
-
-    let ack = client
-        .emit_with_ack("stream_chat", json!({"message": ""}))
-        .await;
-    let error = json!({"message": "Message is required", "code": "INVALID_REQUEST"});
-    assert_eq!(ack, json!({ "error": error }));
-    assert_eq!(client.next().await, ("error".to_owned(), error));
-
-    let ack = client
-        .emit_with_ack("stop_generation", json!({"conversationId": "unknown"}))
-        .await;
-    assert_eq!(ack["error"]["code"], "CONVERSATION_NOT_FOUND");
-    assert_eq!(client.next().await.1["code"], "CONVERSATION_NOT_FOUND");
-}
-
-#[tokio::test]
-async fn a_failing_model_ends_the_stream_with_the_apology() {
-    let (server, model) = TestServer::with_model().await;
-    model.set_mode(Mode::Fail);
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
-    let events = client.chat("fails", "hello").await;
-    assert_eq!(
-        names(&events),
-        ["stream_start", "stream_chunk", "stream_complete"]
-    );
-    assert_eq!(final_content(&events), ai_chat_server::actors::APOLOGY);
-}
-
-#[tokio::test]
 async fn a_thousand_token_reply_reaches_a_polling_client_whole() {
-    let (server, model) = TestServer::with_model().await;
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    // A thousand chunks of a growing reply take seconds on a busy machine; the whole reply's
+    // time limit is not what this test is about.
+    config.conversations.upstream_timeout = Duration::from_secs(60);
+    let server = TestServer::start(config).await;
     let pieces: Vec<String> = (0..1000).map(|i| format!("token{i} ")).collect();
     model.set_reply(pieces, Duration::ZERO);
-    let mut client = SioClient::connect(server.addr(), json!({"transports": ["polling"]})).await;
+    let mut client =
+        SioClient::connect_with(server.addr(), json!({"transports": ["polling"]})).await;
     let ack = client
         .emit_with_ack(
             "stream_chat",
@@ -262,7 +125,8 @@ async fn a_client_whose_buffer_fills_is_disconnected_and_loses_no_chunk_silently
     let server = TestServer::start(config).await;
     let piece = format!("{} ", "w".repeat(99));
     model.set_reply(vec![piece; 400], Duration::from_millis(1));
-    let mut stalled = SioClient::connect(server.addr(), json!({"transports": ["polling"]})).await;
+    let mut stalled =
+        SioClient::connect_with(server.addr(), json!({"transports": ["polling"]})).await;
     stalled
         .emit_with_ack("join_conversation", json!({"conversationId": "firehose"}))
         .await;
@@ -381,7 +245,7 @@ async fn many_socketio_clients_stream_at_once() {
             } else {
                 json!(["websocket"])
             };
-            let mut client = SioClient::connect(addr, json!({"transports": transports})).await;
+            let mut client = SioClient::connect_with(addr, json!({"transports": transports})).await;
             client.chat(&format!("many-{i}"), "go").await
         }));
     }
@@ -399,9 +263,9 @@ async fn many_socketio_clients_stream_at_once() {
 #[tokio::test]
 async fn shutting_down_closes_the_sockets_promptly() {
     let (server, _model) = TestServer::with_model().await;
-    let mut polling = SioClient::connect(server.addr(), json!({"transports": ["polling"]})).await;
-    let mut websocket =
-        SioClient::connect(server.addr(), json!({"transports": ["websocket"]})).await;
+    let mut polling =
+        SioClient::connect_with(server.addr(), json!({"transports": ["polling"]})).await;
+    let mut websocket = SioClient::connect_with(server.addr(), websocket_only()).await;
     polling.chat("bye", "one").await;
     websocket.chat("bye", "two").await;
     // Well within the server's own 10 s grace for open connections: pending polls are answered.
@@ -423,4 +287,90 @@ async fn shutting_down_closes_the_sockets_promptly() {
             client.first_transport
         );
     }
+}
+#[tokio::test]
+async fn a_stop_looks_the_same_to_socket_io_and_ws_members() {
+    let (server, model) = TestServer::with_model().await;
+    model.set_reply(words(100), Duration::from_millis(30));
+    let mut sio = SioClient::connect(server.addr()).await;
+    sio.emit_with_ack("join_conversation", json!({"conversationId": "both"}))
+        .await;
+    let mut ws = server.ws().await;
+    ws.emit(
+        "stream_chat",
+        json!({"conversationId": "both", "message": "go"}),
+    )
+    .await;
+    let mut seen_ws = Vec::new();
+    for _ in 0..4 {
+        seen_ws.push(ws.next().await);
+    }
+    let stopped = sio
+        .emit_with_ack("stop_generation", json!({"conversationId": "both"}))
+        .await;
+    assert_eq!(stopped, json!({"conversationId": "both"}));
+    seen_ws.extend(ws.until_complete().await);
+    let seen_sio = sio.until_complete().await;
+    assert_eq!(seen_sio, seen_ws);
+
+    let last = *chunks(&seen_sio).last().unwrap();
+    assert_eq!(last["isComplete"], true);
+    let all = seqs(&seen_sio);
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+    let stored = server.stored_reply("both").await;
+    assert_eq!(stored["status"], "cancelled");
+    assert_eq!(stored["content"], last["content"]);
+    eventually(|| model.dropped_streams() == 1).await;
+}
+
+#[tokio::test]
+async fn socket_io_connections_per_address_are_capped() {
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.max_connections_per_ip = 2;
+    let server = TestServer::start(config).await;
+    let first = SioClient::connect_with(server.addr(), websocket_only()).await;
+    let mut second = SioClient::connect(server.addr()).await;
+    second
+        .emit_with_ack("join_conversation", json!({"conversationId": "kept"}))
+        .await;
+
+    // A third one, on its default transport (polling first), is told why and disconnected.
+    let mut third = SioClient::connect(server.addr()).await;
+    let (name, error) = third.next().await;
+    assert_eq!(name, "error");
+    assert_eq!(error["code"], "RATE_LIMIT_EXCEEDED");
+    assert_eq!(
+        third.disconnected_within(WAIT).await.as_deref(),
+        Some("io server disconnect")
+    );
+    // The cap counts both transports.
+    assert_eq!(ws_handshake(&server).await, Err(429));
+
+    // Closing one lets a new one in (once the server has seen it go).
+    first.close().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let events = loop {
+        let mut next = SioClient::connect_with(server.addr(), websocket_only()).await;
+        next.emit(
+            "stream_chat",
+            json!({"conversationId": "capped", "message": "hello"}),
+        )
+        .await;
+        let (name, data) = next.next().await;
+        if name == "stream_start" {
+            let mut events = vec![(name, data)];
+            events.extend(next.until_complete().await);
+            break events;
+        }
+        assert_eq!(data["code"], "RATE_LIMIT_EXCEEDED", "{name} {data}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a closed connection never freed its place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(final_content(&events), model.reply_text());
+    assert_eq!(second.try_next(Duration::from_millis(100)).await, None);
+    assert_eq!(second.disconnect_reason, None);
 }

@@ -1,18 +1,15 @@
 //! Graceful shutdown of the real binary: SIGTERM lets replies that fit in the grace period
 //! finish, ends the others, closes WebSockets with 1001 and exits 0.
 
-mod support;
-
-use support::RealtimeClient;
-
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use support::process::ServerProcess;
-use support::{ModelServer, WsClient, final_content, pieces_of};
+
+use crate::support::process::ServerProcess;
+use crate::support::{ModelServer, RealtimeClient, WsClient, final_content, pieces_of};
 
 const GRACE: Duration = Duration::from_millis(2000);
 
@@ -48,7 +45,7 @@ async fn exit_within(server: &mut ServerProcess, bound: Duration) -> Option<Exit
 /// Sends `stream_chat` and waits for the reply's first chunk.
 async fn start_reply(client: &mut WsClient, conversation: &str) -> Vec<(String, Value)> {
     client
-        .send(
+        .emit(
             "stream_chat",
             json!({"conversationId": conversation, "message": "tell me"}),
         )

@@ -1,18 +1,16 @@
 //! Conversations that outlive the process: restart, SIGKILL mid-stream, passivation, and an
 //! actor that panics.
 
-mod support;
-
-use support::RealtimeClient;
-
 use std::time::Duration;
 
 use ai_chat_server::store::{Durability, SqliteStore};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::process::ServerProcess;
-use support::{
-    ModelServer, TestServer, WsClient, call_at, config_for, final_content, names, pieces_of,
+
+use crate::support::process::ServerProcess;
+use crate::support::{
+    ModelServer, RealtimeClient, TestServer, WsClient, call_at, config_for, final_content, names,
+    pieces_of,
 };
 
 fn sqlite_url(dir: &tempfile::TempDir) -> String {
@@ -95,7 +93,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let words: Vec<String> = (0..60).map(|i| format!("word{i} ")).collect();
     model.set_reply(words, Duration::from_millis(40));
     client
-        .send(
+        .emit(
             "stream_chat",
             json!({"conversationId": "crash", "message": "during the crash"}),
         )
@@ -158,10 +156,10 @@ async fn idle_conversations_leave_memory_and_come_back() {
     let health = server.get("/api/health").await.1;
     assert_eq!(health["activeConversations"], 3);
     client
-        .send("leave_conversation", json!({"conversationId": "p1"}))
+        .emit("leave_conversation", json!({"conversationId": "p1"}))
         .await;
     client
-        .send("leave_conversation", json!({"conversationId": "p2"}))
+        .emit("leave_conversation", json!({"conversationId": "p2"}))
         .await;
     server
         .wait_for_health(|h| h["activeConversations"] == 1)
@@ -198,10 +196,7 @@ async fn a_panicking_actor_restarts_from_the_store() {
 
     let mut sender = server.ws().await;
     let mut watcher = server.ws().await;
-    watcher
-        .send("join_conversation", json!({"conversationId": "fragile"}))
-        .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    watcher.join("fragile").await;
     sender.chat("fragile", "hello").await;
     watcher.until_complete().await;
 
@@ -220,7 +215,7 @@ async fn a_panicking_actor_restarts_from_the_store() {
     tokio::time::sleep(Duration::from_millis(30)).await;
 
     sender
-        .send(
+        .emit(
             "stream_chat",
             json!({"conversationId": "fragile", "message": "panic now"}),
         )

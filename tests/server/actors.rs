@@ -1,17 +1,19 @@
 //! What the conversation actors show from outside: who is a member of a conversation, and when
-//! its actor leaves memory.
-
-mod support;
-
-use support::RealtimeClient;
+//! its actor leaves memory. Run over both transports.
 
 use std::time::Duration;
 
 use serde_json::json;
-use support::{ModelServer, TestServer, config_for, words};
 
-#[tokio::test]
-async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates() {
+use crate::support::{
+    ModelServer, RealtimeClient, TestServer, config_for, over_both_transports, words,
+};
+
+over_both_transports!(a_refused_request_joins_nothing_and_the_conversation_still_passivates);
+
+async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates<
+    C: RealtimeClient,
+>() {
     let model = ModelServer::start().await;
     model.set_reply(words(5), Duration::from_millis(100));
     let mut config = config_for(&model);
@@ -20,9 +22,9 @@ async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates()
 
     for (round, refused) in ["stream_chat", "regenerate"].into_iter().enumerate() {
         let id = format!("busy-{round}");
-        let mut first = server.ws().await;
+        let mut first = C::connect(server.addr()).await;
         first
-            .send(
+            .emit(
                 "stream_chat",
                 json!({"conversationId": id, "message": "hi"}),
             )
@@ -30,9 +32,9 @@ async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates()
         assert_eq!(first.next().await.0, "stream_start");
 
         // Another tab asks for a reply while this one streams, is refused, and goes.
-        let mut second = server.ws().await;
+        let mut second = C::connect(server.addr()).await;
         second
-            .send(refused, json!({"conversationId": id, "message": "me too"}))
+            .emit(refused, json!({"conversationId": id, "message": "me too"}))
             .await;
         let (event, error) = second.next().await;
         assert_eq!(event, "error", "{error}");

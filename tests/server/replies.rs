@@ -1,32 +1,35 @@
-//! The reply features over Socket.IO, with the real `socket.io-client` 4.x: replies that outlive
-//! their connection, catch-up after a reconnect, stop, regenerate, rename and delete,
-//! heartbeats, a stop seen alike on both transports, and the per-address connection cap.
-
-mod support;
+//! What chat users ask for most, written once and run over both transports: replies that
+//! outlive their connection, catch-up after a reconnect and for a second tab, stop, regenerate,
+//! rename and delete, and heartbeats.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::RealtimeClient;
-use support::socketio::SioClient;
-use support::{
-    ModelServer, TestServer, WAIT, chunks, config_for, deltas, eventually, final_content, names,
-    pieces_of, seqs, words,
+
+use crate::support::{
+    ModelServer, RealtimeClient, TestServer, chunks, config_for, deltas, eventually, final_content,
+    names, over_both_transports, pieces_of, seqs, words,
 };
-use tokio_tungstenite::tungstenite;
 
-fn websocket_only() -> Value {
-    json!({"transports": ["websocket"]})
-}
+over_both_transports!(
+    a_reply_outlives_the_connection_that_asked_for_it,
+    a_second_tab_gets_the_reply_so_far_then_the_rest,
+    a_reconnect_with_the_last_seq_receives_exactly_what_it_missed,
+    stop_ends_the_reply_and_the_model_stream,
+    stop_over_rest_and_with_nothing_to_stop,
+    stop_before_the_first_token,
+    regenerate_replaces_the_last_reply,
+    rename_and_delete_reach_the_members,
+    a_silent_model_sends_heartbeats,
+);
 
-#[tokio::test]
-async fn a_reply_outlives_the_socket_io_client_that_asked_for_it() {
+async fn a_reply_outlives_the_connection_that_asked_for_it<C: RealtimeClient>() {
     let (server, model) = TestServer::with_model().await;
     model.set_reply(words(20), Duration::from_millis(20));
 
-    // A clean `socket.disconnect()` mid-stream, from a client that started on polling.
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
+    // A clean close mid-stream.
+    let mut client = C::connect(server.addr()).await;
     let ack = client
         .emit_with_ack(
             "stream_chat",
@@ -36,14 +39,14 @@ async fn a_reply_outlives_the_socket_io_client_that_asked_for_it() {
     assert_eq!(ack["conversationId"], "left");
     assert_eq!(client.next().await.0, "stream_start");
     assert_eq!(client.next().await.0, "stream_chunk");
-    client.disconnect().await;
+    client.close().await;
     let reply = server.settled_reply("left").await;
     assert_eq!(reply["status"], "complete");
     assert_eq!(reply["id"], ack["messageId"]);
     assert_eq!(reply["content"], model.reply_text());
 
     // A client that dies mid-stream, without a goodbye.
-    let mut client = SioClient::connect(server.addr(), websocket_only()).await;
+    let mut client = C::connect(server.addr()).await;
     client
         .emit(
             "stream_chat",
@@ -61,68 +64,13 @@ async fn a_reply_outlives_the_socket_io_client_that_asked_for_it() {
     assert_eq!(model.finished_streams(), 2);
 }
 
-#[tokio::test]
-async fn a_reconnecting_socket_io_client_gets_exactly_what_it_missed() {
-    let (server, model) = TestServer::with_model().await;
-    model.set_reply(words(60), Duration::from_millis(25));
-    let mut first = SioClient::connect(server.addr(), websocket_only()).await;
-    // The next tab's client process is up before the reply starts, so the reply is surely
-    // still going when it joins.
-    let mut again = SioClient::connect(server.addr(), json!({})).await;
-    let ack = first
-        .emit_with_ack(
-            "stream_chat",
-            json!({"conversationId": "resume", "message": "go"}),
-        )
-        .await;
-    let message_id = ack["messageId"].as_str().unwrap().to_owned();
-    let (name, start) = first.next().await;
-    assert_eq!(name, "stream_start");
-    assert_eq!(start["messageId"], message_id.as_str());
-    let mut received = String::new();
-    let mut last_seq = 0;
-    for _ in 0..6 {
-        let (name, chunk) = first.next().await;
-        assert_eq!(name, "stream_chunk");
-        received.push_str(chunk["delta"].as_str().unwrap());
-        last_seq = chunk["seq"].as_u64().unwrap();
-    }
-    assert_eq!(last_seq, 6);
-    first.kill().await;
-    server
-        .wait_for_health(|h| h["activeConnections"] == 1)
-        .await;
-
-    let joined = again
-        .emit_with_ack(
-            "join_conversation",
-            json!({"conversationId": "resume", "messageId": message_id, "seq": last_seq}),
-        )
-        .await;
-    assert_eq!(joined, json!({"conversationId": "resume"}));
-    let events = again.until_complete().await;
-    assert_eq!(names(&events)[0], "stream_chunk", "{:?}", names(&events));
-    let seen = seqs(&events);
-    assert!(seen.iter().all(|&seq| seq > last_seq), "{seen:?}");
-    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
-    for chunk in chunks(&events) {
-        assert_eq!(chunk["messageId"], message_id.as_str());
-    }
-    received.push_str(&deltas(&events));
-    assert_eq!(final_content(&events), received);
-
-    let stored = server.settled_reply("resume").await;
-    assert_eq!(stored["status"], "complete");
-    assert_eq!(stored["content"], received.as_str());
-    assert_eq!(received, model.reply_text());
-}
-
-#[tokio::test]
-async fn a_second_socket_io_tab_gets_the_reply_so_far_then_the_rest() {
+async fn a_second_tab_gets_the_reply_so_far_then_the_rest<C: RealtimeClient>() {
     let (server, model) = TestServer::with_model().await;
     model.set_reply(words(40), Duration::from_millis(20));
-    let mut first = SioClient::connect(server.addr(), websocket_only()).await;
-    let mut second = SioClient::connect(server.addr(), json!({})).await;
+    let mut first = C::connect(server.addr()).await;
+    // The second tab is connected before the reply starts, so the reply is surely still going
+    // when it joins.
+    let mut second = C::connect(server.addr()).await;
     first
         .emit(
             "stream_chat",
@@ -135,10 +83,7 @@ async fn a_second_socket_io_tab_gets_the_reply_so_far_then_the_rest() {
     }
     let message_id = seen_first[0].1["messageId"].clone();
 
-    let joined = second
-        .emit_with_ack("join_conversation", json!({"conversationId": "tabs"}))
-        .await;
-    assert_eq!(joined, json!({"conversationId": "tabs"}));
+    second.join("tabs").await;
     let events = second.until_complete().await;
     assert_eq!(
         events[0],
@@ -168,11 +113,67 @@ async fn a_second_socket_io_tab_gets_the_reply_so_far_then_the_rest() {
     assert_eq!(seqs(&seen_first).last(), seen.last());
 }
 
-#[tokio::test]
-async fn stop_generation_over_socket_io_ends_the_reply_and_the_model_stream() {
+async fn a_reconnect_with_the_last_seq_receives_exactly_what_it_missed<C: RealtimeClient>() {
+    let (server, model) = TestServer::with_model().await;
+    model.set_reply(words(60), Duration::from_millis(25));
+    let mut first = C::connect(server.addr()).await;
+    // The reconnecting client is up before the reply starts, so the reply is surely still
+    // going when it joins.
+    let mut again = C::connect(server.addr()).await;
+    let ack = first
+        .emit_with_ack(
+            "stream_chat",
+            json!({"conversationId": "resume", "message": "go"}),
+        )
+        .await;
+    let message_id = ack["messageId"].as_str().unwrap().to_owned();
+    let (name, start) = first.next().await;
+    assert_eq!(name, "stream_start");
+    assert_eq!(start["messageId"], message_id.as_str());
+    let mut received = String::new();
+    let mut last_seq = 0;
+    for _ in 0..6 {
+        let (name, chunk) = first.next().await;
+        assert_eq!(name, "stream_chunk");
+        received.push_str(chunk["delta"].as_str().unwrap());
+        last_seq = chunk["seq"].as_u64().unwrap();
+    }
+    assert_eq!(last_seq, 6);
+    first.kill().await;
+    server
+        .wait_for_health(|h| h["activeConnections"] == 1)
+        .await;
+
+    let resume = json!({"conversationId": "resume", "messageId": message_id, "seq": last_seq});
+    again.join_from(resume.clone()).await;
+    let events = again.until_complete().await;
+    assert_eq!(names(&events)[0], "stream_chunk", "{:?}", names(&events));
+    let seen = seqs(&events);
+    assert!(seen.iter().all(|&seq| seq > last_seq), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+    for chunk in chunks(&events) {
+        assert_eq!(chunk["messageId"], message_id.as_str());
+    }
+    received.push_str(&deltas(&events));
+    assert_eq!(final_content(&events), received);
+
+    let stored = server.settled_reply("resume").await;
+    assert_eq!(stored["status"], "complete");
+    assert_eq!(stored["content"], received.as_str());
+    assert_eq!(received, model.reply_text());
+
+    // Once the reply is over, the same resume point has nothing to catch up on.
+    let mut late = C::connect(server.addr()).await;
+    late.join_from(resume).await;
+    assert_eq!(late.try_next(Duration::from_millis(300)).await, None);
+}
+
+async fn stop_ends_the_reply_and_the_model_stream<C: RealtimeClient>() {
     let (server, model) = TestServer::with_model().await;
     model.set_reply(words(100), Duration::from_millis(30));
-    let mut client = SioClient::connect(server.addr(), websocket_only()).await;
+    let mut client = C::connect(server.addr()).await;
+    let mut watcher = C::connect(server.addr()).await;
+    watcher.join("halt").await;
     let ack = client
         .emit_with_ack(
             "stream_chat",
@@ -210,6 +211,7 @@ async fn stop_generation_over_socket_io_ends_the_reply_and_the_model_stream() {
         events.last().unwrap().1,
         json!({"messageId": ack["messageId"], "conversationId": "halt"})
     );
+    assert_eq!(watcher.until_complete().await, events);
 
     let stored = server.stored_reply("halt").await;
     assert_eq!(stored["status"], "cancelled");
@@ -229,14 +231,40 @@ async fn stop_generation_over_socket_io_ends_the_reply_and_the_model_stream() {
         .await;
     assert_eq!(client.try_next(Duration::from_millis(200)).await, None);
     assert_eq!(server.stored_reply("halt").await, stored);
-    assert_eq!(client.disconnect_reason, None);
 }
 
-#[tokio::test]
-async fn stop_generation_over_socket_io_before_the_first_token() {
+async fn stop_over_rest_and_with_nothing_to_stop<C: RealtimeClient>() {
+    let (server, model) = TestServer::with_model().await;
+    let (status, _) = server
+        .post("/api/conversations/nothing/stop", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let mut client = C::connect(server.addr()).await;
+    client.chat("idle", "hello").await;
+    let (status, body) = server.post("/api/conversations/idle/stop", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    model.set_reply(words(100), Duration::from_millis(30));
+    client
+        .emit(
+            "stream_chat",
+            json!({"conversationId": "idle", "message": "long one"}),
+        )
+        .await;
+    client.next().await;
+    client.next().await;
+    let (status, _) = server.post("/api/conversations/idle/stop", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = client.until_complete().await;
+    assert_eq!(events[events.len() - 2].1["isComplete"], true);
+    assert_eq!(server.stored_reply("idle").await["status"], "cancelled");
+    eventually(|| model.dropped_streams() == 1).await;
+}
+
+async fn stop_before_the_first_token<C: RealtimeClient>() {
     let (server, model) = TestServer::with_model().await;
     model.set_first_delay(Duration::from_secs(2));
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
+    let mut client = C::connect(server.addr()).await;
     client
         .emit(
             "stream_chat",
@@ -259,16 +287,13 @@ async fn stop_generation_over_socket_io_before_the_first_token() {
     eventually(|| model.dropped_streams() == 1).await;
 }
 
-#[tokio::test]
-async fn regenerate_over_socket_io_replaces_the_last_reply() {
+async fn regenerate_replaces_the_last_reply<C: RealtimeClient>() {
     let (server, model) = TestServer::with_model().await;
-    let mut client = SioClient::connect(server.addr(), websocket_only()).await;
+    let mut client = C::connect(server.addr()).await;
     client.chat("again", "question").await;
     let old_reply = server.stored_reply("again").await["id"].clone();
-    let mut member = SioClient::connect(server.addr(), json!({})).await;
-    member
-        .emit_with_ack("join_conversation", json!({"conversationId": "again"}))
-        .await;
+    let mut member = C::connect(server.addr()).await;
+    member.join("again").await;
 
     model.set_reply(pieces_of("a better answer"), Duration::from_millis(5));
     let ack = client
@@ -302,7 +327,24 @@ async fn regenerate_over_socket_io_replaces_the_last_reply() {
     assert_eq!(sent.as_array().unwrap().len(), 2, "{sent}");
     assert_eq!(sent[1]["content"], "question");
 
+    // Over REST, the members see it stream too.
+    model.set_reply(pieces_of("third time"), Duration::from_millis(5));
+    let (status, body) = server
+        .post("/api/conversations/again/regenerate", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["conversationId"], "again");
+    let events = client.until_complete().await;
+    assert_eq!(events[0].1["messageId"], body["messageId"]);
+    assert_eq!(final_content(&events), "third time");
+    assert_eq!(member.until_complete().await, events);
+
     // A conversation that does not exist: the acknowledgement and an `error` event say so.
+    let (status, body) = server
+        .post("/api/conversations/ghost/regenerate", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "CONVERSATION_NOT_FOUND");
     let ack = client
         .emit_with_ack("regenerate", json!({"conversationId": "ghost"}))
         .await;
@@ -324,7 +366,7 @@ async fn regenerate_over_socket_io_replaces_the_last_reply() {
         ("error".to_owned(), ack["error"].clone())
     );
 
-    // While a reply is being generated: CONFLICT.
+    // While a reply is being generated: CONFLICT, over either way in.
     model.set_reply(words(30), Duration::from_millis(20));
     client
         .emit("regenerate", json!({"conversationId": "again"}))
@@ -334,25 +376,25 @@ async fn regenerate_over_socket_io_replaces_the_last_reply() {
         .emit_with_ack("regenerate", json!({"conversationId": "again"}))
         .await;
     assert_eq!(ack["error"]["code"], "CONFLICT");
+    let (status, body) = server
+        .post("/api/conversations/again/regenerate", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "CONFLICT");
     let rest = client.until_complete().await;
     assert!(names(&rest).contains(&"error"), "{:?}", names(&rest));
     assert_eq!(final_content(&rest), model.reply_text());
-    assert_eq!(client.disconnect_reason, None);
 }
 
-#[tokio::test]
-async fn rename_and_delete_reach_socket_io_members() {
+async fn rename_and_delete_reach_the_members<C: RealtimeClient>() {
     let (server, _model) = TestServer::with_model().await;
     let (status, created) = server
         .post("/api/chat", json!({"message": "original title"}))
         .await;
     assert_eq!(status, StatusCode::OK);
     let id = created["conversation"]["id"].as_str().unwrap().to_owned();
-    let mut member = SioClient::connect(server.addr(), json!({})).await;
-    let joined = member
-        .emit_with_ack("join_conversation", json!({"conversationId": id}))
-        .await;
-    assert_eq!(joined, json!({"conversationId": id}));
+    let mut member = C::connect(server.addr()).await;
+    member.join(&id).await;
 
     let (status, renamed) = server
         .call(
@@ -362,12 +404,17 @@ async fn rename_and_delete_reach_socket_io_members() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(renamed["title"], "New name");
     assert_eq!(
         member.next().await,
         (
             "conversation_updated".to_owned(),
             json!({"conversationId": id, "title": "New name", "updatedAt": renamed["updatedAt"]})
         )
+    );
+    assert_eq!(
+        server.get(&format!("/api/conversations/{id}")).await.1["title"],
+        "New name"
     );
 
     let (status, _) = server
@@ -381,17 +428,15 @@ async fn rename_and_delete_reach_socket_io_members() {
             json!({"conversationId": id})
         )
     );
-    assert_eq!(member.disconnect_reason, None);
 }
 
-#[tokio::test]
-async fn heartbeats_reach_socket_io_members_while_the_model_is_silent() {
+async fn a_silent_model_sends_heartbeats<C: RealtimeClient>() {
     let model = ModelServer::start().await;
     let mut config = config_for(&model);
     config.conversations.heartbeat_interval = Duration::from_millis(100);
     let server = TestServer::start(config).await;
     model.set_first_delay(Duration::from_millis(500));
-    let mut client = SioClient::connect(server.addr(), json!({})).await;
+    let mut client = C::connect(server.addr()).await;
     let events = client.chat("quiet", "think hard").await;
     let message_id = &events[0].1["messageId"];
     let beats: Vec<&Value> = events
@@ -416,104 +461,4 @@ async fn heartbeats_reach_socket_io_members_while_the_model_is_silent() {
             .all(|n| *n == "stream_heartbeat")
     );
     assert_eq!(final_content(&events), model.reply_text());
-}
-
-#[tokio::test]
-async fn a_stop_looks_the_same_to_socket_io_and_ws_members() {
-    let (server, model) = TestServer::with_model().await;
-    model.set_reply(words(100), Duration::from_millis(30));
-    let mut sio = SioClient::connect(server.addr(), json!({})).await;
-    sio.emit_with_ack("join_conversation", json!({"conversationId": "both"}))
-        .await;
-    let mut ws = server.ws().await;
-    ws.send(
-        "stream_chat",
-        json!({"conversationId": "both", "message": "go"}),
-    )
-    .await;
-    let mut seen_ws = Vec::new();
-    for _ in 0..4 {
-        seen_ws.push(ws.next().await);
-    }
-    let stopped = sio
-        .emit_with_ack("stop_generation", json!({"conversationId": "both"}))
-        .await;
-    assert_eq!(stopped, json!({"conversationId": "both"}));
-    seen_ws.extend(ws.until_complete().await);
-    let seen_sio = sio.until_complete().await;
-    assert_eq!(seen_sio, seen_ws);
-
-    let last = *chunks(&seen_sio).last().unwrap();
-    assert_eq!(last["isComplete"], true);
-    let all = seqs(&seen_sio);
-    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
-    let stored = server.stored_reply("both").await;
-    assert_eq!(stored["status"], "cancelled");
-    assert_eq!(stored["content"], last["content"]);
-    eventually(|| model.dropped_streams() == 1).await;
-}
-
-/// A `/ws` handshake from 127.0.0.1: `Ok` when accepted, the refusal's status otherwise.
-async fn ws_handshake(server: &TestServer) -> Result<(), u16> {
-    let url = format!("ws://{}/ws", server.addr());
-    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-        .await
-        .expect("handshake in time")
-    {
-        Ok(_) => Ok(()),
-        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
-        Err(e) => panic!("handshake failed: {e}"),
-    }
-}
-
-#[tokio::test]
-async fn socket_io_connections_per_address_are_capped() {
-    let model = ModelServer::start().await;
-    let mut config = config_for(&model);
-    config.max_connections_per_ip = 2;
-    let server = TestServer::start(config).await;
-    let first = SioClient::connect(server.addr(), websocket_only()).await;
-    let mut second = SioClient::connect(server.addr(), json!({})).await;
-    second
-        .emit_with_ack("join_conversation", json!({"conversationId": "kept"}))
-        .await;
-
-    // A third one, on its default transport (polling first), is told why and disconnected.
-    let mut third = SioClient::connect(server.addr(), json!({})).await;
-    let (name, error) = third.next().await;
-    assert_eq!(name, "error");
-    assert_eq!(error["code"], "RATE_LIMIT_EXCEEDED");
-    assert_eq!(
-        third.disconnected_within(WAIT).await.as_deref(),
-        Some("io server disconnect")
-    );
-    // The cap counts both transports.
-    assert_eq!(ws_handshake(&server).await, Err(429));
-
-    // Closing one lets a new one in (once the server has seen it go).
-    first.disconnect().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let events = loop {
-        let mut next = SioClient::connect(server.addr(), websocket_only()).await;
-        next.emit(
-            "stream_chat",
-            json!({"conversationId": "capped", "message": "hello"}),
-        )
-        .await;
-        let (name, data) = next.next().await;
-        if name == "stream_start" {
-            let mut events = vec![(name, data)];
-            events.extend(next.until_complete().await);
-            break events;
-        }
-        assert_eq!(data["code"], "RATE_LIMIT_EXCEEDED", "{name} {data}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a closed connection never freed its place"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(final_content(&events), model.reply_text());
-    assert_eq!(second.try_next(Duration::from_millis(100)).await, None);
-    assert_eq!(second.disconnect_reason, None);
 }

@@ -1,12 +1,11 @@
 //! The REST routes, black-box: a real server, a real HTTP client and a test model server.
 
-mod support;
-
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{Mode, TestServer, config_for, test_config};
+
+use crate::support::{Mode, TestServer, config_for, test_config};
 
 fn is_iso_millis(value: &Value) -> bool {
     let text = value.as_str().unwrap_or_default();
@@ -101,7 +100,7 @@ async fn the_model_receives_the_whole_history() {
 
 #[tokio::test]
 async fn long_history_is_trimmed_oldest_first() {
-    let model = support::ModelServer::start().await;
+    let model = crate::support::ModelServer::start().await;
     let mut config = config_for(&model);
     config.conversations.context_max_chars = 60;
     let server = TestServer::start(config).await;
@@ -341,7 +340,7 @@ async fn malformed_json_is_a_bad_request() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_are_refused_at_the_edge() {
-    let model = support::ModelServer::start().await;
+    let model = crate::support::ModelServer::start().await;
     let mut config = config_for(&model);
     config.body_limit_bytes = 1000;
     let server = TestServer::start(config).await;
@@ -377,7 +376,7 @@ async fn bodies_over_the_limit_are_refused_at_the_edge() {
 
 #[tokio::test]
 async fn message_length_is_limited_in_characters() {
-    let model = support::ModelServer::start().await;
+    let model = crate::support::ModelServer::start().await;
     let mut config = config_for(&model);
     config.max_message_chars = 10;
     let server = TestServer::start(config).await;
@@ -415,7 +414,7 @@ async fn a_failing_model_is_a_bad_gateway_and_stores_no_reply() {
 
 #[tokio::test]
 async fn a_hanging_model_times_out_as_a_bad_gateway() {
-    let model = support::ModelServer::start().await;
+    let model = crate::support::ModelServer::start().await;
     let mut config = config_for(&model);
     config.conversations.upstream_timeout = Duration::from_millis(300);
     let server = TestServer::start(config).await;
@@ -488,4 +487,35 @@ async fn the_demo_model_answers_offline() {
     let reply = body["message"]["content"].as_str().unwrap();
     assert!(reply.contains("demo"), "{reply}");
     assert!(reply.contains("OPENAI_API_KEY"), "{reply}");
+}
+
+#[tokio::test]
+async fn titles_are_checked_at_their_edges() {
+    let server = TestServer::start(test_config()).await;
+    let (_, created) = server.post("/api/chat", json!({"message": "hi"})).await;
+    let id = created["conversation"]["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/conversations/{id}");
+    let rename = |title: Value| server.call("PATCH", &path, Some(json!({"title": title})));
+    assert_eq!(rename(json!("x")).await.0, StatusCode::OK);
+    assert_eq!(rename(json!("é".repeat(200))).await.0, StatusCode::OK);
+    for bad in [
+        json!("é".repeat(201)),
+        json!(""),
+        json!("   "),
+        json!(5),
+        Value::Null,
+    ] {
+        let (status, body) = rename(bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(body["code"], "INVALID_REQUEST");
+    }
+    let (status, body) = server
+        .call(
+            "PATCH",
+            "/api/conversations/missing",
+            Some(json!({"title": "t"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "CONVERSATION_NOT_FOUND");
 }

@@ -2,19 +2,16 @@
 //! WebSocket frames get a 4xx (never a 5xx) or an `error` event or a close, and the server goes
 //! on serving everyone.
 
-mod support;
-
-use support::RealtimeClient;
-
 use std::cell::Cell;
 
 use futures::{SinkExt, StreamExt};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
-use support::{TestServer, WAIT, names, test_config};
 use tokio::runtime::Runtime;
 use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{RealtimeClient, TestServer, WAIT, names, test_config};
 
 /// Cases per property: enough variety, still quick on two cores.
 const CASES: u32 = 96;
