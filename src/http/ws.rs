@@ -165,6 +165,8 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
                     None => break,
                 };
                 if let Message::Close(_) = frame {
+                    // Sends the close frame that answers the client's.
+                    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, sink.flush()).await;
                     break;
                 }
                 // Any frame answers the ping that is out.

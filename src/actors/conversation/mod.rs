@@ -212,6 +212,9 @@ impl Actor for ConversationActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut ConversationState,
     ) -> Result<(), ActorProcessingErr> {
+        // Stopped on purpose (passivation, shutdown): the members are not asked to join again,
+        // as they are when the actor fails.
+        state.members.remove_all();
         state.ctx.metrics.actor_stopped();
         Ok(())
     }
