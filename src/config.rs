@@ -62,6 +62,8 @@ pub struct Config {
     /// Events queued for one connection before it counts as too slow and is dropped
     /// (`SUBSCRIBER_QUEUE`).
     pub subscriber_queue: usize,
+    /// `WEB_CLIENT`: serve the chat page at `/`; false leaves the API alone.
+    pub web_client: bool,
 }
 
 /// Which model answers and how.
@@ -164,6 +166,7 @@ impl Config {
             shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
             database_url: vars.text("DATABASE_URL", "sqlite://data/chat.db"),
             sqlite_durability: vars.parse("SQLITE_SYNCHRONOUS", Durability::Normal)?,
+            web_client: vars.parse("WEB_CLIENT", true)?,
         })
     }
 }
@@ -249,6 +252,7 @@ mod tests {
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
         assert_eq!(c.rt_messages_per_minute, 30);
         assert_eq!(c.max_connections_per_ip, 64);
+        assert!(c.web_client);
     }
 
     #[test]
@@ -264,6 +268,10 @@ mod tests {
             with(&[("LOG_FORMAT", "xml")]).unwrap_err().variable,
             "LOG_FORMAT"
         );
+        assert_eq!(
+            with(&[("WEB_CLIENT", "maybe")]).unwrap_err().variable,
+            "WEB_CLIENT"
+        );
     }
 
     #[test]
@@ -275,6 +283,7 @@ mod tests {
             ("LOG_FORMAT", "json"),
             ("RT_MESSAGES_PER_MINUTE", "0"),
             ("MAX_CONNECTIONS_PER_IP", "2"),
+            ("WEB_CLIENT", "false"),
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
@@ -283,5 +292,6 @@ mod tests {
         assert!(c.log_json);
         assert_eq!(c.rt_messages_per_minute, 0);
         assert_eq!(c.max_connections_per_ip, 2);
+        assert!(!c.web_client);
     }
 }
