@@ -232,7 +232,7 @@ async fn web_client_false_leaves_the_api_alone() {
 #[tokio::test]
 async fn a_message_sent_with_enter_streams_its_reply_into_the_page() {
     let (server, model) = TestServer::with_model().await;
-    model.set_reply(words(30), Duration::from_millis(15));
+    model.set_reply(words(60), Duration::from_millis(20));
     let result = run(&server, "chat", json!({})).await;
 
     let received = model.received();
@@ -346,7 +346,7 @@ async fn the_sidebar_renames_and_deletes_after_confirmation() {
 #[tokio::test]
 async fn a_reload_mid_reply_catches_up_without_doubling_it() {
     let (server, model) = TestServer::with_model().await;
-    model.set_reply(words(80), Duration::from_millis(25));
+    model.set_reply(words(200), Duration::from_millis(25));
     let result = run(&server, "reload", json!({})).await;
 
     let seen = texts(&result["seen"]);
@@ -369,7 +369,7 @@ async fn a_reload_mid_reply_catches_up_without_doubling_it() {
 #[tokio::test]
 async fn a_lost_network_mid_reply_catches_up_when_it_returns() {
     let (server, model) = TestServer::with_model().await;
-    model.set_reply(words(80), Duration::from_millis(25));
+    model.set_reply(words(200), Duration::from_millis(25));
     let mut scenario = Scenario::start(&server, "offline", json!({}));
     let offline = scenario.step("offline").await;
     let during = offline["during"].as_str().unwrap();
@@ -386,7 +386,7 @@ async fn a_lost_network_mid_reply_catches_up_when_it_returns() {
 #[tokio::test]
 async fn a_second_tab_sees_the_same_reply_live() {
     let (server, model) = TestServer::with_model().await;
-    model.set_reply(words(80), Duration::from_millis(25));
+    model.set_reply(words(200), Duration::from_millis(25));
     let result = run(&server, "tabs", json!({})).await;
 
     let full = shown(&model.reply_text());
@@ -446,6 +446,80 @@ async fn refusals_and_model_failures_show_in_place() {
     assert_eq!(texts(&result["users"]), ["one"]);
     assert_eq!(result["failed"], ai_chat_server::actors::APOLOGY);
     assert_eq!(result["note"], "The model could not finish this reply.");
+}
+
+#[tokio::test]
+async fn an_address_naming_no_conversation_says_so() {
+    let server = TestServer::start(test_config()).await;
+    for id in ["never-was", "not%20an%20id"] {
+        let result = run(&server, "missing", json!({ "id": id })).await;
+        assert_eq!(result["composer"], false, "{id}");
+        assert_eq!(result["heading"], "Conversation", "{id}");
+    }
+}
+
+#[tokio::test]
+async fn at_phone_width_the_sidebar_folds_away() {
+    let (server, _model) = TestServer::with_model().await;
+    let id = create(&server, "on the go").await;
+    let result = run(&server, "phone", json!({"title": "on the go"})).await;
+    assert_eq!(result["hiddenAtFirst"], true);
+    assert_eq!(result["expanded"], "false");
+    assert_eq!(result["path"], format!("/c/{id}"));
+    assert_eq!(result["widthFits"], true);
+}
+
+#[tokio::test]
+async fn markdown_blocks_and_inlines_become_elements_and_the_rest_text() {
+    let server = TestServer::start(test_config()).await;
+    let cases = [
+        ("# Title\n\nOne\ntwo", "<h2>Title</h2><p>One<br>two</p>"),
+        ("#hashtag", "<p>#hashtag</p>"),
+        (
+            "- a\n- b\n  - c\n\n1. x\n2. y",
+            "<ul><li>a</li><li>b<ul><li>c</li></ul></li></ul><ol><li>x</li><li>y</li></ol>",
+        ),
+        (
+            "3. three\n4. four",
+            r#"<ol start="3"><li>three</li><li>four</li></ol>"#,
+        ),
+        (
+            "```js\nlet a = '<b>';\n```",
+            r#"<div class="code-block"><div class="code-header"><span>js</span><button type="button" class="copy-code" aria-label="Copy code">Copy</button></div><pre><code class="language-js">let a = '&lt;b&gt;';</code></pre></div>"#,
+        ),
+        (
+            "```\nstill streaming",
+            r#"<div class="code-block"><div class="code-header"><span>code</span><button type="button" class="copy-code" aria-label="Copy code">Copy</button></div><pre><code>still streaming</code></pre></div>"#,
+        ),
+        (
+            "**bold** *em* _em_ ~~no~~ `co*de*` \\*not em\\*",
+            "<p><strong>bold</strong> <em>em</em> <em>em</em> <del>no</del> <code>co*de*</code> *not em*</p>",
+        ),
+        (
+            "[ok](https://a.example/x_(y)) [no](javascript:alert(1)) [data](data:text/html,hi) https://b.example/p.",
+            r#"<p><a href="https://a.example/x_(y)" target="_blank" rel="noopener noreferrer">ok</a> [no](javascript:alert(1)) [data](data:text/html,hi) <a href="https://b.example/p" target="_blank" rel="noopener noreferrer">https://b.example/p</a>.</p>"#,
+        ),
+        (
+            "<img src=x onerror=alert(1)><script>alert(2)</script>",
+            "<p>&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(2)&lt;/script&gt;</p>",
+        ),
+        (
+            "> quoted\n> more",
+            "<blockquote><p>quoted<br>more</p></blockquote>",
+        ),
+        ("a\n\n---\n\nb", "<p>a</p><hr><p>b</p>"),
+        (
+            "| a | b |\n|---|--:|\n| `x|y` | 2 |",
+            r#"<div class="table-scroll"><table><thead><tr><th>a</th><th style="text-align: right;">b</th></tr></thead><tbody><tr><td><code>x|y</code></td><td style="text-align: right;">2</td></tr></tbody></table></div>"#,
+        ),
+        ("**unclosed", "<p>**unclosed</p>"),
+    ];
+    let sources: Vec<&str> = cases.iter().map(|(source, _)| *source).collect();
+    let result = run(&server, "render", json!({ "cases": sources })).await;
+    let html = texts(&result["html"]);
+    for ((source, expected), html) in cases.iter().zip(&html) {
+        assert_eq!(html, expected, "{source:?}");
+    }
 }
 
 /// Takes the README's screenshot, `docs/page.png`, and phone and dark ones beside the build:

@@ -165,6 +165,7 @@ class Live {
 }
 
 const live = new Live(onEvent, onConnected, onDisconnected);
+let connectedBefore = false;
 
 function onConnected() {
   ui.connection.textContent = "";
@@ -173,7 +174,10 @@ function onConnected() {
     join(current.id, true);
     sync();
   }
-  loadConversations();
+  if (connectedBefore) {
+    loadConversations(); // Conversations may have changed while the connection was down.
+  }
+  connectedBefore = true;
 }
 
 function onDisconnected() {
@@ -184,7 +188,7 @@ function onDisconnected() {
     state.asked = null;
   }
   const current = state.current;
-  if (current && !current.read && !current.fresh) {
+  if (current && !current.read && !current.fresh && !current.missing) {
     sync(); // Without a connection, the history still shows.
   }
   render();
@@ -234,6 +238,9 @@ function onEvent(name, data) {
     return;
   }
   state.lastNews = Date.now();
+  if (name !== "stream_heartbeat" && live.isOpen) {
+    ui.connection.textContent = "";
+  }
   switch (name) {
     case "stream_start":
       replyStarted(data.messageId);
@@ -257,7 +264,6 @@ function findMessage(id) {
 
 function replyStarted(messageId) {
   const current = state.current;
-  ui.connection.textContent = "";
   if (findMessage(messageId)) {
     return;
   }
@@ -308,7 +314,6 @@ function replyEnded(messageId) {
   if (state.reply?.messageId === messageId) {
     state.reply = null;
   }
-  ui.connection.textContent = "";
   touch(state.current.id);
   render();
 }
@@ -604,22 +609,18 @@ async function remove(conversation) {
     }
   }
   deleted(conversation.id, true);
+  ui.message.focus();
 }
 
 // ---- Navigation ----------------------------------------------------------------------------
 
 /** The conversation id in the address, or null on `/`. */
 function routeId() {
-  const match = /^\/c\/([^/]+)$/.exec(location.pathname);
-  if (!match) {
-    return null;
-  }
-  try {
-    return decodeURIComponent(match[1]);
-  } catch {
-    return match[1];
-  }
+  return /^\/c\/([^/]+)$/.exec(location.pathname)?.[1] ?? null;
 }
+
+/** Whether `id` can name a conversation at all (the API's rule for ids). */
+const possibleId = (id) => /^[A-Za-z0-9_-]{1,128}$/.test(id);
 
 function navigate(path, replace = false) {
   if (replace) {
@@ -648,11 +649,12 @@ function openRoute() {
     state.current = null;
   } else {
     const listed = state.conversations.find((c) => c.id === id);
-    state.current = { id, title: listed?.title ?? "", messages: [], fresh: false, missing: false };
+    const missing = !possibleId(id);
+    state.current = { id, title: listed?.title ?? "", messages: [], fresh: false, missing };
     state.lastNews = Date.now();
     // Joined first, then read: nothing that happens in between is missed. Not connected yet,
     // the connection does both once open.
-    if (live.isOpen) {
+    if (live.isOpen && !missing) {
       join(id, false);
       sync();
     }
@@ -919,5 +921,6 @@ window.addEventListener("online", () => live.wake());
 window.addEventListener("offline", onDisconnected);
 
 openRoute();
+loadConversations();
 live.connect();
 ui.message.focus();

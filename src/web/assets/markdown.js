@@ -147,14 +147,15 @@ function renderList(lines, start, parent) {
   if (ordered && parseInt(first[2], 10) !== 1) {
     list.start = parseInt(first[2], 10);
   }
+  const continues = (line) => {
+    const match = ITEM.exec(line ?? "");
+    return Boolean(match) && /^\d/.test(match[2]) === ordered && match[2].slice(-1) === delimiter;
+  };
   let i = start;
   let loose = false;
   const items = [];
-  while (i < lines.length) {
+  while (i < lines.length && continues(lines[i])) {
     const match = ITEM.exec(lines[i]);
-    if (!match || /^\d/.test(match[2]) !== ordered || match[2].slice(-1) !== delimiter) {
-      break;
-    }
     const width = match[1].length + match[2].length + Math.min((match[3] ?? " ").length, 4);
     const body = [match[4] ?? ""];
     i += 1;
@@ -179,16 +180,15 @@ function renderList(lines, start, parent) {
     }
     items.push(body);
     if (i < lines.length && isBlank(lines[i])) {
-      const next = lines.slice(i).find((l) => !isBlank(l));
-      if (next !== undefined && ITEM.test(next)) {
-        loose = true;
+      let next = i;
+      while (next < lines.length && isBlank(lines[next])) {
+        next += 1;
       }
-      while (i < lines.length && isBlank(lines[i])) {
-        i += 1;
-      }
-      if (!ITEM.test(lines[i] ?? "")) {
+      if (!continues(lines[next])) {
         break;
       }
+      loose = true;
+      i = next;
     }
   }
   for (const body of items) {

@@ -328,6 +328,54 @@ const scenarios = {
     };
   },
 
+  /** markdown.js on its own: each of `cases` rendered, as HTML. */
+  async render(context) {
+    const page = await open(context);
+    return {
+      html: await page.evaluate(async (cases) => {
+        const { renderMarkdown } = await import("/markdown.js");
+        return cases.map((source) => {
+          const holder = document.createElement("div");
+          holder.append(renderMarkdown(source));
+          return holder.innerHTML;
+        });
+      }, args.cases),
+    };
+  },
+
+  /** An address that names no conversation. */
+  async missing(context) {
+    const page = await open(context, `/c/${args.id}`);
+    const missing = page.getByText("This conversation does not exist, or it was deleted.");
+    await missing.waitFor();
+    // Reading the conversation was answered 404, as it should be.
+    const kept = problems.filter((problem) => !problem.includes("status of 404"));
+    problems.splice(0, problems.length, ...kept);
+    return {
+      composer: await messageBox(page).isVisible(),
+      heading: await page.getByRole("heading", { level: 1 }).innerText(),
+    };
+  },
+
+  /** At phone width the sidebar folds away behind a button. */
+  async phone(context, browser) {
+    const phone = await browser.newContext({ viewport: { width: 390, height: 760 } });
+    const page = await open(phone);
+    const nav = sidebar(page);
+    const hiddenAtFirst = !(await nav.getByRole("link", { name: args.title }).isVisible());
+    const toggle = page.getByRole("button", { name: "Show conversations" });
+    await toggle.click();
+    await nav.getByRole("link", { name: args.title }).click();
+    await page.locator("li.message.user .body", { hasText: args.title }).waitFor();
+    await nav.getByRole("link", { name: args.title }).waitFor({ state: "hidden" });
+    return {
+      hiddenAtFirst,
+      expanded: await toggle.getAttribute("aria-expanded"),
+      path: pathOf(page),
+      widthFits: await page.evaluate(() => document.documentElement.scrollWidth <= innerWidth),
+    };
+  },
+
   /** Screenshots of a conversation: `shots` is a list of {path, width, height, dark}. */
   async screenshot(_context, browser) {
     const taken = [];
