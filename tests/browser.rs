@@ -431,6 +431,7 @@ async fn refusals_and_model_failures_show_in_place() {
     let model = ModelServer::start().await;
     let mut config = config_for(&model);
     config.rt_messages_per_minute = 1;
+    config.max_message_chars = 20;
     let server = TestServer::start(config).await;
     let mut scenario = Scenario::start(&server, "errors", json!({}));
     scenario.step("rate limited").await;
@@ -438,6 +439,17 @@ async fn refusals_and_model_failures_show_in_place() {
     scenario.go_on().await;
     let result = scenario.result().await;
 
+    let too_long = &result["tooLong"];
+    assert_eq!(
+        too_long["notice"],
+        "Message is too long: at most 20 characters"
+    );
+    assert_eq!(
+        too_long["path"], "/",
+        "a refused first message makes no conversation"
+    );
+    assert_eq!(too_long["box"], "a first message that is too long");
+    assert_eq!(too_long["messages"], 0);
     assert_eq!(
         result["rateLimit"],
         "You are sending messages too fast. Wait a moment, then try again."

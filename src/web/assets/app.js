@@ -336,6 +336,12 @@ function failed({ message, code }) {
   }
   withdrawPending();
   state.asked = null;
+  const current = state.current;
+  if (current?.fresh && current.messages.length === 0) {
+    // The conversation was never made: the address goes back to a new chat.
+    state.current = null;
+    history.replaceState(null, "", "/");
+  }
   if (state.reply) {
     state.reply.stopping = false;
   }

@@ -305,10 +305,18 @@ const scenarios = {
   /** What the page shows when the server refuses a message or the model fails. */
   async errors(context) {
     const page = await open(context);
+    const alert = page.getByRole("alert");
+    await send(page, "a first message that is too long");
+    await alert.waitFor();
+    const tooLong = {
+      notice: await alert.locator("p").innerText(),
+      path: pathOf(page),
+      box: await messageBox(page).inputValue(),
+      messages: await page.locator("li.message").count(),
+    };
     await send(page, "one");
     await settled(page, 1);
     await send(page, "two");
-    const alert = page.getByRole("alert");
     await alert.waitFor();
     const rateLimit = await alert.locator("p").innerText();
     const boxAfter = await messageBox(page).inputValue();
@@ -320,6 +328,7 @@ const scenarios = {
     await page.getByRole("button", { name: "Regenerate" }).click();
     await page.locator("li.message.assistant.error").waitFor();
     return {
+      tooLong,
       rateLimit,
       boxAfter,
       users: await page.locator("li.message.user .body").allInnerTexts(),
@@ -396,7 +405,7 @@ const scenarios = {
 };
 
 const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  executablePath: "/usr/bin/chromium",
   headless: true,
   args: FLAGS,
   timeout: TIMEOUT_MS,
