@@ -471,6 +471,39 @@ async fn an_address_naming_no_conversation_says_so() {
 }
 
 #[tokio::test]
+async fn every_control_is_reached_and_worked_by_keyboard() {
+    let (server, _model) = TestServer::with_model().await;
+    let id = create(&server, "by keys").await;
+    let result = run(&server, "keyboard", json!({ "id": id })).await;
+    let order = texts(&result["order"]);
+    let expected = [
+        "Skip to the message box",
+        "New chat",
+        "by keys",
+        "Rename “by keys”",
+        "Delete “by keys”",
+        "Regenerate",
+        "Message",
+        "Send",
+    ];
+    // Tab goes round: from the first control, then the next ones in order.
+    let first = order
+        .iter()
+        .position(|name| name == expected[0])
+        .expect("the first control is reached");
+    let reached: Vec<&str> = order[first..]
+        .iter()
+        .map(String::as_str)
+        .filter(|name| expected.contains(name))
+        .take(expected.len())
+        .collect();
+    assert_eq!(reached, expected, "{order:#?}");
+    assert_eq!(result["focusedAfterRename"], "typed title");
+    let (_, conversation) = server.get(&format!("/api/conversations/{id}")).await;
+    assert_eq!(conversation["title"], "typed title");
+}
+
+#[tokio::test]
 async fn at_phone_width_the_sidebar_folds_away() {
     let (server, _model) = TestServer::with_model().await;
     let id = create(&server, "on the go").await;

@@ -366,6 +366,36 @@ const scenarios = {
     };
   },
 
+  /** Tab goes through every control in order; Enter works them. */
+  async keyboard(context) {
+    const page = await open(context, `/c/${args.id}`);
+    await page.locator("li.message.assistant").waitFor();
+    await page.evaluate(() => document.activeElement?.blur());
+    const order = [];
+    for (let i = 0; i < 12; i += 1) {
+      await page.keyboard.press("Tab");
+      order.push(
+        await page.evaluate(() => {
+          const focused = document.activeElement;
+          if (focused === document.body) {
+            return "(the page)";
+          }
+          return focused.getAttribute("aria-label") ?? focused.textContent.trim();
+        }),
+      );
+    }
+    // Rename with the keyboard alone: the rename button, Enter, a title, Enter.
+    await sidebar(page).getByRole("button", { name: /^Rename/ }).focus();
+    await page.keyboard.press("Enter");
+    await page.keyboard.type("typed title");
+    await page.keyboard.press("Enter");
+    await sidebar(page).getByRole("link", { name: "typed title" }).waitFor();
+    return {
+      order,
+      focusedAfterRename: await page.evaluate(() => document.activeElement.textContent),
+    };
+  },
+
   /** At phone width the sidebar folds away behind a button. */
   async phone(context, browser) {
     const phone = await browser.newContext({ viewport: { width: 390, height: 760 } });
