@@ -540,6 +540,10 @@ function renderSidebar() {
   if (state.renaming) {
     return; // The title being edited stays as it is until it is saved or given up.
   }
+  // Focus inside the list stays on the same control of the same conversation.
+  const focused = document.activeElement;
+  const focusedItem = ui.conversationList.contains(focused) ? focused.closest("li") : null;
+  const focusedPart = focusedItem ? [...focusedItem.children].indexOf(focused) : -1;
   const items = state.conversations.map((conversation) => {
     const item = document.createElement("li");
     item.className = "conversation";
@@ -559,6 +563,10 @@ function renderSidebar() {
     return item;
   });
   ui.conversationList.replaceChildren(...items);
+  if (focusedItem) {
+    const item = ui.conversationList.querySelector(`li[data-id="${CSS.escape(focusedItem.dataset.id)}"]`);
+    item?.children[focusedPart]?.focus();
+  }
 }
 
 function startRename(item, conversation) {
@@ -584,8 +592,7 @@ function startRename(item, conversation) {
       }
     }
     state.renaming = null;
-    renderSidebar();
-    ui.conversationList.querySelector(`li[data-id="${CSS.escape(conversation.id)}"] a`)?.focus();
+    renderSidebar(); // Focus goes from the title being edited to the conversation's link.
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter") {
