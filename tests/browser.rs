@@ -427,6 +427,20 @@ async fn back_and_forward_move_between_conversations() {
 }
 
 #[tokio::test]
+async fn without_a_websocket_conversations_still_open() {
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.max_connections_per_ip = 1;
+    let server = TestServer::start(config).await;
+    let first = create(&server, "first question").await;
+    let second = create(&server, "second question").await;
+    let _only_connection = server.ws().await;
+    let result = run(&server, "socketless", json!({ "first": first })).await;
+    assert_eq!(result["path"], format!("/c/{second}"));
+    assert_eq!(result["status"], "Reconnecting…");
+}
+
+#[tokio::test]
 async fn refusals_and_model_failures_show_in_place() {
     let model = ModelServer::start().await;
     let mut config = config_for(&model);

@@ -115,6 +115,10 @@ class Live {
     return this.socket?.readyState === WebSocket.OPEN;
   }
 
+  get isConnecting() {
+    return this.socket?.readyState === WebSocket.CONNECTING;
+  }
+
   connect() {
     clearTimeout(this.timer);
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
@@ -665,10 +669,12 @@ function openRoute() {
     const missing = !possibleId(id);
     state.current = { id, title: listed?.title ?? "", messages: [], fresh: false, missing };
     state.lastNews = Date.now();
-    // Joined first, then read: nothing that happens in between is missed. Not connected yet,
-    // the connection does both once open.
+    // Joined first, then read: nothing that happens in between is missed. While connecting,
+    // the connection does both once open; while it is down, the history is read meanwhile.
     if (live.isOpen && !missing) {
       join(id, false);
+      sync();
+    } else if (!live.isConnecting && !missing) {
       sync();
     }
   }
@@ -933,7 +939,7 @@ window.addEventListener("popstate", openRoute);
 window.addEventListener("online", () => live.wake());
 window.addEventListener("offline", onDisconnected);
 
+live.connect();
 openRoute();
 loadConversations();
-live.connect();
 ui.message.focus();

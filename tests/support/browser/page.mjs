@@ -302,6 +302,20 @@ const scenarios = {
     return { visited };
   },
 
+  /** Without a WebSocket (the server refuses it), conversations still open over REST. */
+  async socketless(context) {
+    const page = await open(context, `/c/${args.first}`);
+    const user = (text) => page.locator("li.message.user .body", { hasText: text });
+    await user("first question").waitFor();
+    await sidebar(page).getByRole("link", { name: "second question" }).click();
+    await user("second question").waitFor();
+    const status = await page.locator("#connection").innerText();
+    // Every refused connection is an error in the console, as it should be.
+    const kept = problems.filter((problem) => !/WebSocket connection .* failed/.test(problem));
+    problems.splice(0, problems.length, ...kept);
+    return { status, path: pathOf(page) };
+  },
+
   /** What the page shows when the server refuses a message or the model fails. */
   async errors(context) {
     const page = await open(context);
