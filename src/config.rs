@@ -68,6 +68,8 @@ pub struct Config {
     /// Events queued for one connection before it counts as too slow and is dropped
     /// (`SUBSCRIBER_QUEUE`).
     pub subscriber_queue: usize,
+    /// `WEB_CLIENT`: serve the chat page at `/`; false leaves the API alone.
+    pub web_client: bool,
 }
 
 /// Which model answers and how.
@@ -176,6 +178,7 @@ impl Config {
             shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
             database_url: vars.text("DATABASE_URL", "sqlite://data/chat.db"),
             sqlite_durability: vars.parse("SQLITE_SYNCHRONOUS", Durability::Normal)?,
+            web_client: vars.parse("WEB_CLIENT", true)?,
         })
     }
 }
@@ -310,6 +313,7 @@ mod tests {
         assert_eq!(c.max_connections_per_ip, 64);
         assert_eq!(c.ws_ping_interval, Duration::from_secs(25));
         assert_eq!(c.ws_ping_timeout, Duration::from_secs(20));
+        assert!(c.web_client);
     }
 
     #[test]
@@ -325,6 +329,10 @@ mod tests {
             with(&[("LOG_FORMAT", "xml")]).unwrap_err().variable,
             "LOG_FORMAT"
         );
+        assert_eq!(
+            with(&[("WEB_CLIENT", "maybe")]).unwrap_err().variable,
+            "WEB_CLIENT"
+        );
     }
 
     #[test]
@@ -338,6 +346,7 @@ mod tests {
             ("MAX_CONNECTIONS_PER_IP", "2"),
             ("WS_PING_INTERVAL_MS", "250"),
             ("WS_PING_TIMEOUT_MS", "100"),
+            ("WEB_CLIENT", "false"),
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
@@ -348,6 +357,7 @@ mod tests {
         assert_eq!(c.max_connections_per_ip, 2);
         assert_eq!(c.ws_ping_interval, Duration::from_millis(250));
         assert_eq!(c.ws_ping_timeout, Duration::from_millis(100));
+        assert!(!c.web_client);
     }
 
     #[test]

@@ -149,6 +149,7 @@ pub fn routes(
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::metrics(&shared));
     let websocket = ws::route(shared.clone());
+    let page = crate::web::routes(shared.config.web_client);
 
     let api = chat
         .or(list)
@@ -170,6 +171,8 @@ pub fn routes(
         .or(metrics)
         .unify()
         .or(websocket)
+        .unify()
+        .or(page)
         .unify()
         .recover(recover)
         .unify()
