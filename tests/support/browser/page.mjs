@@ -1,4 +1,4 @@
-// Drives Debian's headless Chromium through the chat page, for the Rust tests in tests/browser.rs.
+// Drives Debian's headless Chromium through the chat page, for the Rust tests in tests/server/browser.rs.
 //
 // Usage: node page.mjs '{"url": "http://127.0.0.1:PORT", "scenario": NAME, ...}'
 // Output, one JSON object a line on stdout:
