@@ -4,6 +4,7 @@
 pub mod error;
 pub mod limits;
 mod middleware;
+pub mod openapi;
 mod payload;
 mod rest;
 mod session;
@@ -146,6 +147,7 @@ pub fn routes(
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::metrics(&shared));
     let websocket = ws::route(shared.clone());
+    let reference = openapi::routes();
 
     let api = chat
         .or(list)
@@ -167,6 +169,8 @@ pub fn routes(
         .or(metrics)
         .unify()
         .or(websocket)
+        .unify()
+        .or(reference)
         .unify()
         .recover(recover)
         .unify()
