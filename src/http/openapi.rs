@@ -188,6 +188,18 @@ fn rate_limit_headers() -> Map<String, Value> {
     ])
 }
 
+/// A required header of the WebSocket handshake.
+fn handshake_header(name: &str, description: &str, example: &str) -> Value {
+    json!({
+        "name": name,
+        "in": "header",
+        "required": true,
+        "description": description,
+        "schema": { "type": "string" },
+        "example": example,
+    })
+}
+
 /// `/ws`, which is not a REST handler but answers plain HTTP until it upgrades.
 fn websocket_path() -> Value {
     json!({ "get": {
@@ -196,6 +208,12 @@ fn websocket_path() -> Value {
         "summary": "The plain WebSocket",
         "description": "Upgrades to a WebSocket whose text frames are `Frame`s, each carrying one \
             of the events listed in `x-realtime`. Not rate limited.",
+        "parameters": [
+            handshake_header("Connection", "Names `Upgrade`", "Upgrade"),
+            handshake_header("Upgrade", "Names `websocket`", "websocket"),
+            handshake_header("Sec-WebSocket-Version", "`13`", "13"),
+            handshake_header("Sec-WebSocket-Key", "The client's nonce", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
         "responses": {
             "101": { "description": "Switching Protocols: the connection is a WebSocket" },
             "400": error_response("`INVALID_REQUEST`: not a WebSocket upgrade"),

@@ -141,8 +141,11 @@ pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Respon
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// At most this many conversations; absent: all.
+    // `usize::MAX`, which the attribute takes only as a literal.
+    #[param(maximum = 18446744073709551615usize)]
     limit: Option<usize>,
     /// Skip this many first; absent: 0.
+    #[param(maximum = 18446744073709551615usize)]
     offset: Option<usize>,
 }
 
