@@ -69,10 +69,10 @@ fn mismatch(document: &Value, schema: &Value, value: &Value, at: &str) -> Option
     if !types.is_empty() && !types.into_iter().any(typed) {
         return Some(format!("{at}: {value} is not {}", schema["type"]));
     }
-    if let Some(allowed) = schema["enum"].as_array() {
-        if !allowed.contains(value) {
-            return Some(format!("{at}: {value} is not one of {allowed:?}"));
-        }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        return Some(format!("{at}: {value} is not one of {allowed:?}"));
     }
     match value {
         Value::Object(fields) => {
@@ -82,9 +82,7 @@ fn mismatch(document: &Value, schema: &Value, value: &Value, at: &str) -> Option
                     return Some(format!("{at}: no {name}"));
                 }
             }
-            let Some(properties) = schema["properties"].as_object() else {
-                return None;
-            };
+            let properties = schema["properties"].as_object()?;
             fields
                 .iter()
                 .find_map(|(name, field)| match properties.get(name) {

@@ -104,7 +104,7 @@ function operationView(path, method, operation, spec) {
         el("td", null, p.in), el("td", null, schemaView(p.schema, spec)), el("td", null, p.description || "")))));
   }
   if (operation.requestBody) {
-    section.append(el("h4", null, "Body"), contentView(operation.requestBody.content, spec));
+    section.append(el("h4", null, "Body"), ...contentView(operation.requestBody.content, spec));
   }
   section.append(el("h4", null, "Answers"), el("table", null,
     el("tr", null, el("th", null, "status"), el("th", null, "meaning"), el("th", null, "body"), el("th", null, "headers")),
@@ -133,7 +133,7 @@ function render(spec) {
   root.append(el("h1", null, spec.info.title + " " + spec.info.version),
     el("p", { class: "muted" }, "OpenAPI " + spec.openapi + ": ", el("a", { href: "/api/openapi.json" }, "/api/openapi.json")),
     markdown(spec.info.description));
-  const byTag = new Map();
+  const byTag = new Map((spec.tags || []).map((tag) => [tag.name, []]));
   for (const [path, item] of Object.entries(spec.paths)) {
     for (const method of METHODS) {
       if (!item[method]) continue;
@@ -142,10 +142,13 @@ function render(spec) {
       byTag.get(tag).push(operationView(path, method, item[method], spec));
     }
   }
-  for (const [tag, sections] of byTag) root.append(el("h2", null, tag), sections);
+  for (const [tag, sections] of byTag) {
+    const about = (spec.tags || []).find((t) => t.name === tag);
+    root.append(el("h2", null, tag), about && about.description ? el("p", null, about.description) : "", ...sections);
+  }
   if (spec["x-realtime"]) root.append(realtimeView(spec["x-realtime"]));
   const schemas = Object.entries((spec.components || {}).schemas || {});
-  root.append(el("h2", null, "Schemas"), schemas.map(([name, schema]) =>
+  root.append(el("h2", null, "Schemas"), ...schemas.map(([name, schema]) =>
     el("section", { id: "schema-" + name }, el("h3", null, name),
       schema.description ? el("p", null, schema.description) : null, schemaView(schema, spec, 1))));
 }
