@@ -181,9 +181,20 @@ async fn the_document_names_every_route_and_only_those() {
                 assert_ne!(body["code"], "METHOD_NOT_ALLOWED", "{method} {url}");
             } else {
                 assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {url}");
+                let schema = &document["components"]["responses"]["MethodNotAllowed"]["content"]["application/json"]
+                    ["schema"];
+                assert_eq!(mismatch(&document, schema, &body, &url), None);
             }
         }
     }
+    let (status, body) = server.get("/api/nowhere").await;
+    assert_eq!(
+        (status, &body["code"]),
+        (StatusCode::NOT_FOUND, &json!("NOT_FOUND"))
+    );
+    let schema =
+        &document["components"]["responses"]["NotFound"]["content"]["application/json"]["schema"];
+    assert_eq!(mismatch(&document, schema, &body, "/api/nowhere"), None);
 }
 
 #[tokio::test]

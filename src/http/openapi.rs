@@ -4,7 +4,8 @@
 //! (`GET /api/docs`, a page and its script, which render the document in the browser).
 //!
 //! The types here are schemas only: of the payloads that [`Payload`](super::payload::Payload)
-//! reads field by field, and of the real-time events, which are encoded elsewhere.
+//! reads field by field, of the answer `POST /api/chat` builds with `json!`, and of the
+//! real-time events, which are encoded elsewhere.
 
 use std::sync::LazyLock;
 
@@ -15,7 +16,7 @@ use warp::{Filter, Rejection};
 
 use super::error::ErrorBody;
 use super::rest::{self, ReplyRef};
-use crate::domain::Timestamp;
+use crate::domain::{Conversation, Message, Timestamp};
 
 /// The body of `POST /api/chat`, and the payload of the real-time `stream_chat`.
 #[derive(Debug, ToSchema)]
@@ -27,6 +28,15 @@ pub struct ChatRequest {
     /// An existing conversation's id; absent or `null`: a new conversation.
     #[schema(pattern = r"^[A-Za-z0-9_-]{1,128}$")]
     pub conversation_id: Option<String>,
+}
+
+/// The answer of `POST /api/chat`.
+#[derive(ToSchema)]
+pub struct ChatReply {
+    /// The whole conversation after the reply.
+    pub conversation: Conversation,
+    /// The stored assistant reply.
+    pub message: Message,
 }
 
 /// The body of `PATCH /api/conversations/:id`.
@@ -257,7 +267,8 @@ fn realtime() -> Value {
 }
 
 /// The whole document: the annotations' paths and schemas, with the answers every route under
-/// `/api/` may give (429, 500) and its rate-limit headers, `/ws`, and `x-realtime`.
+/// `/api/` may give (429, 500) and its rate-limit headers, `/ws`, the answers for paths and
+/// methods no route serves (404, 405), and `x-realtime`.
 fn document() -> Value {
     let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     let headers = rate_limit_headers();
@@ -297,6 +308,11 @@ fn document() -> Value {
         }
         paths.insert("/ws".into(), websocket_path());
     }
+    document["components"]["responses"] = json!({
+        "NotFound": error_response("`NOT_FOUND`: no route has this path"),
+        "MethodNotAllowed": error_response(
+            "`METHOD_NOT_ALLOWED`: a route has this path, but not for this method"),
+    });
     document["x-realtime"] = realtime();
     document
 }

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
 use super::Shared;
 use super::error::{ApiError, ErrorBody};
-use super::openapi::{ChatRequest, ConversationPath, RenameRequest};
+use super::openapi::{ChatReply, ChatRequest, ConversationPath, RenameRequest};
 use super::payload::Payload;
-use crate::domain::{Conversation, Message, Timestamp, validate_conversation_id};
+use crate::domain::{Conversation, Timestamp, validate_conversation_id};
 use crate::store::Page;
 
 // The answers' fields are in alphabetical order, the order these answers have always had.
@@ -44,15 +45,6 @@ pub struct Health {
 pub struct Memory {
     /// Resident memory, in bytes.
     rss: u64,
-}
-
-/// The answer of `POST /api/chat`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ChatReply {
-    /// The whole conversation after the reply.
-    conversation: Conversation,
-    /// The stored assistant reply.
-    message: Message,
 }
 
 /// An answer that is only a message for people.
@@ -129,10 +121,12 @@ pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Respon
     let message = payload.message(shared.config.max_message_chars)?;
     let id = payload.optional_conversation_id()?;
     let done = shared.conversations.chat(id, message).await?;
-    Ok(warp::reply::json(&ChatReply {
-        conversation: done.conversation,
-        message: done.message,
-    })
+    // Built with `json!`, whose objects, nested ones too, keep their fields sorted, as this
+    // answer has always had them.
+    Ok(warp::reply::json(&json!({
+        "message": done.message,
+        "conversation": done.conversation,
+    }))
     .into_response())
 }
 
