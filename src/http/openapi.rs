@@ -23,9 +23,13 @@ use crate::domain::{Conversation, Message, Timestamp};
 #[schema(rename_all = "camelCase")]
 pub struct ChatRequest {
     /// The user message: not empty or whitespace only, at most `MAX_MESSAGE_CHARS` characters.
-    #[schema(min_length = 1, pattern = r"\S")]
+    // Whitespace is what Rust's `trim` removes.
+    #[schema(
+        pattern = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     pub message: String,
-    /// An existing conversation's id; absent or `null`: a new conversation.
+    /// A conversation's id: an existing one (`stream_chat` also creates one with an unknown id);
+    /// absent or `null`: a new conversation.
     #[schema(pattern = r"^[A-Za-z0-9_-]{1,128}$")]
     pub conversation_id: Option<String>,
 }
@@ -43,7 +47,10 @@ pub struct ChatReply {
 #[derive(Debug, ToSchema)]
 pub struct RenameRequest {
     /// The new title: 1 to 200 characters once leading and trailing whitespace is removed.
-    #[schema(min_length = 1, pattern = r"\S")]
+    // Whitespace is what Rust's `trim` removes.
+    #[schema(
+        pattern = r"^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[\s\S]{0,198}[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"
+    )]
     pub title: String,
 }
 
