@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::ChatError;
@@ -12,8 +13,9 @@ const TITLE_CHARS: usize = 50;
 const MAX_CONVERSATION_ID_LEN: usize = 128;
 
 /// A point in time, serialized as RFC 3339 UTC with milliseconds (`2026-11-26T19:45:22.123Z`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = String, format = DateTime, example = "2026-11-26T19:45:22.123Z")]
 pub struct Timestamp(pub DateTime<Utc>);
 
 impl Timestamp {
@@ -47,7 +49,7 @@ impl Serialize for Timestamp {
 }
 
 /// Who wrote a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     User,
@@ -77,7 +79,7 @@ impl Role {
 }
 
 /// Where an assistant reply stands (an extension field a client may ignore).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageStatus {
     Streaming,
@@ -110,7 +112,7 @@ impl MessageStatus {
 }
 
 /// One message of a conversation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
     pub id: String,
@@ -137,7 +139,7 @@ impl Message {
 }
 
 /// A conversation with all its messages, in the order they were added.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Conversation {
     pub id: String,

@@ -42,9 +42,12 @@ pub enum ApiError {
 }
 
 /// The JSON body of every error answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// For people; may change.
     pub message: String,
+    /// What a client branches on, e.g. `INVALID_REQUEST`.
+    #[schema(value_type = String)]
     pub code: &'static str,
 }
 

@@ -166,6 +166,9 @@ fn route_of(path: &str) -> &'static str {
         ["api", "conversations", _] => "/api/conversations/:id",
         ["api", "conversations", _, "stop"] => "/api/conversations/:id/stop",
         ["api", "conversations", _, "regenerate"] => "/api/conversations/:id/regenerate",
+        ["api", "openapi.json"] => "/api/openapi.json",
+        ["api", "docs"] => "/api/docs",
+        ["api", "docs", "docs.js"] => "/api/docs/docs.js",
         ["ws"] => "/ws",
         ["metrics"] => "/metrics",
         ["socket.io", ..] => "/socket.io/",
@@ -203,6 +206,7 @@ mod tests {
             "/api/conversations/:id/stop"
         );
         assert_eq!(route_of("/api/health"), "/api/health");
+        assert_eq!(route_of("/api/docs/docs.js"), "/api/docs/docs.js");
         assert_eq!(route_of("/socket.io/"), "/socket.io/");
         assert_eq!(route_of("/"), "unmatched");
         assert_eq!(route_of("/api/conversations/a/b"), "unmatched");

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod limits;
 mod middleware;
+pub mod openapi;
 mod payload;
 mod rest;
 mod session;
@@ -150,6 +151,7 @@ pub fn routes(
         .map(|shared: Arc<Shared>| rest::metrics(&shared));
     let websocket = ws::route(shared.clone());
     let page = crate::web::routes(shared.config.web_client);
+    let reference = openapi::routes();
 
     let api = chat
         .or(list)
@@ -173,6 +175,8 @@ pub fn routes(
         .or(websocket)
         .unify()
         .or(page)
+        .unify()
+        .or(reference)
         .unify()
         .recover(recover)
         .unify()

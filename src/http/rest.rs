@@ -1,35 +1,102 @@
-//! The REST routes of the contract, and the extensions for stop, regenerate and rename.
+//! The REST routes of the contract, and the extensions for stop, regenerate and rename, each
+//! with the OpenAPI description of its request and answers.
 
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
 use super::Shared;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::openapi::{ChatReply, ChatRequest, ConversationPath, RenameRequest};
 use super::payload::Payload;
-use crate::domain::{Timestamp, validate_conversation_id};
+use crate::domain::{Conversation, Timestamp, validate_conversation_id};
 use crate::store::Page;
 
-/// `GET /api/health`.
+// The answers' fields are in alphabetical order, the order these answers have always had.
+
+/// The answer of `GET /api/health`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// Open real-time connections, both transports (extension).
+    active_connections: i64,
+    /// Conversations held in memory (extension).
+    active_conversations: usize,
+    memory: Memory,
+    /// Replies being generated (extension).
+    replies_in_progress: i64,
+    /// Always `OK`.
+    #[schema(value_type = String, example = "OK")]
+    status: &'static str,
+    timestamp: Timestamp,
+    /// Seconds since the server started.
+    uptime: f64,
+    /// The server's version.
+    #[schema(value_type = String, example = "0.1.0")]
+    version: &'static str,
+}
+
+/// The server's memory use.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Memory {
+    /// Resident memory, in bytes.
+    rss: u64,
+}
+
+/// An answer that is only a message for people.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Notice {
+    #[schema(value_type = String, example = "Conversation deleted successfully")]
+    message: &'static str,
+}
+
+/// The answer of `POST /api/conversations/:id/stop`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Stopped {
+    conversation_id: String,
+    #[schema(value_type = String, example = "Generation stopped")]
+    message: &'static str,
+}
+
+/// A reply: its conversation and its assistant message. The answer of
+/// `POST /api/conversations/:id/regenerate`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyRef {
+    conversation_id: String,
+    /// The reply's message id.
+    message_id: String,
+}
+
+/// Whether the server is up, and how busy it is.
+#[utoipa::path(get, path = "/api/health", tag = "server",
+    responses((status = 200, description = "The server is up", body = Health)))]
 pub fn health(shared: &Shared) -> Response {
     let metrics = shared.metrics.snapshot();
-    let body = json!({
-        "status": "OK",
-        "timestamp": Timestamp::now(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime": shared.started.elapsed().as_secs_f64(),
-        "memory": { "rss": crate::metrics::resident_bytes() },
-        "activeConnections": metrics.open_connections,
-        "activeConversations": shared.conversations.active(),
-        "repliesInProgress": metrics.replies_in_progress,
-    });
+    let body = Health {
+        active_connections: metrics.open_connections,
+        active_conversations: shared.conversations.active(),
+        memory: Memory {
+            rss: crate::metrics::resident_bytes(),
+        },
+        replies_in_progress: metrics.replies_in_progress,
+        status: "OK",
+        timestamp: Timestamp::now(),
+        uptime: shared.started.elapsed().as_secs_f64(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
     warp::reply::json(&body).into_response()
 }
 
-/// `GET /metrics`: every series in Prometheus's text format.
+/// Every series in Prometheus's text format; not rate limited.
+#[utoipa::path(get, path = "/metrics", tag = "server",
+    responses((status = 200, description = "The metrics", body = String,
+        content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 pub fn metrics(shared: &Shared) -> Response {
     warp::reply::with_header(
         shared.metrics.render(),
@@ -39,12 +106,23 @@ pub fn metrics(shared: &Shared) -> Response {
     .into_response()
 }
 
-/// `POST /api/chat`: the user message and the model's whole reply.
+/// Sends a user message and answers, once the model is done, with its whole reply.
+#[utoipa::path(post, path = "/api/chat", tag = "chat", request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The stored reply and the conversation after it", body = ChatReply),
+        (status = 400, description = "`INVALID_REQUEST`: the body, `message` or `conversationId`", body = ErrorBody),
+        (status = 404, description = "`CONVERSATION_NOT_FOUND`: no conversation has that id", body = ErrorBody),
+        (status = 409, description = "`CONFLICT`: a reply is in progress there", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over `BODY_LIMIT_BYTES`", body = ErrorBody),
+        (status = 502, description = "`UPSTREAM_ERROR`: the model failed or timed out", body = ErrorBody),
+    ))]
 pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Response, ApiError> {
     let payload = Payload::new(&body)?;
     let message = payload.message(shared.config.max_message_chars)?;
     let id = payload.optional_conversation_id()?;
     let done = shared.conversations.chat(id, message).await?;
+    // Built with `json!`, whose objects, nested ones too, keep their fields sorted, as this
+    // answer has always had them.
     Ok(warp::reply::json(&json!({
         "message": done.message,
         "conversation": done.conversation,
@@ -53,13 +131,24 @@ pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Respon
 }
 
 /// Query of `GET /api/conversations`: both optional; none answers every conversation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// At most this many conversations; absent: all.
+    // `usize::MAX`, which the attribute takes only as a literal.
+    #[param(maximum = 18446744073709551615usize)]
     limit: Option<usize>,
+    /// Skip this many first; absent: 0.
+    #[param(maximum = 18446744073709551615usize)]
     offset: Option<usize>,
 }
 
-/// `GET /api/conversations`.
+/// The stored conversations with their messages, most recently updated first.
+#[utoipa::path(get, path = "/api/conversations", tag = "conversations", params(ListQuery),
+    responses(
+        (status = 200, description = "The conversations", body = Vec<Conversation>),
+        (status = 400, description = "`INVALID_REQUEST`: a bad `limit` or `offset`", body = ErrorBody),
+    ))]
 pub async fn list(shared: Arc<Shared>, query: ListQuery) -> Result<Response, ApiError> {
     let page = Page {
         limit: query.limit,
@@ -69,24 +158,44 @@ pub async fn list(shared: Arc<Shared>, query: ListQuery) -> Result<Response, Api
     Ok(warp::reply::json(&conversations).into_response())
 }
 
-/// `GET /api/conversations/:id`.
+/// One conversation with its messages.
+#[utoipa::path(get, path = "/api/conversations/{id}", tag = "conversations", params(ConversationPath),
+    responses(
+        (status = 200, description = "The conversation", body = Conversation),
+        (status = 400, description = "`INVALID_REQUEST`: a bad id", body = ErrorBody),
+        (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
+    ))]
 pub async fn get(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     let conversation = shared.conversations.get(&id).await?;
     Ok(warp::reply::json(&conversation).into_response())
 }
 
-/// `DELETE /api/conversations/:id`.
+/// Deletes a conversation and its messages; its members get `conversation_deleted`.
+#[utoipa::path(delete, path = "/api/conversations/{id}", tag = "conversations", params(ConversationPath),
+    responses(
+        (status = 200, description = "Deleted", body = Notice),
+        (status = 400, description = "`INVALID_REQUEST`: a bad id", body = ErrorBody),
+        (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
+    ))]
 pub async fn delete(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     shared.conversations.delete(&id).await?;
-    Ok(
-        warp::reply::json(&json!({ "message": "Conversation deleted successfully" }))
-            .into_response(),
-    )
+    Ok(warp::reply::json(&Notice {
+        message: "Conversation deleted successfully",
+    })
+    .into_response())
 }
 
-/// `PATCH /api/conversations/:id` `{title}`.
+/// Renames a conversation (extension); its members get `conversation_updated`.
+#[utoipa::path(patch, path = "/api/conversations/{id}", tag = "conversations", params(ConversationPath),
+    request_body = RenameRequest,
+    responses(
+        (status = 200, description = "The renamed conversation", body = Conversation),
+        (status = 400, description = "`INVALID_REQUEST`: the body, `title` or id", body = ErrorBody),
+        (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over `BODY_LIMIT_BYTES`", body = ErrorBody),
+    ))]
 pub async fn rename(
     shared: Arc<Shared>,
     id: String,
@@ -98,21 +207,36 @@ pub async fn rename(
     Ok(warp::reply::json(&conversation).into_response())
 }
 
-/// `POST /api/conversations/:id/stop`.
+/// Stops the reply in progress (extension); success also when there is none.
+#[utoipa::path(post, path = "/api/conversations/{id}/stop", tag = "conversations", params(ConversationPath),
+    responses(
+        (status = 200, description = "Stopped, or nothing was in progress", body = Stopped),
+        (status = 400, description = "`INVALID_REQUEST`: a bad id", body = ErrorBody),
+        (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
+    ))]
 pub async fn stop(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
     shared.conversations.stop_reply(&id).await?;
-    Ok(
-        warp::reply::json(&json!({ "message": "Generation stopped", "conversationId": id }))
-            .into_response(),
-    )
+    Ok(warp::reply::json(&Stopped {
+        conversation_id: id,
+        message: "Generation stopped",
+    })
+    .into_response())
 }
 
-/// `POST /api/conversations/:id/regenerate`: the new reply streams to the members.
+/// Replaces the last reply with a new one (extension), which streams to the members.
+#[utoipa::path(post, path = "/api/conversations/{id}/regenerate", tag = "conversations",
+    params(ConversationPath),
+    responses(
+        (status = 202, description = "The new reply has started", body = ReplyRef),
+        (status = 400, description = "`INVALID_REQUEST`: a bad id, or no user message to answer", body = ErrorBody),
+        (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
+        (status = 409, description = "`CONFLICT`: a reply is in progress", body = ErrorBody),
+    ))]
 pub async fn regenerate(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
     let started = shared.conversations.regenerate(&id, None).await?;
-    let body = json!({
-        "conversationId": started.conversation_id,
-        "messageId": started.message_id,
-    });
+    let body = ReplyRef {
+        conversation_id: started.conversation_id,
+        message_id: started.message_id,
+    };
     Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
 }

@@ -11,6 +11,7 @@ mod durability;
 mod hardening;
 mod hostile;
 mod models;
+mod openapi;
 mod realtime;
 mod replies;
 mod rest;
