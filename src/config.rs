@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::http::client::TrustedProxies;
 use crate::store::Durability;
 
 /// Start-up configuration problem: names the variable and what was wrong with it.
@@ -38,6 +39,9 @@ pub struct Config {
     pub rt_messages_per_minute: u32,
     /// Open real-time connections per client address (`MAX_CONNECTIONS_PER_IP`); 0 is off.
     pub max_connections_per_ip: usize,
+    /// Reverse proxies whose `X-Forwarded-For` or `Forwarded` names the client
+    /// (`TRUSTED_PROXIES`: addresses or CIDR networks, comma-separated); none by default.
+    pub trusted_proxies: TrustedProxies,
     /// The model provider's settings.
     pub model: ModelConfig,
     /// How conversations behave.
@@ -138,6 +142,7 @@ impl Config {
             rate_limit_max_requests: vars.parse("RATE_LIMIT_MAX_REQUESTS", 100)?,
             rt_messages_per_minute: vars.parse("RT_MESSAGES_PER_MINUTE", 30)?,
             max_connections_per_ip: vars.parse("MAX_CONNECTIONS_PER_IP", 64)?,
+            trusted_proxies: vars.parse("TRUSTED_PROXIES", TrustedProxies::default())?,
             model: ModelConfig {
                 api_key,
                 base_url: vars.optional("OPENAI_BASE_URL"),
@@ -249,6 +254,7 @@ mod tests {
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
         assert_eq!(c.rt_messages_per_minute, 30);
         assert_eq!(c.max_connections_per_ip, 64);
+        assert_eq!(c.trusted_proxies, TrustedProxies::default());
     }
 
     #[test]
@@ -264,6 +270,9 @@ mod tests {
             with(&[("LOG_FORMAT", "xml")]).unwrap_err().variable,
             "LOG_FORMAT"
         );
+        let err = with(&[("TRUSTED_PROXIES", "10.0.0.1, nginx")]).unwrap_err();
+        assert_eq!(err.variable, "TRUSTED_PROXIES");
+        assert!(err.reason.contains("\"nginx\""), "{err}");
     }
 
     #[test]
@@ -275,6 +284,7 @@ mod tests {
             ("LOG_FORMAT", "json"),
             ("RT_MESSAGES_PER_MINUTE", "0"),
             ("MAX_CONNECTIONS_PER_IP", "2"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8,::1"),
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
@@ -283,5 +293,6 @@ mod tests {
         assert!(c.log_json);
         assert_eq!(c.rt_messages_per_minute, 0);
         assert_eq!(c.max_connections_per_ip, 2);
+        assert_eq!(c.trusted_proxies, "10.0.0.0/8, ::1".parse().unwrap());
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP side: warp routes for REST and `/ws`, and Socket.IO at `/socket.io/`, wrapped in
 //! tower layers and served by hyper with connection upgrades.
 
+pub mod client;
 pub mod limits;
 mod middleware;
 mod payload;
@@ -10,7 +11,6 @@ mod socketio;
 mod ws;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ use crate::actors::Conversations;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+pub use client::ClientAddr;
 use limits::{ConnectionLimit, RateLimitLayer};
 use middleware::AccessLogLayer;
 
@@ -47,10 +48,6 @@ pub struct Shared {
     /// Cancelled once replies in progress are over; open WebSockets close on it.
     pub shutdown: CancellationToken,
 }
-
-/// The client's address, put on every request by the server.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
 
 fn with_shared(
     shared: Arc<Shared>,
@@ -224,6 +221,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
         rate_limit.clone(),
         shared.stop_accepting.clone(),
     ));
+    let proxies = Arc::new(config.trusted_proxies.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop_accepting = shared.stop_accepting.clone();
     loop {
@@ -239,9 +237,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
             _ = stop_accepting.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let proxies = proxies.clone();
         let service = ServiceBuilder::new()
             .map_request(move |mut request: http::Request<_>| {
-                request.extensions_mut().insert(ClientAddr(addr));
+                let client = proxies.client(addr, request.headers());
+                request.extensions_mut().insert(client);
                 ws::PendingUpgrade::take_from(&mut request);
                 socketio::detach_head(&mut request);
                 request
