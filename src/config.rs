@@ -48,6 +48,11 @@ pub struct Config {
     pub conversations: ConversationSettings,
     /// Largest request body in bytes (`BODY_LIMIT_BYTES`).
     pub body_limit_bytes: usize,
+    /// How much of a body refused as too large is still read and thrown away, so that the client
+    /// gets to read the answer (`BODY_DISCARD_LIMIT_BYTES`); 0 closes the connection at once.
+    pub body_discard_limit_bytes: usize,
+    /// How long a body refused as too large is still read (`BODY_DISCARD_TIMEOUT_MS`).
+    pub body_discard_timeout: Duration,
     /// Longest chat message in characters (`MAX_MESSAGE_CHARS`).
     pub max_message_chars: usize,
     /// Largest real-time frame in bytes (`WS_MAX_FRAME_BYTES`).
@@ -161,6 +166,8 @@ impl Config {
                 fault_trigger: None,
             },
             body_limit_bytes: vars.positive("BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
+            body_discard_limit_bytes: vars.parse("BODY_DISCARD_LIMIT_BYTES", 64 * 1024 * 1024)?,
+            body_discard_timeout: vars.millis("BODY_DISCARD_TIMEOUT_MS", 30_000)?,
             max_message_chars: vars.positive("MAX_MESSAGE_CHARS", 32_000)?,
             ws_max_frame_bytes: vars.positive("WS_MAX_FRAME_BYTES", 1024 * 1024)?,
             socketio_buffer: vars.positive("SOCKETIO_BUFFER", 1024)?,
@@ -255,6 +262,8 @@ mod tests {
         assert_eq!(c.rt_messages_per_minute, 30);
         assert_eq!(c.max_connections_per_ip, 64);
         assert_eq!(c.trusted_proxies, TrustedProxies::default());
+        assert_eq!(c.body_discard_limit_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.body_discard_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -285,6 +294,7 @@ mod tests {
             ("RT_MESSAGES_PER_MINUTE", "0"),
             ("MAX_CONNECTIONS_PER_IP", "2"),
             ("TRUSTED_PROXIES", "10.0.0.0/8,::1"),
+            ("BODY_DISCARD_LIMIT_BYTES", "0"),
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
@@ -294,5 +304,6 @@ mod tests {
         assert_eq!(c.rt_messages_per_minute, 0);
         assert_eq!(c.max_connections_per_ip, 2);
         assert_eq!(c.trusted_proxies, "10.0.0.0/8, ::1".parse().unwrap());
+        assert_eq!(c.body_discard_limit_bytes, 0);
     }
 }

@@ -1,16 +1,191 @@
-//! The HTTP edge, black-box: the client's address behind trusted reverse proxies.
+//! The HTTP edge, black-box: a body refused while the client is still sending it, and the
+//! client's address behind trusted reverse proxies.
 
 mod support;
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
+use serde_json::Value;
 use support::{TestServer, WAIT, test_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// One HTTP answer read off a raw connection.
+struct Answer {
+    status: u16,
+    head: String,
+    body: Value,
+}
+
+/// Reads one answer (its body by `Content-Length`) from `stream`; fails if the connection ends
+/// or errs first.
+async fn read_answer(stream: &mut TcpStream) -> Answer {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut read_more = async |data: &mut Vec<u8>| {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("the answer can be read");
+        assert!(
+            n > 0,
+            "closed before the answer: {:?}",
+            String::from_utf8_lossy(data)
+        );
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head_end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read_more(&mut data).await;
+    };
+    let head = String::from_utf8(data[..head_end].to_vec()).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while data.len() < head_end + length {
+        read_more(&mut data).await;
+    }
+    Answer {
+        status: head[9..12].parse().unwrap(),
+        body: serde_json::from_slice(&data[head_end..head_end + length]).unwrap_or(Value::Null),
+        head: head.to_ascii_lowercase(),
+    }
+}
+
+/// Whether the server closed `stream` within `wait` (anything it sends first is skipped).
+async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn connect(server: &TestServer) -> TcpStream {
+    TcpStream::connect(server.addr()).await.unwrap()
+}
+
+/// Writes all of `bytes`, failing if the server stops reading them.
+async fn send(stream: &mut TcpStream, bytes: &[u8]) {
+    tokio::time::timeout(WAIT, stream.write_all(bytes))
+        .await
+        .expect("sent in time")
+        .expect("the server reads everything sent");
+}
+
+fn post_head(length: usize) -> String {
+    format!(
+        "POST /api/chat HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n\
+         Content-Length: {length}\r\n\r\n"
+    )
+}
+
+fn assert_too_large(answer: &Answer) {
+    assert_eq!(answer.status, 413, "{}", answer.head);
+    assert_eq!(answer.body["code"], "PAYLOAD_TOO_LARGE");
+    assert!(answer.body["message"].is_string(), "{}", answer.body);
+    assert!(answer.head.contains("connection: close"), "{}", answer.head);
+}
+
+#[tokio::test]
+async fn a_client_sending_a_body_over_the_limit_reads_the_413_every_time() {
+    let server = TestServer::start(test_config()).await;
+    let body = vec![b'x'; 11 * 1024 * 1024];
+    for _ in 0..3 {
+        let mut stream = connect(&server).await;
+        send(&mut stream, post_head(body.len()).as_bytes()).await;
+        send(&mut stream, &body).await;
+        assert_too_large(&read_answer(&mut stream).await);
+        assert!(closed_within(&mut stream, WAIT).await, "closed after");
+    }
+    let (status, _) = server.get("/api/health").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_read_to_its_end_too() {
+    let mut config = test_config();
+    config.body_limit_bytes = 64 * 1024;
+    let server = TestServer::start(config).await;
+    let chunk = vec![b'x'; 32 * 1024];
+    let mut chunked = format!("{:x}\r\n", chunk.len()).into_bytes();
+    chunked.extend_from_slice(&chunk);
+    chunked.extend_from_slice(b"\r\n");
+    for _ in 0..3 {
+        let mut stream = connect(&server).await;
+        let head = "POST /api/chat HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n";
+        send(&mut stream, head.as_bytes()).await;
+        for _ in 0..128 {
+            send(&mut stream, &chunked).await;
+        }
+        send(&mut stream, b"0\r\n\r\n").await;
+        assert_too_large(&read_answer(&mut stream).await);
+        assert!(closed_within(&mut stream, WAIT).await, "closed after");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_body_is_read_up_to_the_discard_limit() {
+    let mut config = test_config();
+    config.body_limit_bytes = 1024;
+    let discard = 8 * 1024 * 1024;
+    config.body_discard_limit_bytes = discard;
+    let server = TestServer::start(config).await;
+    for _ in 0..3 {
+        let mut stream = connect(&server).await;
+        send(&mut stream, post_head(discard).as_bytes()).await;
+        send(&mut stream, &vec![b'x'; discard]).await;
+        assert_too_large(&read_answer(&mut stream).await);
+    }
+
+    // Far over it, the body is not read: the server closes and the client's sending fails.
+    let mut stream = connect(&server).await;
+    let length = 4 * discard;
+    send(&mut stream, post_head(length).as_bytes()).await;
+    let sent = tokio::time::timeout(WAIT, stream.write_all(&vec![b'x'; length]))
+        .await
+        .expect("the server closes in time");
+    assert!(
+        sent.is_err(),
+        "the server read a body over the discard limit"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_body_is_read_for_the_discard_time_then_the_connection_closes() {
+    let mut config = test_config();
+    config.body_limit_bytes = 1024;
+    config.body_discard_timeout = Duration::from_millis(1500);
+    let server = TestServer::start(config).await;
+    let mut stream = connect(&server).await;
+    let started = Instant::now();
+    send(&mut stream, post_head(64 * 1024).as_bytes()).await;
+    send(&mut stream, &[b'x'; 100]).await;
+    assert_too_large(&read_answer(&mut stream).await);
+    // The client may still be sending: the server keeps reading for the discard time.
+    assert!(!closed_within(&mut stream, Duration::from_millis(300)).await);
+    send(&mut stream, &[b'x'; 100]).await;
+    assert!(closed_within(&mut stream, WAIT).await, "closed in time");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+}
 
 /// A server behind a trusted proxy at 127.0.0.1 (where the tests connect from), allowing each
 /// client `limit` requests.

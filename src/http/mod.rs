@@ -55,28 +55,82 @@ fn with_shared(
     warp::any().map(move || shared.clone())
 }
 
-/// A JSON body of at most `limit` bytes: 413 above it, 400 when it is not JSON.
+/// How request bodies are read: `BODY_LIMIT_BYTES`, and what becomes of a body over it.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    /// The largest body read.
+    max: usize,
+    /// How much more of a refused body is read and thrown away.
+    discard_max: usize,
+    /// For how long a refused body is read.
+    discard_time: Duration,
+}
+
+impl BodyLimits {
+    fn new(config: &Config) -> Self {
+        BodyLimits {
+            max: config.body_limit_bytes,
+            discard_max: config.body_discard_limit_bytes,
+            discard_time: config.body_discard_timeout,
+        }
+    }
+
+    /// Reads and drops the rest of a refused body in the background, at most `discard_max`
+    /// bytes for at most `discard_time`, while the 413 goes out: a client still sending would
+    /// otherwise have its connection reset under it and never read the answer. A body declared
+    /// longer than that is not read at all.
+    fn discard<B: Buf>(
+        &self,
+        mut body: impl Stream<Item = Result<B, warp::Error>> + Send + Unpin + 'static,
+        declared: Option<u64>,
+    ) {
+        if declared.is_some_and(|length| length > self.discard_max as u64) {
+            return;
+        }
+        let (mut left, time) = (self.discard_max, self.discard_time);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(time, async {
+                while let Some(Ok(chunk)) = body.next().await {
+                    match left.checked_sub(chunk.remaining()) {
+                        Some(rest) => left = rest,
+                        None => return,
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+/// A JSON body within the [`BodyLimits`]: 413 above them, 400 when it is not JSON.
 fn json_body(
-    limit: usize,
+    limits: BodyLimits,
 ) -> impl Filter<Extract = (serde_json::Value,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
         .and_then(move |length: Option<u64>, body| async move {
-            if length.is_some_and(|l| l > limit as u64) {
-                return Err(warp::reject::custom(ApiError::PayloadTooLarge));
+            let mut body = Box::pin(body);
+            let read = if length.is_some_and(|l| l > limits.max as u64) {
+                Err(ApiError::PayloadTooLarge)
+            } else {
+                read_limited(&mut body, limits.max).await
+            };
+            match read {
+                Ok(bytes) => payload::parse_json(&bytes).map_err(warp::reject::custom),
+                Err(error) => {
+                    if error == ApiError::PayloadTooLarge {
+                        limits.discard(body, length);
+                    }
+                    Err(warp::reject::custom(error))
+                }
             }
-            let bytes = read_limited(body, limit)
-                .await
-                .map_err(warp::reject::custom)?;
-            payload::parse_json(&bytes).map_err(warp::reject::custom)
         })
 }
 
 async fn read_limited<B: Buf>(
-    body: impl Stream<Item = Result<B, warp::Error>>,
+    mut body: impl Stream<Item = Result<B, warp::Error>> + Unpin,
     limit: usize,
 ) -> Result<BytesMut, ApiError> {
-    let mut body = std::pin::pin!(body);
     let mut bytes = BytesMut::new();
     while let Some(chunk) = body.next().await {
         let mut chunk =
@@ -98,7 +152,7 @@ async fn read_limited<B: Buf>(
 pub fn routes(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    let limit = shared.config.body_limit_bytes;
+    let limit = BodyLimits::new(&shared.config);
     let state = with_shared(shared.clone());
     let conversation_path = || warp::path!("api" / "conversations" / String);
 
@@ -187,7 +241,14 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     } else {
         ApiError::InvalidRequest(format!("Bad request: {rejection:?}"))
     };
-    Ok(error_response(&error))
+    let mut response = error_response(&error);
+    if error == ApiError::PayloadTooLarge {
+        // The rest of the body is not wanted: the connection closes once it has been read.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }
 
 fn cors(frontend_url: &str) -> CorsLayer {
