@@ -42,6 +42,11 @@ pub struct Config {
     /// Reverse proxies whose `X-Forwarded-For` or `Forwarded` names the client
     /// (`TRUSTED_PROXIES`: addresses or CIDR networks, comma-separated); none by default.
     pub trusted_proxies: TrustedProxies,
+    /// How long a request head may take from its first byte (`HTTP_HEADER_TIMEOUT_MS`).
+    pub http_header_timeout: Duration,
+    /// How long a connection with no request in progress may stay silent
+    /// (`HTTP_KEEPALIVE_TIMEOUT_MS`).
+    pub http_keepalive_timeout: Duration,
     /// The model provider's settings.
     pub model: ModelConfig,
     /// How conversations behave.
@@ -148,6 +153,8 @@ impl Config {
             rt_messages_per_minute: vars.parse("RT_MESSAGES_PER_MINUTE", 30)?,
             max_connections_per_ip: vars.parse("MAX_CONNECTIONS_PER_IP", 64)?,
             trusted_proxies: vars.parse("TRUSTED_PROXIES", TrustedProxies::default())?,
+            http_header_timeout: vars.millis("HTTP_HEADER_TIMEOUT_MS", 30_000)?,
+            http_keepalive_timeout: vars.millis("HTTP_KEEPALIVE_TIMEOUT_MS", 5_000)?,
             model: ModelConfig {
                 api_key,
                 base_url: vars.optional("OPENAI_BASE_URL"),
@@ -262,6 +269,8 @@ mod tests {
         assert_eq!(c.rt_messages_per_minute, 30);
         assert_eq!(c.max_connections_per_ip, 64);
         assert_eq!(c.trusted_proxies, TrustedProxies::default());
+        assert_eq!(c.http_header_timeout, Duration::from_secs(30));
+        assert_eq!(c.http_keepalive_timeout, Duration::from_secs(5));
         assert_eq!(c.body_discard_limit_bytes, 64 * 1024 * 1024);
         assert_eq!(c.body_discard_timeout, Duration::from_secs(30));
     }
@@ -282,6 +291,12 @@ mod tests {
         let err = with(&[("TRUSTED_PROXIES", "10.0.0.1, nginx")]).unwrap_err();
         assert_eq!(err.variable, "TRUSTED_PROXIES");
         assert!(err.reason.contains("\"nginx\""), "{err}");
+        assert_eq!(
+            with(&[("HTTP_HEADER_TIMEOUT_MS", "0")])
+                .unwrap_err()
+                .variable,
+            "HTTP_HEADER_TIMEOUT_MS"
+        );
     }
 
     #[test]
@@ -294,6 +309,7 @@ mod tests {
             ("RT_MESSAGES_PER_MINUTE", "0"),
             ("MAX_CONNECTIONS_PER_IP", "2"),
             ("TRUSTED_PROXIES", "10.0.0.0/8,::1"),
+            ("HTTP_KEEPALIVE_TIMEOUT_MS", "75000"),
             ("BODY_DISCARD_LIMIT_BYTES", "0"),
         ])
         .unwrap();
@@ -304,6 +320,7 @@ mod tests {
         assert_eq!(c.rt_messages_per_minute, 0);
         assert_eq!(c.max_connections_per_ip, 2);
         assert_eq!(c.trusted_proxies, "10.0.0.0/8, ::1".parse().unwrap());
+        assert_eq!(c.http_keepalive_timeout, Duration::from_secs(75));
         assert_eq!(c.body_discard_limit_bytes, 0);
     }
 }

@@ -1,7 +1,10 @@
-//! The HTTP edge, black-box: a body refused while the client is still sending it, and the
-//! client's address behind trusted reverse proxies.
+//! The HTTP edge, black-box: a body refused while the client is still sending it, the client's
+//! address behind trusted reverse proxies, and the time limits on request heads and on idle
+//! connections (which upgraded and long-polling connections are not subject to).
 
 mod support;
+
+use support::RealtimeClient;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -9,8 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::Value;
-use support::{TestServer, WAIT, test_config};
+use serde_json::{Value, json};
+use support::socketio::SioClient;
+use support::{ModelServer, TestServer, WAIT, config_for, names, test_config, words};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
@@ -361,4 +365,79 @@ async fn the_access_log_names_the_client_behind_a_trusted_proxy() {
         .unwrap_or_else(|| panic!("no line for the client: {text}"));
     assert!(line.contains("path=/api/health "), "{line}");
     assert!(!text.contains("198.51.100.99"), "{text}");
+}
+
+/// A server whose head and idle time limits are `header` and `keep_alive`.
+async fn with_timeouts(header: Duration, keep_alive: Duration) -> TestServer {
+    let mut config = test_config();
+    config.http_header_timeout = header;
+    config.http_keepalive_timeout = keep_alive;
+    TestServer::start(config).await
+}
+
+#[tokio::test]
+async fn a_request_head_that_stops_halfway_is_closed_after_the_header_timeout() {
+    let header = Duration::from_millis(500);
+    let server = with_timeouts(header, Duration::from_secs(60)).await;
+    let mut stream = connect(&server).await;
+    let started = Instant::now();
+    send(&mut stream, b"GET /api/health HTTP/1.1\r\nHost: edge\r\n").await;
+    assert!(closed_within(&mut stream, WAIT).await, "closed in time");
+    assert!(started.elapsed() >= header);
+
+    // A head shorter than HTTP/2's preface, which decides the protocol, is no different.
+    let mut stream = connect(&server).await;
+    send(&mut stream, b"PRI * HTTP/2.0\r\n").await;
+    assert!(closed_within(&mut stream, WAIT).await, "closed in time");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_keep_alive_timeout() {
+    let keep_alive = Duration::from_millis(500);
+    let server = with_timeouts(Duration::from_secs(60), keep_alive).await;
+    let mut stream = connect(&server).await;
+    let request = b"GET /api/health HTTP/1.1\r\nHost: edge\r\n\r\n";
+    for _ in 0..2 {
+        send(&mut stream, request).await;
+        assert_eq!(read_answer(&mut stream).await.status, 200);
+    }
+    let answered = Instant::now();
+    assert!(closed_within(&mut stream, WAIT).await, "closed in time");
+    assert!(answered.elapsed() >= keep_alive);
+
+    // A connection that never sends anything is idle too.
+    let mut silent = connect(&server).await;
+    assert!(closed_within(&mut silent, WAIT).await, "closed in time");
+}
+
+#[tokio::test]
+async fn requests_and_connections_outlasting_both_timeouts_are_not_cut() {
+    let short = Duration::from_millis(300);
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.http_header_timeout = short;
+    config.http_keepalive_timeout = short;
+    let server = TestServer::start(config).await;
+
+    // A REST reply that takes longer than both.
+    model.set_reply(words(3), short * 3);
+    let started = Instant::now();
+    let (status, reply) = server.post("/api/chat", json!({"message": "hi"})).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert!(started.elapsed() > short * 2);
+    model.set_reply(words(3), Duration::ZERO);
+
+    // A WebSocket, and Socket.IO over long-polling and over a websocket, idle for longer.
+    let mut ws = server.ws().await;
+    let mut polling = SioClient::connect(server.addr(), json!({"transports": ["polling"]})).await;
+    let mut websocket =
+        SioClient::connect(server.addr(), json!({"transports": ["websocket"]})).await;
+    tokio::time::sleep(short * 4).await;
+    let events = ws.chat("idle-ws", "still there?").await;
+    assert_eq!(names(&events)[0], "stream_start");
+    for client in [&mut polling, &mut websocket] {
+        let events = client.chat("idle-sio", "still there?").await;
+        assert_eq!(names(&events)[0], "stream_start");
+        assert_eq!(client.disconnect_reason, None);
+    }
 }

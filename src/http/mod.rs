@@ -2,6 +2,7 @@
 //! tower layers and served by hyper with connection upgrades.
 
 pub mod client;
+mod connection;
 pub mod limits;
 mod middleware;
 mod payload;
@@ -32,6 +33,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 pub use client::ClientAddr;
+use connection::{Activity, Timeouts, TrackingLayer, Watched};
 use limits::{ConnectionLimit, RateLimitLayer};
 use middleware::AccessLogLayer;
 
@@ -282,6 +284,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
         rate_limit.clone(),
         shared.stop_accepting.clone(),
     ));
+    let timeouts = Timeouts {
+        header: config.http_header_timeout,
+        keep_alive: config.http_keepalive_timeout,
+    };
     let proxies = Arc::new(config.trusted_proxies.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop_accepting = shared.stop_accepting.clone();
@@ -298,8 +304,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
             _ = stop_accepting.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
         let proxies = proxies.clone();
         let service = ServiceBuilder::new()
+            .layer(TrackingLayer::new(activity.clone()))
             .map_request(move |mut request: http::Request<_>| {
                 let client = proxies.client(addr, request.headers());
                 request.extensions_mut().insert(client);
@@ -312,7 +320,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
             .layer(cors.clone())
             .service(app.clone());
         let connection = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .serve_connection_with_upgrades(
+                TokioIo::new(Watched::new(stream, activity, timeouts)),
+                TowerToHyperService::new(service),
+            )
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
