@@ -6,6 +6,7 @@ use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::http::client::TrustedProxies;
 use crate::store::Durability;
 
 /// Start-up configuration problem: names the variable and what was wrong with it.
@@ -39,12 +40,25 @@ pub struct Config {
     pub rt_messages_per_minute: u32,
     /// Open real-time connections per client address (`MAX_CONNECTIONS_PER_IP`); 0 is off.
     pub max_connections_per_ip: usize,
+    /// Reverse proxies whose `X-Forwarded-For` or `Forwarded` names the client
+    /// (`TRUSTED_PROXIES`: addresses or CIDR networks, comma-separated); none by default.
+    pub trusted_proxies: TrustedProxies,
+    /// How long a request head may take from its first byte (`HTTP_HEADER_TIMEOUT_MS`).
+    pub http_header_timeout: Duration,
+    /// How long a connection with no request in progress may stay silent
+    /// (`HTTP_KEEPALIVE_TIMEOUT_MS`).
+    pub http_keepalive_timeout: Duration,
     /// The model provider's settings.
     pub model: ModelConfig,
     /// How conversations behave.
     pub conversations: ConversationSettings,
     /// Largest request body in bytes (`BODY_LIMIT_BYTES`).
     pub body_limit_bytes: usize,
+    /// How much of a body refused as too large is still read and thrown away, so that the client
+    /// gets to read the answer (`BODY_DISCARD_LIMIT_BYTES`); 0 closes the connection at once.
+    pub body_discard_limit_bytes: usize,
+    /// How long a body refused as too large is still read (`BODY_DISCARD_TIMEOUT_MS`).
+    pub body_discard_timeout: Duration,
     /// Longest chat message in characters (`MAX_MESSAGE_CHARS`).
     pub max_message_chars: usize,
     /// Largest real-time frame in bytes (`WS_MAX_FRAME_BYTES`).
@@ -146,6 +160,9 @@ impl Config {
             rate_limit_max_requests: vars.parse("RATE_LIMIT_MAX_REQUESTS", 100)?,
             rt_messages_per_minute: vars.parse("RT_MESSAGES_PER_MINUTE", 30)?,
             max_connections_per_ip: vars.parse("MAX_CONNECTIONS_PER_IP", 64)?,
+            trusted_proxies: vars.parse("TRUSTED_PROXIES", TrustedProxies::default())?,
+            http_header_timeout: vars.millis("HTTP_HEADER_TIMEOUT_MS", 30_000)?,
+            http_keepalive_timeout: vars.millis("HTTP_KEEPALIVE_TIMEOUT_MS", 5_000)?,
             model: ModelConfig {
                 api_key,
                 base_url: vars.url("OPENAI_BASE_URL")?,
@@ -168,6 +185,8 @@ impl Config {
                 fault_trigger: None,
             },
             body_limit_bytes: vars.positive("BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
+            body_discard_limit_bytes: vars.parse("BODY_DISCARD_LIMIT_BYTES", 64 * 1024 * 1024)?,
+            body_discard_timeout: vars.millis("BODY_DISCARD_TIMEOUT_MS", 30_000)?,
             max_message_chars: vars.positive("MAX_MESSAGE_CHARS", 32_000)?,
             ws_max_frame_bytes: vars.positive("WS_MAX_FRAME_BYTES", 1024 * 1024)?,
             ws_ping_interval: vars.millis("WS_PING_INTERVAL_MS", 25_000)?,
@@ -314,6 +333,11 @@ mod tests {
         assert_eq!(c.ws_ping_interval, Duration::from_secs(25));
         assert_eq!(c.ws_ping_timeout, Duration::from_secs(20));
         assert!(c.web_client);
+        assert_eq!(c.trusted_proxies, TrustedProxies::default());
+        assert_eq!(c.http_header_timeout, Duration::from_secs(30));
+        assert_eq!(c.http_keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(c.body_discard_limit_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.body_discard_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -333,6 +357,15 @@ mod tests {
             with(&[("WEB_CLIENT", "maybe")]).unwrap_err().variable,
             "WEB_CLIENT"
         );
+        let err = with(&[("TRUSTED_PROXIES", "10.0.0.1, nginx")]).unwrap_err();
+        assert_eq!(err.variable, "TRUSTED_PROXIES");
+        assert!(err.reason.contains("\"nginx\""), "{err}");
+        assert_eq!(
+            with(&[("HTTP_HEADER_TIMEOUT_MS", "0")])
+                .unwrap_err()
+                .variable,
+            "HTTP_HEADER_TIMEOUT_MS"
+        );
     }
 
     #[test]
@@ -347,6 +380,9 @@ mod tests {
             ("WS_PING_INTERVAL_MS", "250"),
             ("WS_PING_TIMEOUT_MS", "100"),
             ("WEB_CLIENT", "false"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8,::1"),
+            ("HTTP_KEEPALIVE_TIMEOUT_MS", "75000"),
+            ("BODY_DISCARD_LIMIT_BYTES", "0"),
         ])
         .unwrap();
         assert_eq!(c.port, 8080);
@@ -358,6 +394,9 @@ mod tests {
         assert_eq!(c.ws_ping_interval, Duration::from_millis(250));
         assert_eq!(c.ws_ping_timeout, Duration::from_millis(100));
         assert!(!c.web_client);
+        assert_eq!(c.trusted_proxies, "10.0.0.0/8, ::1".parse().unwrap());
+        assert_eq!(c.http_keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(c.body_discard_limit_bytes, 0);
     }
 
     #[test]

@@ -110,7 +110,7 @@ where
         let client = request
             .extensions()
             .get::<ClientAddr>()
-            .map_or_else(|| "-".to_owned(), |c| c.0.to_string());
+            .map_or_else(|| "-".to_owned(), ToString::to_string);
         let metrics = self.metrics.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {

@@ -1,6 +1,8 @@
 //! The HTTP side: warp routes for REST and `/ws`, and Socket.IO at `/socket.io/`, wrapped in
 //! tower layers and served by hyper with connection upgrades.
 
+pub mod client;
+mod connection;
 pub mod error;
 pub mod limits;
 mod middleware;
@@ -12,7 +14,6 @@ mod socketio;
 mod ws;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,8 @@ use warp::{Filter, Rejection};
 use crate::actors::Conversations;
 use crate::config::Config;
 use crate::metrics::Metrics;
+pub use client::ClientAddr;
+use connection::{Activity, Timeouts, TrackingLayer, Watched};
 use error::ApiError;
 use limits::{ConnectionLimit, RateLimitLayer};
 use middleware::AccessLogLayer;
@@ -53,38 +56,88 @@ pub struct Shared {
     pub connections: TaskTracker,
 }
 
-/// The client's address, put on every request by the server.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
-
 fn with_shared(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Arc<Shared>,), Error = Infallible> + Clone {
     warp::any().map(move || shared.clone())
 }
 
-/// A JSON body of at most `limit` bytes: 413 above it, 400 when it is not JSON.
+/// How request bodies are read: `BODY_LIMIT_BYTES`, and what becomes of a body over it.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    /// The largest body read.
+    max: usize,
+    /// How much more of a refused body is read and thrown away.
+    discard_max: usize,
+    /// For how long a refused body is read.
+    discard_time: Duration,
+}
+
+impl BodyLimits {
+    fn new(config: &Config) -> Self {
+        BodyLimits {
+            max: config.body_limit_bytes,
+            discard_max: config.body_discard_limit_bytes,
+            discard_time: config.body_discard_timeout,
+        }
+    }
+
+    /// Reads and drops the rest of a refused body in the background, at most `discard_max`
+    /// bytes for at most `discard_time`, while the 413 goes out: a client still sending would
+    /// otherwise have its connection reset under it and never read the answer. A body declared
+    /// longer than that is not read at all.
+    fn discard<B: Buf>(
+        &self,
+        mut body: impl Stream<Item = Result<B, warp::Error>> + Send + Unpin + 'static,
+        declared: Option<u64>,
+    ) {
+        if declared.is_some_and(|length| length > self.discard_max as u64) {
+            return;
+        }
+        let (mut left, time) = (self.discard_max, self.discard_time);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(time, async {
+                while let Some(Ok(chunk)) = body.next().await {
+                    match left.checked_sub(chunk.remaining()) {
+                        Some(rest) => left = rest,
+                        None => return,
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+/// A JSON body within the [`BodyLimits`]: 413 above them, 400 when it is not JSON.
 fn json_body(
-    limit: usize,
+    limits: BodyLimits,
 ) -> impl Filter<Extract = (serde_json::Value,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
         .and_then(move |length: Option<u64>, body| async move {
-            if length.is_some_and(|l| l > limit as u64) {
-                return Err(warp::reject::custom(ApiError::PayloadTooLarge));
+            let mut body = Box::pin(body);
+            let read = if length.is_some_and(|l| l > limits.max as u64) {
+                Err(ApiError::PayloadTooLarge)
+            } else {
+                read_limited(&mut body, limits.max).await
+            };
+            match read {
+                Ok(bytes) => payload::parse_json(&bytes).map_err(warp::reject::custom),
+                Err(error) => {
+                    if error == ApiError::PayloadTooLarge {
+                        limits.discard(body, length);
+                    }
+                    Err(warp::reject::custom(error))
+                }
             }
-            let bytes = read_limited(body, limit)
-                .await
-                .map_err(warp::reject::custom)?;
-            payload::parse_json(&bytes).map_err(warp::reject::custom)
         })
 }
 
 async fn read_limited<B: Buf>(
-    body: impl Stream<Item = Result<B, warp::Error>>,
+    mut body: impl Stream<Item = Result<B, warp::Error>> + Unpin,
     limit: usize,
 ) -> Result<BytesMut, ApiError> {
-    let mut body = std::pin::pin!(body);
     let mut bytes = BytesMut::new();
     while let Some(chunk) = body.next().await {
         let mut chunk =
@@ -106,7 +159,7 @@ async fn read_limited<B: Buf>(
 pub fn routes(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    let limit = shared.config.body_limit_bytes;
+    let limit = BodyLimits::new(&shared.config);
     let state = with_shared(shared.clone());
     let conversation_path = || warp::path!("api" / "conversations" / String);
 
@@ -201,7 +254,14 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     } else {
         ApiError::InvalidRequest(format!("Bad request: {rejection:?}"))
     };
-    Ok(error_response(&error))
+    let mut response = error_response(&error);
+    if error == ApiError::PayloadTooLarge {
+        // The rest of the body is not wanted: the connection closes once it has been read.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }
 
 fn cors(frontend_url: &str) -> CorsLayer {
@@ -235,6 +295,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
         rate_limit.clone(),
         shared.stop_accepting.clone(),
     ));
+    let timeouts = Timeouts {
+        header: config.http_header_timeout,
+        keep_alive: config.http_keepalive_timeout,
+    };
+    let proxies = Arc::new(config.trusted_proxies.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop_accepting = shared.stop_accepting.clone();
     loop {
@@ -250,9 +315,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
             _ = stop_accepting.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let proxies = proxies.clone();
         let service = ServiceBuilder::new()
+            .layer(TrackingLayer::new(activity.clone()))
             .map_request(move |mut request: http::Request<_>| {
-                request.extensions_mut().insert(ClientAddr(addr));
+                let client = proxies.client(addr, request.headers());
+                request.extensions_mut().insert(client);
                 ws::PendingUpgrade::take_from(&mut request);
                 socketio::detach_head(&mut request);
                 request
@@ -262,7 +331,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
             .layer(cors.clone())
             .service(app.clone());
         let connection = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .serve_connection_with_upgrades(
+                TokioIo::new(Watched::new(stream, activity, timeouts)),
+                TowerToHyperService::new(service),
+            )
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -1,9 +1,7 @@
 //! Production hardening, black-box: security headers, the access log, rate and connection
 //! limits, input limits at their edges, and the Prometheus metrics.
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -354,38 +352,9 @@ async fn metrics_are_served_in_prometheus_text_format() {
     assert!(text.contains("# HELP chat_tokens_streamed_total"));
 }
 
-/// Everything the server logs in this test binary, captured once.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .with_writer(move || LogSink(sink.clone()))
-            .init();
-        logs
-    })
-    .clone()
-}
-
-struct LogSink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogSink {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn the_access_log_has_one_line_per_request_and_no_message_content() {
-    let logs = captured_logs();
+    let logs = crate::support::logs::captured();
     let server = TestServer::start(test_config()).await;
     let http = client_from("127.0.0.4");
     let secret = "my very private words 8472";

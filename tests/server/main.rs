@@ -8,6 +8,7 @@ mod support;
 mod actors;
 mod browser;
 mod durability;
+mod edge;
 mod hardening;
 mod hostile;
 mod models;
