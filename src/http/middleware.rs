@@ -1,5 +1,5 @@
 //! Tower layers around every HTTP answer: helmet's security headers, and the access log that
-//! also feeds the request metrics.
+//! also feeds the request metrics and names the allowed methods on a 405.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, Service};
 use tower_http::set_header::HeaderMetadata;
 use tower_http::set_header::response::SetMultipleResponseHeadersLayer;
-use warp::http::{HeaderName, HeaderValue, Method, Request, Response};
+use warp::http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::ClientAddr;
 use super::limits::RateLimitLayer;
+use super::routes::route_of;
 use crate::metrics::Metrics;
 
 /// helmet's default Content-Security-Policy.
@@ -114,7 +115,15 @@ where
         let metrics = self.metrics.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {
-            let response = answer.await?;
+            let mut response = answer.await?;
+            let route = route_of(&path);
+            if response.status() == StatusCode::METHOD_NOT_ALLOWED
+                && let Some(route) = route
+            {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(route.methods));
+            }
             let took = started.elapsed();
             let status = response.status().as_u16();
             let size = response.body().size_hint();
@@ -129,7 +138,8 @@ where
                 %client,
                 "request"
             );
-            metrics.request_answered(method, route_of(&path), status, took);
+            let label = route.map_or("unmatched", |r| r.template);
+            metrics.request_answered(method, label, status, took);
             Ok(response)
         })
     }
@@ -155,27 +165,6 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// The route template of a path (`/api/conversations/:id`, not the id), so that metrics have
-/// one series per route; paths no route serves are `unmatched`.
-fn route_of(path: &str) -> &'static str {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match segments.as_slice() {
-        ["api", "health"] => "/api/health",
-        ["api", "chat"] => "/api/chat",
-        ["api", "conversations"] => "/api/conversations",
-        ["api", "conversations", _] => "/api/conversations/:id",
-        ["api", "conversations", _, "stop"] => "/api/conversations/:id/stop",
-        ["api", "conversations", _, "regenerate"] => "/api/conversations/:id/regenerate",
-        ["api", "openapi.json"] => "/api/openapi.json",
-        ["api", "docs"] => "/api/docs",
-        ["api", "docs", "docs.js"] => "/api/docs/docs.js",
-        ["ws"] => "/ws",
-        ["metrics"] => "/metrics",
-        ["socket.io", ..] => "/socket.io/",
-        _ => "unmatched",
-    }
-}
-
 /// How often [`upkeep`] runs.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -197,20 +186,6 @@ pub async fn upkeep(metrics: Arc<Metrics>, rate_limit: RateLimitLayer, stop: Can
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_are_templates() {
-        assert_eq!(route_of("/api/conversations/abc"), "/api/conversations/:id");
-        assert_eq!(
-            route_of("/api/conversations/abc/stop"),
-            "/api/conversations/:id/stop"
-        );
-        assert_eq!(route_of("/api/health"), "/api/health");
-        assert_eq!(route_of("/api/docs/docs.js"), "/api/docs/docs.js");
-        assert_eq!(route_of("/socket.io/"), "/socket.io/");
-        assert_eq!(route_of("/"), "unmatched");
-        assert_eq!(route_of("/api/conversations/a/b"), "unmatched");
-    }
 
     #[test]
     fn unusual_methods_share_one_label() {

@@ -9,6 +9,7 @@ mod middleware;
 pub mod openapi;
 mod payload;
 mod rest;
+mod routes;
 mod session;
 mod socketio;
 mod ws;

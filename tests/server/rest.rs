@@ -519,3 +519,37 @@ async fn titles_are_checked_at_their_edges() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["code"], "CONVERSATION_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn a_method_not_allowed_names_the_methods_that_are() {
+    let server = TestServer::start(test_config()).await;
+    for (method, path, allowed) in [
+        ("POST", "/api/health", "GET"),
+        ("GET", "/api/chat", "POST"),
+        ("PUT", "/api/conversations/some-id", "GET, PATCH, DELETE"),
+        ("TRACE", "/api/conversations/some-id/stop", "POST"),
+        ("DELETE", "/", "GET"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = server
+            .http
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert_eq!(answer.headers()["allow"], allowed, "{method} {path}");
+    }
+    let missing = server
+        .http
+        .get(server.url("/api/nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert!(missing.headers().get("allow").is_none());
+}
