@@ -48,8 +48,8 @@ pub struct Config {
     pub max_message_chars: usize,
     /// Largest real-time frame in bytes (`WS_MAX_FRAME_BYTES`).
     pub ws_max_frame_bytes: usize,
-    /// Packets buffered for one Socket.IO connection before it counts as too slow and is dropped
-    /// (`SOCKETIO_BUFFER`).
+    /// Packets socketioxide buffers for one Socket.IO connection (`SOCKETIO_BUFFER`); beyond
+    /// them, events wait in the connection's outbox.
     pub socketio_buffer: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,
@@ -59,9 +59,13 @@ pub struct Config {
     pub sqlite_durability: Durability,
     /// `SHUTDOWN_GRACE_MS`: how long replies in progress may go on after SIGINT or SIGTERM.
     pub shutdown_grace: Duration,
-    /// Events queued for one connection before it counts as too slow and is dropped
-    /// (`SUBSCRIBER_QUEUE`).
+    /// Events waiting for one connection before the waiting chunks of a reply merge
+    /// (`SUBSCRIBER_QUEUE`); a connection whose queue is full of events that cannot merge is
+    /// dropped.
     pub subscriber_queue: usize,
+    /// How long a real-time connection may take none of the events waiting for it before it is
+    /// dropped (`SEND_TIMEOUT_MS`).
+    pub send_timeout: Duration,
 }
 
 /// Which model answers and how.
@@ -161,6 +165,7 @@ impl Config {
             socketio_buffer: vars.positive("SOCKETIO_BUFFER", 1024)?,
             max_joined_conversations: vars.positive("MAX_JOINED_CONVERSATIONS", 100)?,
             subscriber_queue: vars.positive("SUBSCRIBER_QUEUE", 1024)?,
+            send_timeout: vars.millis("SEND_TIMEOUT_MS", 30_000)?,
             shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
             database_url: vars.text("DATABASE_URL", "sqlite://data/chat.db"),
             sqlite_durability: vars.parse("SQLITE_SYNCHRONOUS", Durability::Normal)?,
@@ -249,6 +254,7 @@ mod tests {
         assert_eq!(c.body_limit_bytes, 10 * 1024 * 1024);
         assert_eq!(c.rt_messages_per_minute, 30);
         assert_eq!(c.max_connections_per_ip, 64);
+        assert_eq!(c.send_timeout, Duration::from_secs(30));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod conversation;
 pub mod events;
+pub mod outbox;
 pub mod supervisor;
 
 pub use conversation::{APOLOGY, ChatCompleted, ConversationContext, Resume, StreamStarted};
