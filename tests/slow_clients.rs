@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::socketio::SioClient;
-use tokio::sync::Mutex;
 use support::{
     ModelServer, TestServer, WAIT, WsClient, chunks, config_for, deltas, final_content, names,
     seqs, words,
 };
+use tokio::sync::Mutex;
 
 /// Pieces in the burst: their chunks add up to about 12 MB, more than socket buffers hold.
 const BURST: usize = 2000;
@@ -97,7 +97,10 @@ async fn a_ws_client_that_reads_slowly_gets_the_latest_text_to_the_end() {
     // It reads nothing until the whole reply has burst out, then reads slowly.
     let deadline = tokio::time::Instant::now() + 4 * WAIT;
     while server.stored_reply("burst").await["status"] == "streaming" {
-        assert!(tokio::time::Instant::now() < deadline, "the reply never finished");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reply never finished"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut events = Vec::new();

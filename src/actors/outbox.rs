@@ -10,10 +10,11 @@
 //! events that cannot merge means the client has stopped reading.
 
 use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
 
 use serde::Deserialize;
-use tokio::sync::Notify;
 
 use super::events::{ChatEvent, EncodedEvent, Undeliverable};
 
@@ -22,10 +23,7 @@ const KEPT_SLOTS: usize = 64;
 
 /// An outbox for `capacity` events: the conversations' side and the connection's side.
 pub fn outbox(capacity: usize) -> (OutboxSender, Outbox) {
-    let shared = Arc::new(Shared {
-        queue: Mutex::new(Queue::new(capacity)),
-        ready: Notify::new(),
-    });
+    let shared = Arc::new(Shared(Mutex::new(Queue::new(capacity))));
     (OutboxSender(shared.clone()), Outbox(shared))
 }
 
@@ -38,23 +36,25 @@ pub struct OutboxSender(Arc<Shared>);
 pub struct Outbox(Arc<Shared>);
 
 #[derive(Debug)]
-struct Shared {
-    queue: Mutex<Queue>,
-    /// Woken when an event is queued.
-    ready: Notify,
-}
+struct Shared(Mutex<Queue>);
 
 impl Shared {
     fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl OutboxSender {
-    /// Queues an event, merging waiting chunks when the outbox is full.
+    /// Queues an event, merging waiting chunks when the outbox is full, and wakes the connection.
     pub fn push(&self, event: &Arc<EncodedEvent>) -> Result<(), Undeliverable> {
-        self.0.queue().push(event)?;
-        self.0.ready.notify_one();
+        let reader = {
+            let mut queue = self.0.queue();
+            queue.push(event)?;
+            queue.reader.take()
+        };
+        if let Some(reader) = reader {
+            reader.wake();
+        }
         Ok(())
     }
 
@@ -66,13 +66,22 @@ impl OutboxSender {
 
 impl Outbox {
     /// The next event, waiting for one.
-    pub async fn recv(&mut self) -> Arc<EncodedEvent> {
-        loop {
-            if let Some(event) = self.try_recv() {
-                return event;
+    pub fn recv(&mut self) -> impl Future<Output = Arc<EncodedEvent>> + '_ {
+        poll_fn(|context| {
+            let mut queue = self.0.queue();
+            if let Some(waiting) = queue.pop() {
+                drop(queue);
+                return Poll::Ready(waiting.into_event());
             }
-            self.0.ready.notified().await;
-        }
+            if !queue
+                .reader
+                .as_ref()
+                .is_some_and(|r| r.will_wake(context.waker()))
+            {
+                queue.reader = Some(context.waker().clone());
+            }
+            Poll::Pending
+        })
     }
 
     /// The next event, if one is waiting.
@@ -87,15 +96,17 @@ impl Drop for Outbox {
         let mut queue = self.0.queue();
         queue.closed = true;
         queue.waiting = VecDeque::new();
+        queue.reader = None;
     }
 }
 
-/// The waiting events and the rules for merging them.
+/// The waiting events, the rules for merging them, and the connection to wake for them.
 #[derive(Debug)]
 struct Queue {
     waiting: VecDeque<Waiting>,
     capacity: usize,
     closed: bool,
+    reader: Option<Waker>,
 }
 
 /// A waiting event. Once later chunks have merged into it, `event` is the latest of them and
@@ -112,6 +123,7 @@ impl Queue {
             waiting: VecDeque::new(),
             capacity,
             closed: false,
+            reader: None,
         }
     }
 
