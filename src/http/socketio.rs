@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::OptionFuture;
 use serde_json::json;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, Event, TryData};
@@ -26,7 +27,7 @@ use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, sleep};
 
 use super::session::Session;
 use super::{ClientAddr, Shared};
@@ -172,6 +173,8 @@ async fn serve(socket: Arc<Socket>, mut incoming: mpsc::Receiver<Incoming>, shar
     let mut refused = Refused::default();
     let too_slow = loop {
         let backed_up = !refused.is_empty();
+        // Boxed, and only while backed up: an idle socket's task stays small.
+        let retry = OptionFuture::from(backed_up.then(|| Box::pin(sleep(FULL_BUFFER_RETRY))));
         let sent = tokio::select! {
             message = incoming.recv(), if !backed_up => match message {
                 Some(Incoming::Event(event)) => {
@@ -184,7 +187,7 @@ async fn serve(socket: Arc<Socket>, mut incoming: mpsc::Receiver<Incoming>, shar
             event = inbox.events.recv(), if !backed_up => {
                 refused.offer(&socket, Outgoing::Event(event))
             }
-            () = tokio::time::sleep(FULL_BUFFER_RETRY), if backed_up => refused.retry(&socket),
+            Some(()) = retry, if backed_up => refused.retry(&socket),
             Some(id) = inbox.lost.recv() => {
                 Box::pin(session.rejoin(id)).await;
                 Ok(())
@@ -262,6 +265,9 @@ impl Refused {
 
 /// Hands one packet to socketioxide.
 fn send(socket: &Arc<Socket>, outgoing: &Outgoing) -> Result<(), SocketError> {
+    if !socket.connected() {
+        return Err(SocketError::Closed);
+    }
     match outgoing {
         Outgoing::Event(event) => emit(socket, event),
         Outgoing::Ack(id, value) => {
@@ -317,7 +323,7 @@ fn reply_now(socket: &Arc<Socket>, error: ApiError, ack: Option<i64>) {
 async fn disconnect(socket: Arc<Socket>) {
     while socket.connected() {
         match socket.clone().disconnect() {
-            Err(SocketError::InternalChannelFull) => tokio::time::sleep(FULL_BUFFER_RETRY).await,
+            Err(SocketError::InternalChannelFull) => sleep(FULL_BUFFER_RETRY).await,
             _ => return,
         }
     }
