@@ -65,7 +65,7 @@ impl OutboxSender {
 }
 
 impl Outbox {
-    /// The next event, waiting for one.
+    /// The next event, waiting for one; cancelled, it takes none.
     pub fn recv(&mut self) -> impl Future<Output = Arc<EncodedEvent>> + '_ {
         poll_fn(|context| {
             let mut queue = self.0.queue();
