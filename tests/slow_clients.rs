@@ -74,7 +74,7 @@ async fn a_polling_socketio_client_that_falls_behind_gets_the_latest_text_to_the
         )
         .await;
     assert_eq!(ack["conversationId"], "burst");
-    // The client pauses (a busy page, a slow network) while the whole reply bursts out.
+    // The client pauses (a busy page, a slow network) while the reply bursts out.
     client.stall(Duration::from_secs(1)).await;
     let events = client.until_complete().await;
     let received = assert_latest_text(&server, "burst", &events).await;
