@@ -68,8 +68,8 @@ pub struct Config {
     /// How long a `/ws` connection may take to answer a ping before it is closed
     /// (`WS_PING_TIMEOUT_MS`); any frame from the client counts as an answer.
     pub ws_ping_timeout: Duration,
-    /// Packets buffered for one Socket.IO connection before it counts as too slow and is dropped
-    /// (`SOCKETIO_BUFFER`).
+    /// Packets socketioxide buffers for one Socket.IO connection (`SOCKETIO_BUFFER`); beyond
+    /// them, events wait in the connection's outbox.
     pub socketio_buffer: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,
@@ -79,11 +79,15 @@ pub struct Config {
     pub sqlite_durability: Durability,
     /// `SHUTDOWN_GRACE_MS`: how long replies in progress may go on after SIGINT or SIGTERM.
     pub shutdown_grace: Duration,
-    /// Events queued for one connection before it counts as too slow and is dropped
-    /// (`SUBSCRIBER_QUEUE`).
+    /// Events waiting for one connection before the waiting chunks of a reply merge
+    /// (`SUBSCRIBER_QUEUE`); a connection whose queue is full of events that cannot merge is
+    /// dropped.
     pub subscriber_queue: usize,
     /// `WEB_CLIENT`: serve the chat page at `/`; false leaves the API alone.
     pub web_client: bool,
+    /// How long a real-time connection may take none of the events waiting for it before it is
+    /// dropped (`SEND_TIMEOUT_MS`).
+    pub send_timeout: Duration,
 }
 
 /// Which model answers and how.
@@ -194,6 +198,7 @@ impl Config {
             socketio_buffer: vars.positive("SOCKETIO_BUFFER", 1024)?,
             max_joined_conversations: vars.positive("MAX_JOINED_CONVERSATIONS", 100)?,
             subscriber_queue: vars.positive("SUBSCRIBER_QUEUE", 1024)?,
+            send_timeout: vars.millis("SEND_TIMEOUT_MS", 30_000)?,
             shutdown_grace: vars.millis("SHUTDOWN_GRACE_MS", 10_000)?,
             database_url: vars.text("DATABASE_URL", "sqlite://data/chat.db"),
             sqlite_durability: vars.parse("SQLITE_SYNCHRONOUS", Durability::Normal)?,
@@ -338,6 +343,7 @@ mod tests {
         assert_eq!(c.http_keepalive_timeout, Duration::from_secs(5));
         assert_eq!(c.body_discard_limit_bytes, 64 * 1024 * 1024);
         assert_eq!(c.body_discard_timeout, Duration::from_secs(30));
+        assert_eq!(c.send_timeout, Duration::from_secs(30));
     }
 
     #[test]

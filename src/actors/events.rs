@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::{self, Outbox, OutboxSender};
 use crate::domain::Timestamp;
 
 /// An event the server sends to the members of a conversation (or to one connection).
@@ -80,7 +81,26 @@ impl ChatEvent {
             name: self.name(),
             data: RawValue::from_string(data).unwrap_or_else(|_| null_value()),
             frame,
+            chunk: self.chunk_span(),
         })
+    }
+
+    /// Where a chunk's `delta` sits in its reply; none for other events, and for a chunk whose
+    /// `delta` does not end its `content`, which therefore never merges.
+    fn chunk_span(&self) -> Option<ChunkSpan> {
+        match self {
+            ChatEvent::StreamChunk {
+                message_id,
+                content,
+                delta,
+                ..
+            } if content.ends_with(delta.as_str()) => Some(ChunkSpan {
+                message_id: message_id.as_str().into(),
+                start: content.len() - delta.len(),
+                end: content.len(),
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -97,6 +117,47 @@ pub struct EncodedEvent {
     pub data: Box<RawValue>,
     /// `{"event": name, "data": payload}`, the plain WebSocket frame, shared by every connection.
     pub frame: Utf8Bytes,
+    /// For a `stream_chunk`, where its text sits in the reply, so that waiting chunks can merge.
+    chunk: Option<ChunkSpan>,
+}
+
+/// Where a chunk's new text sits in its reply: `content[start..end]` is its `delta`.
+#[derive(Debug)]
+struct ChunkSpan {
+    message_id: Box<str>,
+    start: usize,
+    end: usize,
+}
+
+impl EncodedEvent {
+    /// Whether `next` is a chunk of the same reply as this chunk, and its text starts where
+    /// this one's ends: then one chunk can stand for both.
+    pub(super) fn continued_by(&self, next: &EncodedEvent) -> bool {
+        match (&self.chunk, &next.chunk) {
+            (Some(this), Some(next)) => {
+                this.message_id == next.message_id && this.end == next.start
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this is a chunk of the same reply as `other`.
+    pub(super) fn same_reply(&self, other: &EncodedEvent) -> bool {
+        match (&self.chunk, &other.chunk) {
+            (Some(this), Some(other)) => this.message_id == other.message_id,
+            _ => false,
+        }
+    }
+
+    /// Whether this is a `stream_chunk` that may merge with others.
+    pub(super) fn is_chunk(&self) -> bool {
+        self.chunk.is_some()
+    }
+
+    /// For a chunk, where its `delta` starts in its `content`.
+    pub(super) fn delta_start(&self) -> Option<usize> {
+        self.chunk.as_ref().map(|span| span.start)
+    }
 }
 
 /// One connection as a conversation actor sees it: where to put its events, and how to tell it
@@ -104,7 +165,7 @@ pub struct EncodedEvent {
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     id: u64,
-    queue: mpsc::Sender<Arc<EncodedEvent>>,
+    outbox: OutboxSender,
     dropped: CancellationToken,
     lost: mpsc::UnboundedSender<String>,
 }
@@ -114,15 +175,16 @@ pub struct Subscriber {
 pub enum Undeliverable {
     /// The connection is gone.
     Closed,
-    /// The connection's queue is full: it is not reading fast enough and has been told to close.
+    /// The connection's outbox is full of events that cannot merge: it has stopped reading and
+    /// has been told to close.
     TooSlow,
 }
 
 /// The connection's side of a [`Subscriber`].
 #[derive(Debug)]
 pub struct SubscriberInbox {
-    /// Events to write to the connection, in order.
-    pub events: mpsc::Receiver<Arc<EncodedEvent>>,
+    /// Events to write to the connection, in order; a reply's chunks merge while it is behind.
+    pub events: Outbox,
     /// Cancelled when the connection was too slow and must close.
     pub dropped: CancellationToken,
     /// Conversations whose actor lost this subscriber without it asking (the actor failed).
@@ -130,14 +192,14 @@ pub struct SubscriberInbox {
 }
 
 impl Subscriber {
-    /// A subscriber with room for `capacity` queued events, and the connection's side of it.
+    /// A subscriber whose outbox holds `capacity` events, and the connection's side of it.
     pub fn new(id: u64, capacity: usize) -> (Subscriber, SubscriberInbox) {
-        let (queue, events) = mpsc::channel(capacity);
+        let (outbox, events) = outbox::outbox(capacity);
         let (lost, lost_rx) = mpsc::unbounded_channel();
         let dropped = CancellationToken::new();
         let subscriber = Subscriber {
             id,
-            queue,
+            outbox,
             dropped: dropped.clone(),
             lost,
         };
@@ -154,22 +216,20 @@ impl Subscriber {
         self.id
     }
 
-    /// Queues an event without waiting; a full queue drops the connection.
+    /// Queues an event without waiting, merging waiting chunks when the outbox is full; an
+    /// outbox full of events that cannot merge drops the connection.
     pub fn deliver(&self, event: &Arc<EncodedEvent>) -> Result<(), Undeliverable> {
-        match self.queue.try_send(event.clone()) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Undeliverable::Closed),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(connection = self.id, "subscriber too slow, dropping it");
-                self.dropped.cancel();
-                Err(Undeliverable::TooSlow)
-            }
+        let queued = self.outbox.push(event);
+        if queued == Err(Undeliverable::TooSlow) {
+            tracing::warn!(connection = self.id, "subscriber too slow, dropping it");
+            self.dropped.cancel();
         }
+        queued
     }
 
     /// Whether the connection has gone or been dropped.
     pub fn is_gone(&self) -> bool {
-        self.queue.is_closed() || self.dropped.is_cancelled()
+        self.outbox.is_closed() || self.dropped.is_cancelled()
     }
 }
 
@@ -237,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_the_subscriber() {
+    fn an_outbox_full_of_events_that_cannot_merge_drops_the_subscriber() {
         let (sub, inbox) = Subscriber::new(1, 1);
         let event = ChatEvent::ConversationDeleted {
             conversation_id: "c".into(),
@@ -246,6 +306,47 @@ mod tests {
         assert_eq!(sub.deliver(&event), Ok(()));
         assert_eq!(sub.deliver(&event), Err(Undeliverable::TooSlow));
         assert!(inbox.dropped.is_cancelled());
+    }
+
+    #[test]
+    fn a_gone_connection_is_undeliverable() {
+        let (sub, inbox) = Subscriber::new(1, 4);
+        drop(inbox);
+        let event = ChatEvent::ConversationDeleted {
+            conversation_id: "c".into(),
+        }
+        .encode();
+        assert_eq!(sub.deliver(&event), Err(Undeliverable::Closed));
+        assert!(sub.is_gone());
+    }
+
+    #[test]
+    fn chunks_know_where_their_text_sits() {
+        let chunk = |message_id: &str, content: &str, delta: &str| {
+            ChatEvent::StreamChunk {
+                message_id: message_id.into(),
+                conversation_id: "c".into(),
+                content: content.into(),
+                delta: delta.into(),
+                is_complete: false,
+                seq: 1,
+            }
+            .encode()
+        };
+        let first = chunk("m", "Hello ", "Hello ");
+        let next = chunk("m", "Hello wörld", "wörld");
+        assert_eq!(next.delta_start(), Some(6));
+        assert!(first.continued_by(&next) && first.same_reply(&next));
+        assert!(!next.continued_by(&first));
+        let other = chunk("n", "Hello wörld", "wörld");
+        assert!(!first.continued_by(&other) && !first.same_reply(&other));
+        assert!(!chunk("m", "Hello", "other").is_chunk());
+        let start = ChatEvent::StreamStart {
+            message_id: "m".into(),
+            conversation_id: "c".into(),
+        }
+        .encode();
+        assert!(!start.is_chunk() && !start.same_reply(&first));
     }
 
     #[test]

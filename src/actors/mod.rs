@@ -3,6 +3,7 @@
 
 pub mod conversation;
 pub mod events;
+pub mod outbox;
 pub mod registry;
 pub mod supervisor;
 

@@ -4,13 +4,22 @@
 //! socketioxide calls its handlers as callbacks, so each socket gets one task that owns its
 //! [`Session`]: the handlers forward client events to it over a channel, in arrival order, and the
 //! task writes the session's events out as Socket.IO events.
+//!
+//! socketioxide buffers `SOCKETIO_BUFFER` packets per socket and refuses more until the client
+//! takes them (a polling client with its next request). The task then holds what was refused and
+//! tries again shortly, taking nothing else meanwhile: the session's events wait in its outbox,
+//! where a reply's chunks merge, and client events wait in their channel. A socket that takes
+//! nothing for `SEND_TIMEOUT_MS` is disconnected.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::future::OptionFuture;
 use serde_json::json;
 use socketioxide::adapter::LocalAdapter;
-use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+use socketioxide::extract::{AckSender, Event, TryData};
 use socketioxide::handler::{
     ConnectHandler, FromMessageParts, MessageHandler, Value as PacketValue,
 };
@@ -18,6 +27,7 @@ use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep};
 
 use super::error::ApiError;
 use super::session::Session;
@@ -26,8 +36,8 @@ use crate::actors::EncodedEvent;
 
 /// Client events one socket may have waiting to be handled; more are refused with an `error`.
 const PENDING_EVENTS: usize = 1024;
-/// How often a socket whose buffer is full is asked again to take its disconnect packet.
-const DISCONNECT_RETRY: Duration = Duration::from_millis(20);
+/// How often a socket whose buffer is full is offered again what it refused.
+const FULL_BUFFER_RETRY: Duration = Duration::from_millis(20);
 
 /// Where socketioxide serves Socket.IO (its default).
 const PATH: &str = "/socket.io";
@@ -78,11 +88,19 @@ enum Incoming {
     Disconnected,
 }
 
-/// A client event, with the acknowledgement callback when the client asked for one.
+/// A client event, with the id of its acknowledgement when the client asked for one.
 struct ClientEvent {
     name: String,
     data: serde_json::Value,
-    ack: Option<AckSender>,
+    ack: Option<i64>,
+}
+
+/// A packet for the client, kept in order while socketioxide's buffer is full.
+enum Outgoing {
+    /// A server event.
+    Event(Arc<EncodedEvent>),
+    /// The acknowledgement of a client event, by its id.
+    Ack(i64, serde_json::Value),
 }
 
 /// Sets up a socket as it connects: its handlers first, so no event can arrive before them,
@@ -98,7 +116,7 @@ impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
         let client = socket.req_parts().extensions.get::<ClientAddr>().copied();
         let permit = match client.map(|c| self.0.connection_limit.open(c.0.ip())) {
             Some(Err(error)) => {
-                let _ = reply(&socket, Err(error), None);
+                reply_now(&socket, error, None);
                 let _ = socket.disconnect();
                 return;
             }
@@ -112,7 +130,7 @@ impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
         });
         let shared = self.0.clone();
         tokio::spawn(async move {
-            serve(SocketRef::from(socket), events, shared).await;
+            serve(socket, events, shared).await;
             drop(permit);
         });
     }
@@ -129,39 +147,43 @@ impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
             .unwrap_or_default();
         let Ok(TryData(data)) =
             TryData::<serde_json::Value>::from_message_parts(&socket, &mut packet, &ack_id);
-        let ack = ack_id.map(|_| {
-            let Ok(ack) = AckSender::from_message_parts(&socket, &mut packet, &ack_id);
-            ack
-        });
         let event = Incoming::Event(Box::new(ClientEvent {
             name,
             data: data.unwrap_or_default(),
-            ack,
+            ack: ack_id,
         }));
         if let Err(mpsc::error::TrySendError::Full(Incoming::Event(event))) = self.0.try_send(event)
         {
             tracing::warn!(socket = %socket.id, "too many client events waiting, refusing one");
-            let _ = reply(&socket, Err(ApiError::RateLimited), event.ack);
+            reply_now(&socket, ApiError::RateLimited, event.ack);
         }
     }
 }
 
 /// Serves one socket until it disconnects, is too slow, or the server shuts down.
-async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared: Arc<Shared>) {
+async fn serve(socket: Arc<Socket>, mut incoming: mpsc::Receiver<Incoming>, shared: Arc<Shared>) {
     let (mut session, mut inbox) = Session::open(&shared);
     tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
     let shutdown = shared.shutdown.clone();
+    let send_timeout = shared.config.send_timeout;
+    let mut refused = Refused::default();
     let too_slow = loop {
+        let backed_up = !refused.is_empty();
+        // Boxed, and only while backed up: an idle socket's task stays small.
+        let retry = OptionFuture::from(backed_up.then(|| Box::pin(sleep(FULL_BUFFER_RETRY))));
         let sent = tokio::select! {
-            message = incoming.recv() => match message {
+            message = incoming.recv(), if !backed_up => match message {
                 Some(Incoming::Event(event)) => {
                     // Boxed: the socket's task stays small while it waits between events.
                     let result = Box::pin(session.handle(&event.name, &event.data)).await;
-                    reply(&socket, result, event.ack)
+                    replies(result, event.ack).try_for_each(|o| refused.offer(&socket, o))
                 }
                 Some(Incoming::Disconnected) | None => break false,
             },
-            Some(event) = inbox.events.recv() => emit(&socket, &event),
+            event = inbox.events.recv(), if !backed_up => {
+                refused.offer(&socket, Outgoing::Event(event))
+            }
+            Some(()) = retry, if backed_up => refused.retry(&socket),
             Some(id) = inbox.lost.recv() => {
                 Box::pin(session.rejoin(id)).await;
                 Ok(())
@@ -169,10 +191,11 @@ async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared
             _ = inbox.dropped.cancelled() => break true,
             _ = shutdown.cancelled() => break false,
         };
-        match sent {
-            Ok(()) => {}
-            Err(SocketError::InternalChannelFull) => break true,
-            Err(SocketError::Closed) => break false,
+        if sent.is_err() {
+            break false;
+        }
+        if refused.stalled_for(send_timeout) {
+            break true;
         }
     };
     let connection = session.id();
@@ -184,7 +207,77 @@ async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared
     }
 }
 
-/// Emits one event; a full buffer means the client is too slow.
+/// The packets socketioxide's full buffer refused, in order, and since when it took none.
+#[derive(Default)]
+struct Refused {
+    packets: VecDeque<Outgoing>,
+    since: Option<Instant>,
+}
+
+impl Refused {
+    fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// Hands a packet to socketioxide, or keeps it behind those refused before; fails only when
+    /// the socket is gone.
+    fn offer(&mut self, socket: &Arc<Socket>, outgoing: Outgoing) -> Result<(), SocketError> {
+        if self.packets.is_empty() {
+            match send(socket, &outgoing) {
+                Err(SocketError::InternalChannelFull) => self.since = Some(Instant::now()),
+                sent => return sent,
+            }
+        }
+        self.packets.push_back(outgoing);
+        Ok(())
+    }
+
+    /// Offers the refused packets again, oldest first, until the buffer is full again.
+    fn retry(&mut self, socket: &Arc<Socket>) -> Result<(), SocketError> {
+        let waiting = self.packets.len();
+        while let Some(outgoing) = self.packets.front() {
+            match send(socket, outgoing) {
+                Ok(()) => {
+                    self.packets.pop_front();
+                }
+                Err(SocketError::InternalChannelFull) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.packets.is_empty() {
+            self.packets.shrink_to_fit();
+            self.since = None;
+        } else if self.packets.len() < waiting {
+            self.since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Whether packets have waited `timeout` without the socket taking any.
+    fn stalled_for(&self, timeout: Duration) -> bool {
+        self.since.is_some_and(|since| since.elapsed() >= timeout)
+    }
+}
+
+/// Hands one packet to socketioxide.
+fn send(socket: &Arc<Socket>, outgoing: &Outgoing) -> Result<(), SocketError> {
+    if !socket.connected() {
+        return Err(SocketError::Closed);
+    }
+    match outgoing {
+        Outgoing::Event(event) => emit(socket, event),
+        Outgoing::Ack(id, value) => {
+            let mut no_payload = PacketValue::Bytes(Bytes::new());
+            let Ok(ack) = AckSender::from_message_parts(socket, &mut no_payload, &Some(*id));
+            match ack.send(value) {
+                Err(SendError::Socket(e)) => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// Emits one event.
 fn emit(socket: &Socket, event: &EncodedEvent) -> Result<(), SocketError> {
     match socket.emit(event.name, &event.data) {
         Ok(()) => Ok(()),
@@ -196,32 +289,37 @@ fn emit(socket: &Socket, event: &EncodedEvent) -> Result<(), SocketError> {
     }
 }
 
-/// Answers a client event: the acknowledgement when the client asked for one, and on failure
-/// an `error` event too.
-fn reply(
-    socket: &Socket,
+/// What answers a client event: on failure an `error` event, then the acknowledgement when the
+/// client asked for one.
+fn replies(
     result: Result<serde_json::Value, ApiError>,
-    ack: Option<AckSender>,
-) -> Result<(), SocketError> {
-    let acknowledgement = match result {
-        Ok(value) => value,
+    ack: Option<i64>,
+) -> impl Iterator<Item = Outgoing> {
+    let (error, acknowledgement) = match result {
+        Ok(value) => (None, value),
         Err(error) => {
-            emit(socket, &error.event().encode())?;
-            json!({ "error": error.body() })
+            let event = Outgoing::Event(error.event().encode());
+            (Some(event), json!({ "error": error.body() }))
         }
     };
-    match ack.map(|ack| ack.send(&acknowledgement)) {
-        Some(Err(SendError::Socket(e))) => Err(e),
-        _ => Ok(()),
+    let ack = ack.map(|id| Outgoing::Ack(id, acknowledgement));
+    error.into_iter().chain(ack)
+}
+
+/// Answers a client event at once, for a socket the task does not serve; what a full buffer
+/// refuses is lost.
+fn reply_now(socket: &Arc<Socket>, error: ApiError, ack: Option<i64>) {
+    for outgoing in replies(Err(error), ack) {
+        let _ = send(socket, &outgoing);
     }
 }
 
 /// Disconnects a socket whose buffer may be full: retries until the disconnect packet fits or
 /// the socket is gone (Engine.IO's heartbeat closes a client that never reads again).
-async fn disconnect(socket: SocketRef) {
+async fn disconnect(socket: Arc<Socket>) {
     while socket.connected() {
         match socket.clone().disconnect() {
-            Err(SocketError::InternalChannelFull) => tokio::time::sleep(DISCONNECT_RETRY).await,
+            Err(SocketError::InternalChannelFull) => sleep(FULL_BUFFER_RETRY).await,
             _ => return,
         }
     }

@@ -146,6 +146,7 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
     let (mut session, mut inbox) = Session::open(&shared);
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
+    let send_timeout = shared.config.send_timeout;
     let ping_interval = shared.config.ws_ping_interval;
     let ping_timeout = shared.config.ws_ping_timeout;
     // One timer per connection: when to ping next, or, once a ping is out, when to give up.
@@ -175,7 +176,9 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
                 }
                 // Boxed, like the rejoin: the connection's task stays small while it waits.
                 let answer = Box::pin(handle_frame(&mut session, frame)).await;
-                if !answer.is_empty() && !write(&mut sink, answer, &inbox.dropped).await {
+                if !answer.is_empty()
+                    && !write(&mut sink, answer, &inbox.dropped, send_timeout).await
+                {
                     break;
                 }
             }
@@ -193,30 +196,31 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
                 ping_sent = Some(now);
                 heartbeat.as_mut().reset(now + ping_timeout);
             }
-            Some(event) = inbox.events.recv() => {
+            event = inbox.events.recv() => {
                 let mut batch = vec![text(&event)];
                 while batch.len() < WRITE_BATCH
-                    && let Ok(event) = inbox.events.try_recv()
+                    && let Some(event) = inbox.events.try_recv()
                 {
                     batch.push(text(&event));
                 }
-                if !write(&mut sink, batch, &inbox.dropped).await {
+                if !write(&mut sink, batch, &inbox.dropped, send_timeout).await {
                     break;
                 }
             }
             Some(id) = inbox.lost.recv() => Box::pin(session.rejoin(id)).await,
             _ = inbox.dropped.cancelled() => {
-                let _ = sink.send(close(CLOSE_TOO_SLOW, "too slow")).await;
+                let farewell = sink.send(close(CLOSE_TOO_SLOW, "too slow"));
+                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
                 break;
             }
             _ = shutdown.cancelled() => {
                 let farewell = async {
                     let mut last = Vec::new();
-                    while let Ok(event) = inbox.events.try_recv() {
+                    while let Some(event) = inbox.events.try_recv() {
                         last.push(text(&event));
                     }
                     last.push(close(CLOSE_GOING_AWAY, "server shutting down"));
-                    write(&mut sink, last, &inbox.dropped).await;
+                    write(&mut sink, last, &inbox.dropped, send_timeout).await;
                 };
                 let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
                 break;
@@ -226,21 +230,25 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
     session.close().await;
 }
 
-/// Writes frames and flushes once; false when the connection is gone or was dropped for being
-/// too slow while the write waited.
+/// Writes frames and flushes once; false when the connection is gone, was dropped for being
+/// too slow while the write waited, or took no frame for `send_timeout` (it stopped reading).
 async fn write(
     sink: &mut (impl SinkExt<Message> + Unpin),
     frames: Vec<Message>,
     dropped: &CancellationToken,
+    send_timeout: Duration,
 ) -> bool {
+    let stalled = |_: &_| tracing::warn!(?send_timeout, "client stopped reading, dropping it");
     let written = async {
         for frame in frames {
-            sink.feed(frame).await?;
+            let fed = tokio::time::timeout(send_timeout, sink.feed(frame)).await;
+            fed.inspect_err(stalled).ok()?.ok()?;
         }
-        sink.flush().await
+        let flushed = tokio::time::timeout(send_timeout, sink.flush()).await;
+        flushed.inspect_err(stalled).ok()?.ok()
     };
     tokio::select! {
-        written = written => written.is_ok(),
+        written = written => written.is_some(),
         _ = dropped.cancelled() => false,
     }
 }

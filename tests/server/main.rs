@@ -17,5 +17,6 @@ mod realtime;
 mod replies;
 mod rest;
 mod shutdown;
+mod slow_clients;
 mod socketio;
 mod websocket;

@@ -320,6 +320,23 @@ impl WsClient {
         self.send_raw(Message::text(frame.to_string())).await;
     }
 
+    /// Connects with a receive buffer of `bytes`, which the kernel then does not grow: once that
+    /// much is unread, the server's writes back up.
+    pub async fn connect_with_receive_buffer(addr: SocketAddr, bytes: u32) -> WsClient {
+        let tcp = tokio::net::TcpSocket::new_v4().expect("tcp socket");
+        tcp.set_recv_buffer_size(bytes).expect("receive buffer set");
+        let stream = tcp.connect(addr).await.expect("tcp connects");
+        let url = format!("ws://{addr}/ws");
+        let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("websocket connects");
+        WsClient {
+            socket,
+            pending: VecDeque::new(),
+            next_ack: 1,
+        }
+    }
+
     /// Sends any frame.
     pub async fn send_raw(&mut self, message: Message) {
         self.socket.send(message).await.expect("frame sent");
