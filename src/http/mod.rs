@@ -41,6 +41,9 @@ use error::ApiError;
 use limits::{ConnectionLimit, RateLimitLayer};
 use middleware::AccessLogLayer;
 
+/// How long a closing real-time connection may take to send its last events.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What every route and connection shares.
 pub struct Shared {
     pub conversations: Conversations,

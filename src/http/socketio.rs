@@ -31,8 +31,9 @@ use tokio::time::{Instant, sleep};
 
 use super::error::ApiError;
 use super::session::Session;
-use super::{ClientAddr, Shared};
+use super::{ClientAddr, FAREWELL_TIMEOUT, Shared};
 use crate::actors::EncodedEvent;
+use crate::actors::outbox::Outbox;
 
 /// Client events one socket may have waiting to be handled; more are refused with an `error`.
 const PENDING_EVENTS: usize = 1024;
@@ -75,6 +76,8 @@ pub fn layer(shared: Arc<Shared>) -> SocketIoLayer {
     io.ns("/", OnConnect(shared.clone()));
     tokio::spawn(async move {
         shared.shutdown.cancelled().await;
+        // The sockets hand over their last events first.
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, shared.connections.wait()).await;
         io.close().await;
     });
     layer
@@ -189,7 +192,11 @@ async fn serve(socket: Arc<Socket>, mut incoming: mpsc::Receiver<Incoming>, shar
                 Ok(())
             }
             _ = inbox.dropped.cancelled() => break true,
-            _ = shutdown.cancelled() => break false,
+            _ = shutdown.cancelled() => {
+                let farewell = refused.flush(&socket, &mut inbox.events);
+                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
+                break false;
+            }
         };
         if sent.is_err() {
             break false;
@@ -230,6 +237,22 @@ impl Refused {
         }
         self.packets.push_back(outgoing);
         Ok(())
+    }
+
+    /// Hands socketioxide every event still waiting, then retries the refused packets until all
+    /// are taken or the socket is gone: the last events before a shutdown.
+    async fn flush(&mut self, socket: &Arc<Socket>, events: &mut Outbox) {
+        while let Some(event) = events.try_recv() {
+            if self.offer(socket, Outgoing::Event(event)).is_err() {
+                return;
+            }
+        }
+        while !self.is_empty() {
+            sleep(FULL_BUFFER_RETRY).await;
+            if self.retry(socket).is_err() {
+                return;
+            }
+        }
     }
 
     /// Offers the refused packets again, oldest first, until the buffer is full again.

@@ -27,7 +27,7 @@ use warp::{Filter, Rejection};
 use super::error::ApiError;
 use super::payload::parse_json;
 use super::session::Session;
-use super::{ClientAddr, Shared, error_response};
+use super::{ClientAddr, FAREWELL_TIMEOUT, Shared, error_response};
 use crate::actors::EncodedEvent;
 
 /// Close code for a client that could not keep up with its events.
@@ -36,8 +36,6 @@ const CLOSE_TOO_SLOW: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
-/// How long a closing connection may take to send its last events and the close frame.
-const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes read from the socket at a time; larger frames grow the buffer as they arrive.
 const READ_BUFFER: usize = 1024;
 /// Bytes of frames gathered before they are written out.

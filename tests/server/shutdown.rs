@@ -9,7 +9,10 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use crate::support::process::ServerProcess;
-use crate::support::{ModelServer, RealtimeClient, WsClient, final_content, pieces_of};
+use crate::support::{
+    ModelServer, RealtimeClient, TestServer, WsClient, chunks, config_for, final_content,
+    over_both_transports, pieces_of,
+};
 
 const GRACE: Duration = Duration::from_millis(2000);
 
@@ -130,4 +133,34 @@ async fn sigint_with_nothing_in_progress_exits_at_once() {
         tokio::net::TcpStream::connect(server.addr).await.is_err(),
         "the port is closed"
     );
+}
+
+over_both_transports!(a_reply_ended_by_shutdown_reaches_its_members_whole);
+
+/// In process: the reply that shutdown interrupts ends for its members with the text so far as
+/// its last chunk, then `stream_complete`, whatever their transport.
+async fn a_reply_ended_by_shutdown_reaches_its_members_whole<C: RealtimeClient>() {
+    let model = ModelServer::start().await;
+    model.set_reply(pieces_of(&"word ".repeat(200)), Duration::from_millis(50));
+    let TestServer { app, .. } = TestServer::start(config_for(&model)).await;
+    let mut client = C::connect(app.addr()).await;
+    client
+        .emit(
+            "stream_chat",
+            json!({"conversationId": "interrupted", "message": "tell me"}),
+        )
+        .await;
+    let mut events = Vec::new();
+    while events.iter().all(|(name, _)| name != "stream_chunk") {
+        events.push(client.next().await);
+    }
+    let stopping = tokio::spawn(app.shutdown(Duration::ZERO));
+    events.extend(client.until_complete().await);
+    let last = &chunks(&events).last().cloned().expect("chunks")["content"];
+    assert!(!last.as_str().unwrap_or_default().is_empty(), "{events:?}");
+    assert_eq!(
+        events.last().map(|(name, _)| name.as_str()),
+        Some("stream_complete")
+    );
+    stopping.await.expect("shutdown ends");
 }
