@@ -268,11 +268,7 @@ impl RealtimeClient for WsClient {
         let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
             .await
             .expect("websocket connects");
-        WsClient {
-            socket,
-            pending: VecDeque::new(),
-            next_ack: 1,
-        }
+        WsClient::over(socket)
     }
 
     async fn emit(&mut self, event: &str, data: Value) {
@@ -330,6 +326,11 @@ impl WsClient {
         let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
             .await
             .expect("websocket connects");
+        WsClient::over(socket)
+    }
+
+    /// A client over an open WebSocket.
+    fn over(socket: WebSocketStream<MaybeTlsStream<TcpStream>>) -> WsClient {
         WsClient {
             socket,
             pending: VecDeque::new(),

@@ -38,19 +38,9 @@ pub(super) fn spawn_streamed(
                 .send_message(ConversationMsg::Generated { generation, event })
                 .is_ok()
         };
-        let started = std::time::Instant::now();
-        let result = within(
-            ctx.settings.upstream_timeout,
-            read_stream(
-                &*ctx.provider,
-                prompt,
-                ctx.settings.heartbeat_interval,
-                &report,
-            ),
-        )
-        .await;
-        ctx.metrics
-            .upstream_finished(started.elapsed(), result.is_err());
+        let heartbeat = ctx.settings.heartbeat_interval;
+        let reading = read_stream(&*ctx.provider, prompt, heartbeat, &report);
+        let result = within(&ctx, reading).await;
         report(GenerationEvent::Finished(result));
     })
     .abort_handle()
@@ -64,25 +54,27 @@ pub(super) fn spawn_whole(
     prompt: Prompt,
 ) -> AbortHandle {
     tokio::spawn(async move {
-        let started = std::time::Instant::now();
         let whole = ctx.provider.complete(prompt).map_ok(|reply| reply.text);
-        let result = within(ctx.settings.upstream_timeout, whole).await;
-        ctx.metrics
-            .upstream_finished(started.elapsed(), result.is_err());
+        let result = within(&ctx, whole).await;
         let event = GenerationEvent::Whole(result);
         let _ = actor.send_message(ConversationMsg::Generated { generation, event });
     })
     .abort_handle()
 }
 
-/// Runs `work` for at most `limit`; running out of time is a provider failure.
+/// Runs the model's `work` for at most the upstream timeout (running out of time is a provider
+/// failure), and records how long it took and whether it failed.
 async fn within<T>(
-    limit: Duration,
+    ctx: &ConversationContext,
     work: impl Future<Output = Result<T, ProviderError>>,
 ) -> Result<T, ProviderError> {
-    tokio::time::timeout(limit, work)
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(ctx.settings.upstream_timeout, work)
         .await
-        .unwrap_or_else(|_| Err(ProviderError("the model did not finish in time".into())))
+        .unwrap_or_else(|_| Err(ProviderError("the model did not finish in time".into())));
+    ctx.metrics
+        .upstream_finished(started.elapsed(), result.is_err());
+    result
 }
 
 /// Reads the model's stream, merging pieces that are already waiting into one, and reports
