@@ -70,6 +70,10 @@ pub struct Frame {
     /// The event's payload, a JSON object.
     #[schema(value_type = Object)]
     pub data: Value,
+    /// On a client frame, an acknowledgement id (a string or a number); the server answers the
+    /// frame, once handled, with an `ack` frame carrying the same `id` and, as `data`, what the
+    /// Socket.IO acknowledgement carries.
+    pub id: Option<Value>,
 }
 
 /// The payload of `join_conversation`: `messageId` and `seq` go together, and name the last
@@ -261,6 +265,7 @@ fn realtime() -> Value {
             "conversation_updated": schema("ConversationUpdated"),
             "conversation_deleted": schema("ConversationRef"),
             "error": schema("ErrorBody"),
+            "ack": schema("Frame"),
         },
         "acknowledgements": {
             "join_conversation": schema("ConversationRef"),

@@ -14,8 +14,12 @@ const fn route(template: &'static str, methods: &'static str) -> Option<Route> {
     Some(Route { template, methods })
 }
 
-/// The route serving `path`, if any.
+/// The route serving `path`, if any; a trailing `/` names the same route, as the routes take it.
 pub fn route_of(path: &str) -> Option<Route> {
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
         ["api", "health"] => route("/api/health", "GET"),
@@ -68,6 +72,8 @@ mod tests {
         assert_eq!(template("/"), Some("/"));
         assert_eq!(template("/c/abc"), Some("/c/:id"));
         assert_eq!(template("/app.js"), Some("/app.js"));
+        assert_eq!(template("/api/conversations/"), Some("/api/conversations"));
+        assert_eq!(template("/api/health/"), Some("/api/health"));
         assert_eq!(template("/api/conversations/a/b"), None);
         assert_eq!(template("/other.js"), None);
     }

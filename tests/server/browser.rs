@@ -580,7 +580,7 @@ async fn markdown_blocks_and_inlines_become_elements_and_the_rest_text() {
 }
 
 /// Takes the README's screenshot, `docs/page.png`, and phone and dark ones beside the build:
-/// `cargo test --test browser -- --ignored readme_screenshot`.
+/// `cargo test --test server browser::readme_screenshot -- --ignored`.
 #[tokio::test]
 #[ignore = "writes docs/page.png"]
 async fn readme_screenshot() {

@@ -529,6 +529,8 @@ async fn a_method_not_allowed_names_the_methods_that_are() {
         ("PUT", "/api/conversations/some-id", "GET, PATCH, DELETE"),
         ("TRACE", "/api/conversations/some-id/stop", "POST"),
         ("DELETE", "/", "GET"),
+        ("DELETE", "/api/conversations/", "GET"),
+        ("POST", "/api/health/", "GET"),
     ] {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let answer = server
