@@ -9,7 +9,6 @@ pub mod http;
 pub mod llm;
 pub mod metrics;
 pub mod store;
-pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -12,6 +12,7 @@ mod rest;
 mod routes;
 mod session;
 mod socketio;
+mod web;
 mod ws;
 
 use std::convert::Infallible;
@@ -207,7 +208,7 @@ pub fn routes(
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::metrics(&shared));
     let websocket = ws::route(shared.clone());
-    let page = crate::web::routes(shared.config.web_client);
+    let page = web::routes(shared.config.web_client);
     let reference = openapi::routes();
 
     let api = chat
