@@ -31,6 +31,7 @@ use warp::{Filter, Rejection};
 
 use crate::actors::Conversations;
 use crate::config::Config;
+use crate::domain::UserId;
 use crate::metrics::Metrics;
 use error::ApiError;
 use limits::{ConnectionLimit, RateLimitLayer};
@@ -60,6 +61,11 @@ fn with_shared(
     shared: Arc<Shared>,
 ) -> impl Filter<Extract = (Arc<Shared>,), Error = Infallible> + Clone {
     warp::any().map(move || shared.clone())
+}
+
+/// The user a request is made by: with sign-in off, the anonymous user.
+fn user() -> impl Filter<Extract = (UserId,), Error = Infallible> + Clone {
+    warp::any().map(UserId::anonymous)
 }
 
 /// A JSON body of at most `limit` bytes: 413 above it, 400 when it is not JSON.
@@ -116,34 +122,41 @@ pub fn routes(
     let chat = warp::path!("api" / "chat")
         .and(warp::post())
         .and(state.clone())
+        .and(user())
         .and(json_body(limit))
         .then(rest::chat);
     let list = warp::path!("api" / "conversations")
         .and(warp::get())
         .and(state.clone())
+        .and(user())
         .and(warp::query::<rest::ListQuery>())
         .then(rest::list);
     let get = conversation_path()
         .and(warp::get())
         .and(state.clone())
-        .then(|id, shared| rest::get(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::get(shared, user, id));
     let delete = conversation_path()
         .and(warp::delete())
         .and(state.clone())
-        .then(|id, shared| rest::delete(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::delete(shared, user, id));
     let rename = conversation_path()
         .and(warp::patch())
         .and(state.clone())
+        .and(user())
         .and(json_body(limit))
-        .then(|id, shared, body| rest::rename(shared, id, body));
+        .then(|id, shared, user, body| rest::rename(shared, user, id, body));
     let stop = warp::path!("api" / "conversations" / String / "stop")
         .and(warp::post())
         .and(state.clone())
-        .then(|id, shared| rest::stop(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::stop(shared, user, id));
     let regenerate = warp::path!("api" / "conversations" / String / "regenerate")
         .and(warp::post())
         .and(state.clone())
-        .then(|id, shared| rest::regenerate(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::regenerate(shared, user, id));
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(state.clone())

@@ -10,7 +10,7 @@ use warp::reply::{Reply, Response};
 use super::Shared;
 use super::error::ApiError;
 use super::payload::Payload;
-use crate::domain::{Timestamp, validate_conversation_id};
+use crate::domain::{Timestamp, UserId, validate_conversation_id};
 use crate::store::Page;
 
 /// `GET /api/health`.
@@ -40,11 +40,15 @@ pub fn metrics(shared: &Shared) -> Response {
 }
 
 /// `POST /api/chat`: the user message and the model's whole reply.
-pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Response, ApiError> {
+pub async fn chat(
+    shared: Arc<Shared>,
+    user: UserId,
+    body: serde_json::Value,
+) -> Result<Response, ApiError> {
     let payload = Payload::new(&body)?;
     let message = payload.message(shared.config.max_message_chars)?;
     let id = payload.optional_conversation_id()?;
-    let done = shared.conversations.chat(id, message).await?;
+    let done = shared.conversations.chat(&user, id, message).await?;
     Ok(warp::reply::json(&json!({
         "message": done.message,
         "conversation": done.conversation,
@@ -60,26 +64,30 @@ pub struct ListQuery {
 }
 
 /// `GET /api/conversations`.
-pub async fn list(shared: Arc<Shared>, query: ListQuery) -> Result<Response, ApiError> {
+pub async fn list(
+    shared: Arc<Shared>,
+    user: UserId,
+    query: ListQuery,
+) -> Result<Response, ApiError> {
     let page = Page {
         limit: query.limit,
         offset: query.offset.unwrap_or(0),
     };
-    let conversations = shared.conversations.list(page).await?;
+    let conversations = shared.conversations.list(&user, page).await?;
     Ok(warp::reply::json(&conversations).into_response())
 }
 
 /// `GET /api/conversations/:id`.
-pub async fn get(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+pub async fn get(shared: Arc<Shared>, user: UserId, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
-    let conversation = shared.conversations.get(&id).await?;
+    let conversation = shared.conversations.get(&user, &id).await?;
     Ok(warp::reply::json(&conversation).into_response())
 }
 
 /// `DELETE /api/conversations/:id`.
-pub async fn delete(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+pub async fn delete(shared: Arc<Shared>, user: UserId, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
-    shared.conversations.delete(&id).await?;
+    shared.conversations.delete(&user, &id).await?;
     Ok(
         warp::reply::json(&json!({ "message": "Conversation deleted successfully" }))
             .into_response(),
@@ -89,18 +97,19 @@ pub async fn delete(shared: Arc<Shared>, id: String) -> Result<Response, ApiErro
 /// `PATCH /api/conversations/:id` `{title}`.
 pub async fn rename(
     shared: Arc<Shared>,
+    user: UserId,
     id: String,
     body: serde_json::Value,
 ) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     let title = Payload::new(&body)?.title()?;
-    let conversation = shared.conversations.rename(&id, title).await?;
+    let conversation = shared.conversations.rename(&user, &id, title).await?;
     Ok(warp::reply::json(&conversation).into_response())
 }
 
 /// `POST /api/conversations/:id/stop`.
-pub async fn stop(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
-    shared.conversations.stop_reply(&id).await?;
+pub async fn stop(shared: Arc<Shared>, user: UserId, id: String) -> Result<Response, ApiError> {
+    shared.conversations.stop_reply(&user, &id).await?;
     Ok(
         warp::reply::json(&json!({ "message": "Generation stopped", "conversationId": id }))
             .into_response(),
@@ -108,8 +117,12 @@ pub async fn stop(shared: Arc<Shared>, id: String) -> Result<Response, ApiError>
 }
 
 /// `POST /api/conversations/:id/regenerate`: the new reply streams to the members.
-pub async fn regenerate(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
-    let started = shared.conversations.regenerate(&id, None).await?;
+pub async fn regenerate(
+    shared: Arc<Shared>,
+    user: UserId,
+    id: String,
+) -> Result<Response, ApiError> {
+    let started = shared.conversations.regenerate(&user, &id, None).await?;
     let body = json!({
         "conversationId": started.conversation_id,
         "messageId": started.message_id,

@@ -23,6 +23,7 @@ use super::error::ApiError;
 use super::session::Session;
 use super::{ClientAddr, Shared};
 use crate::actors::EncodedEvent;
+use crate::domain::UserId;
 
 /// Client events one socket may have waiting to be handled; more are refused with an `error`.
 const PENDING_EVENTS: usize = 1024;
@@ -148,7 +149,7 @@ impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
 
 /// Serves one socket until it disconnects, is too slow, or the server shuts down.
 async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(&shared);
+    let (mut session, mut inbox) = Session::open(&shared, UserId::anonymous());
     tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
     let shutdown = shared.shutdown.clone();
     let too_slow = loop {

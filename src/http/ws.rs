@@ -29,6 +29,7 @@ use super::payload::parse_json;
 use super::session::Session;
 use super::{ClientAddr, Shared, error_response};
 use crate::actors::EncodedEvent;
+use crate::domain::UserId;
 
 /// Close code for a client that could not keep up with its events.
 const CLOSE_TOO_SLOW: u16 = 1008;
@@ -143,7 +144,7 @@ fn text(event: &EncodedEvent) -> Message {
 
 /// Serves one upgraded connection until either side closes it.
 async fn serve(socket: Socket, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(&shared);
+    let (mut session, mut inbox) = Session::open(&shared, UserId::anonymous());
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
     let ping_interval = shared.config.ws_ping_interval;
