@@ -2,6 +2,7 @@
 //! OpenAI-compatible model to every client watching, over REST, WebSocket and Socket.IO.
 
 pub mod actors;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actors::{ConversationContext, Conversations, Registry};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::error::ChatError;
 use crate::http::Shared;
@@ -48,6 +50,8 @@ pub enum StartError {
     Conversations(#[from] ChatError),
     #[error("cannot start the model provider: {}", .0.0)]
     Provider(llm::ProviderError),
+    #[error("cannot set up sign-in: {0}")]
+    Auth(#[from] auth::SetupError),
 }
 
 /// A running server.
@@ -79,6 +83,7 @@ impl App {
                 "replies interrupted by the last stop marked as errors"
             );
         }
+        let authenticator = Authenticator::new(&config.auth)?;
         let addr = SocketAddr::new(config.host, config.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -98,6 +103,7 @@ impl App {
         .await?;
         let shared = Arc::new(Shared {
             conversations,
+            auth: authenticator,
             connection_limit: ConnectionLimit::new(config.max_connections_per_ip),
             config: Arc::new(config),
             metrics,

@@ -7,6 +7,7 @@ use serde_json::Value;
 use warp::http::StatusCode;
 
 use crate::actors::ChatEvent;
+use crate::auth::AuthError;
 use crate::error::ChatError;
 
 /// Every failure a client can be told about.
@@ -15,6 +16,10 @@ pub enum ApiError {
     /// Bad input: missing or empty fields, wrong JSON types, malformed JSON, a bad id.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The request does not say who it is from, or its token is not good: missing, malformed,
+    /// expired, not yet valid, signed wrongly, or for another issuer or audience.
+    #[error("{0}")]
+    Unauthorized(AuthError),
     /// The conversation does not exist (or was deleted).
     #[error("Conversation not found")]
     ConversationNotFound,
@@ -53,6 +58,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest(_) => "INVALID_REQUEST",
+            ApiError::Unauthorized(_) => "UNAUTHORIZED",
             ApiError::ConversationNotFound => "CONVERSATION_NOT_FOUND",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
@@ -68,6 +74,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::ConversationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -116,6 +123,12 @@ impl From<ChatError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        ApiError::Unauthorized(error)
+    }
+}
+
 impl warp::reject::Reject for ApiError {}
 
 #[cfg(test)]
@@ -143,6 +156,14 @@ mod tests {
             let error = ApiError::from(error);
             assert_eq!((error.status().as_u16(), error.code()), (status, code));
         }
+    }
+
+    #[test]
+    fn a_bad_token_is_unauthorized_and_says_why() {
+        let error = ApiError::from(AuthError::Expired);
+        assert_eq!(error.status().as_u16(), 401);
+        assert_eq!(error.code(), "UNAUTHORIZED");
+        assert_eq!(error.body().message, "token expired");
     }
 
     #[test]

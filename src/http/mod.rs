@@ -30,8 +30,8 @@ use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
 use crate::actors::Conversations;
+use crate::auth::{Authenticator, User, bearer_token};
 use crate::config::Config;
-use crate::domain::UserId;
 use crate::metrics::Metrics;
 use error::ApiError;
 use limits::{ConnectionLimit, RateLimitLayer};
@@ -40,6 +40,8 @@ use middleware::AccessLogLayer;
 /// What every route and connection shares.
 pub struct Shared {
     pub conversations: Conversations,
+    /// Who each request and connection is from.
+    pub auth: Authenticator,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     /// Open real-time connections per client address, over every transport.
@@ -63,9 +65,18 @@ fn with_shared(
     warp::any().map(move || shared.clone())
 }
 
-/// The user a request is made by: with sign-in off, the anonymous user.
-fn user() -> impl Filter<Extract = (UserId,), Error = Infallible> + Clone {
-    warp::any().map(UserId::anonymous)
+/// The user a request is made by, from its `Authorization: Bearer` token: 401 when sign-in is on
+/// and the token is missing or not good; with sign-in off, the anonymous user.
+fn user(shared: Arc<Shared>) -> impl Filter<Extract = (User,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {
+        let shared = shared.clone();
+        async move {
+            let token = header.as_deref().map(bearer_token).transpose();
+            token
+                .and_then(|token| shared.auth.authenticate(token))
+                .map_err(|e| warp::reject::custom(ApiError::from(e)))
+        }
+    })
 }
 
 /// A JSON body of at most `limit` bytes: 413 above it, 400 when it is not JSON.
@@ -113,12 +124,17 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let limit = shared.config.body_limit_bytes;
     let state = with_shared(shared.clone());
+    let user = || user(shared.clone());
     let conversation_path = || warp::path!("api" / "conversations" / String);
 
     let health = warp::path!("api" / "health")
         .and(warp::get())
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::health(&shared));
+    let me = warp::path!("api" / "me")
+        .and(warp::get())
+        .and(user())
+        .map(rest::me);
     let chat = warp::path!("api" / "chat")
         .and(warp::post())
         .and(state.clone())
@@ -179,6 +195,8 @@ pub fn routes(
         .unify()
         .map(|result: Result<Response, ApiError>| result.unwrap_or_else(|e| error_response(&e)));
     health
+        .or(me)
+        .unify()
         .or(api)
         .unify()
         .or(metrics)

@@ -10,7 +10,8 @@ use warp::reply::{Reply, Response};
 use super::Shared;
 use super::error::ApiError;
 use super::payload::Payload;
-use crate::domain::{Timestamp, UserId, validate_conversation_id};
+use crate::auth::User;
+use crate::domain::{Timestamp, validate_conversation_id};
 use crate::store::Page;
 
 /// `GET /api/health`.
@@ -39,16 +40,28 @@ pub fn metrics(shared: &Shared) -> Response {
     .into_response()
 }
 
+/// `GET /api/me`: who the token says the caller is, and what they have used today.
+pub fn me(user: User) -> Response {
+    let mut body = json!({
+        "id": user.id.as_str(),
+        "usage": { "tokensToday": 0, "dailyTokenLimit": 0 },
+    });
+    if let Some(username) = user.username {
+        body["username"] = username.into();
+    }
+    warp::reply::json(&body).into_response()
+}
+
 /// `POST /api/chat`: the user message and the model's whole reply.
 pub async fn chat(
     shared: Arc<Shared>,
-    user: UserId,
+    user: User,
     body: serde_json::Value,
 ) -> Result<Response, ApiError> {
     let payload = Payload::new(&body)?;
     let message = payload.message(shared.config.max_message_chars)?;
     let id = payload.optional_conversation_id()?;
-    let done = shared.conversations.chat(&user, id, message).await?;
+    let done = shared.conversations.chat(&user.id, id, message).await?;
     Ok(warp::reply::json(&json!({
         "message": done.message,
         "conversation": done.conversation,
@@ -64,30 +77,26 @@ pub struct ListQuery {
 }
 
 /// `GET /api/conversations`.
-pub async fn list(
-    shared: Arc<Shared>,
-    user: UserId,
-    query: ListQuery,
-) -> Result<Response, ApiError> {
+pub async fn list(shared: Arc<Shared>, user: User, query: ListQuery) -> Result<Response, ApiError> {
     let page = Page {
         limit: query.limit,
         offset: query.offset.unwrap_or(0),
     };
-    let conversations = shared.conversations.list(&user, page).await?;
+    let conversations = shared.conversations.list(&user.id, page).await?;
     Ok(warp::reply::json(&conversations).into_response())
 }
 
 /// `GET /api/conversations/:id`.
-pub async fn get(shared: Arc<Shared>, user: UserId, id: String) -> Result<Response, ApiError> {
+pub async fn get(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
-    let conversation = shared.conversations.get(&user, &id).await?;
+    let conversation = shared.conversations.get(&user.id, &id).await?;
     Ok(warp::reply::json(&conversation).into_response())
 }
 
 /// `DELETE /api/conversations/:id`.
-pub async fn delete(shared: Arc<Shared>, user: UserId, id: String) -> Result<Response, ApiError> {
+pub async fn delete(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
-    shared.conversations.delete(&user, &id).await?;
+    shared.conversations.delete(&user.id, &id).await?;
     Ok(
         warp::reply::json(&json!({ "message": "Conversation deleted successfully" }))
             .into_response(),
@@ -97,19 +106,19 @@ pub async fn delete(shared: Arc<Shared>, user: UserId, id: String) -> Result<Res
 /// `PATCH /api/conversations/:id` `{title}`.
 pub async fn rename(
     shared: Arc<Shared>,
-    user: UserId,
+    user: User,
     id: String,
     body: serde_json::Value,
 ) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     let title = Payload::new(&body)?.title()?;
-    let conversation = shared.conversations.rename(&user, &id, title).await?;
+    let conversation = shared.conversations.rename(&user.id, &id, title).await?;
     Ok(warp::reply::json(&conversation).into_response())
 }
 
 /// `POST /api/conversations/:id/stop`.
-pub async fn stop(shared: Arc<Shared>, user: UserId, id: String) -> Result<Response, ApiError> {
-    shared.conversations.stop_reply(&user, &id).await?;
+pub async fn stop(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
+    shared.conversations.stop_reply(&user.id, &id).await?;
     Ok(
         warp::reply::json(&json!({ "message": "Generation stopped", "conversationId": id }))
             .into_response(),
@@ -117,12 +126,8 @@ pub async fn stop(shared: Arc<Shared>, user: UserId, id: String) -> Result<Respo
 }
 
 /// `POST /api/conversations/:id/regenerate`: the new reply streams to the members.
-pub async fn regenerate(
-    shared: Arc<Shared>,
-    user: UserId,
-    id: String,
-) -> Result<Response, ApiError> {
-    let started = shared.conversations.regenerate(&user, &id, None).await?;
+pub async fn regenerate(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
+    let started = shared.conversations.regenerate(&user.id, &id, None).await?;
     let body = json!({
         "conversationId": started.conversation_id,
         "messageId": started.message_id,

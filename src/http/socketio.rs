@@ -5,6 +5,8 @@
 //! [`Session`]: the handlers forward client events to it over a channel, in arrival order, and the
 //! task writes the session's events out as Socket.IO events.
 
+use std::fmt::Display;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use serde_json::json;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::{
-    ConnectHandler, FromMessageParts, MessageHandler, Value as PacketValue,
+    ConnectHandler, FromConnectParts, FromMessageParts, MessageHandler, Value as PacketValue,
 };
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
@@ -23,7 +25,7 @@ use super::error::ApiError;
 use super::session::Session;
 use super::{ClientAddr, Shared};
 use crate::actors::EncodedEvent;
-use crate::domain::UserId;
+use crate::auth::User;
 
 /// Client events one socket may have waiting to be handled; more are refused with an `error`.
 const PENDING_EVENTS: usize = 1024;
@@ -95,7 +97,41 @@ struct OnConnect(Arc<Shared>);
 struct Direct;
 
 impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
+    /// Checks the handshake's `auth: {token}` before the socket is connected: a missing or bad
+    /// token is refused with a `connect_error` whose message begins with the code
+    /// (`UNAUTHORIZED: token expired`); socketioxide sends a message alone, no data.
+    fn call_middleware<'a>(
+        &'a self,
+        socket: Arc<Socket>,
+        auth: &'a Option<PacketValue>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Box<dyn Display + Send>>> + Send + 'a>> {
+        let Ok(TryData(payload)) = TryData::<serde_json::Value>::from_connect_parts(&socket, auth);
+        let token = payload.ok();
+        let token = token
+            .as_ref()
+            .and_then(|p| p.get("token"))
+            .and_then(|t| t.as_str());
+        let verdict = match self.0.auth.authenticate(token) {
+            Ok(user) => {
+                socket.extensions.insert(user);
+                Ok(())
+            }
+            Err(e) => {
+                let error = ApiError::from(e);
+                let refusal: Box<dyn Display + Send> =
+                    Box::new(format!("{}: {}", error.code(), error));
+                Err(refusal)
+            }
+        };
+        Box::pin(std::future::ready(verdict))
+    }
+
     fn call(&self, socket: Arc<Socket>, _auth: Option<PacketValue>) {
+        // The middleware let the socket in only once it had put its user here.
+        let Some(user) = socket.extensions.get::<User>() else {
+            let _ = socket.disconnect();
+            return;
+        };
         let client = socket.req_parts().extensions.get::<ClientAddr>().copied();
         let permit = match client.map(|c| self.0.connection_limit.open(c.0.ip())) {
             Some(Err(error)) => {
@@ -113,7 +149,7 @@ impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
         });
         let shared = self.0.clone();
         tokio::spawn(async move {
-            serve(SocketRef::from(socket), events, shared).await;
+            serve(SocketRef::from(socket), user, events, shared).await;
             drop(permit);
         });
     }
@@ -148,8 +184,13 @@ impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
 }
 
 /// Serves one socket until it disconnects, is too slow, or the server shuts down.
-async fn serve(socket: SocketRef, mut incoming: mpsc::Receiver<Incoming>, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(&shared, UserId::anonymous());
+async fn serve(
+    socket: SocketRef,
+    user: User,
+    mut incoming: mpsc::Receiver<Incoming>,
+    shared: Arc<Shared>,
+) {
+    let (mut session, mut inbox) = Session::open(&shared, user.id);
     tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
     let shutdown = shared.shutdown.clone();
     let too_slow = loop {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -29,7 +30,7 @@ use super::payload::parse_json;
 use super::session::Session;
 use super::{ClientAddr, Shared, error_response};
 use crate::actors::EncodedEvent;
-use crate::domain::UserId;
+use crate::auth::{AuthError, User, bearer_token};
 
 /// Close code for a client that could not keep up with its events.
 const CLOSE_TOO_SLOW: u16 = 1008;
@@ -67,15 +68,22 @@ impl PendingUpgrade {
     }
 }
 
-/// `GET /ws`: checks the handshake, answers 101 and serves the connection.
+/// The query of `/ws`: browsers cannot set headers on a WebSocket, so the token may come here.
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+}
+
+/// `GET /ws`: checks the handshake and who it is from, answers 101 and serves the connection.
 pub fn route(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("ws")
         .and(warp::get())
         .and(warp::header::headers_cloned())
+        .and(warp::query::<WsQuery>())
         .and(warp::ext::optional::<PendingUpgrade>())
         .and(warp::ext::optional::<ClientAddr>())
-        .map(move |headers, pending, client| {
-            upgrade(&headers, pending, client, shared.clone())
+        .map(move |headers, query: WsQuery, pending, client| {
+            upgrade(&headers, query.token, pending, client, shared.clone())
                 .unwrap_or_else(|e| error_response(&e))
         })
 }
@@ -89,8 +97,26 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
         .any(|v| v.trim().eq_ignore_ascii_case(token))
 }
 
+/// The user a handshake is from: its `Authorization: Bearer` header, or else its `?token=`.
+fn handshake_user(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query_token: Option<String>,
+) -> Result<User, ApiError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().map_err(|_| AuthError::Malformed))
+        .transpose()?;
+    let token = match header {
+        Some(header) => Some(bearer_token(header)?),
+        None => query_token.as_deref(),
+    };
+    Ok(shared.auth.authenticate(token)?)
+}
+
 fn upgrade(
     headers: &HeaderMap,
+    query_token: Option<String>,
     pending: Option<PendingUpgrade>,
     client: Option<ClientAddr>,
     shared: Arc<Shared>,
@@ -102,6 +128,7 @@ fn upgrade(
         .filter(|_| header_has(headers, header::UPGRADE, "websocket"))
         .filter(|_| header_has(headers, header::SEC_WEBSOCKET_VERSION, "13"))
         .ok_or_else(not_websocket)?;
+    let user = handshake_user(&shared, headers, query_token)?;
     let on_upgrade = pending.and_then(|p| p.take()).ok_or_else(not_websocket)?;
     let permit = match client {
         Some(ClientAddr(addr)) => Some(shared.connection_limit.open(addr.ip())?),
@@ -119,7 +146,7 @@ fn upgrade(
                     .max_message_size(limit);
                 let io = TokioIo::new(upgraded);
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                serve(socket, shared).await;
+                serve(socket, user, shared).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -143,8 +170,8 @@ fn text(event: &EncodedEvent) -> Message {
 }
 
 /// Serves one upgraded connection until either side closes it.
-async fn serve(socket: Socket, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(&shared, UserId::anonymous());
+async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
+    let (mut session, mut inbox) = Session::open(&shared, user.id);
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
     let ping_interval = shared.config.ws_ping_interval;

@@ -6,6 +6,7 @@
 mod support;
 
 mod actors;
+mod auth;
 mod browser;
 mod durability;
 mod hardening;

@@ -1,0 +1,77 @@
+//! The sign-in modes (`AUTH_MODE`) and what each needs.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How requests say who they are (`AUTH_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// No sign-in: every request is the anonymous user.
+    None,
+    /// Every `/api/` route but health, and every real-time connection, needs a JWT whose `sub`
+    /// is the user's id.
+    Jwt,
+}
+
+impl FromStr for AuthMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(AuthMode::None),
+            "jwt" => Ok(AuthMode::Jwt),
+            _ => Err("expected none or jwt".into()),
+        }
+    }
+}
+
+/// A secret setting, such as a signing key: never shown in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Keeps `value` as a secret.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The sign-in settings.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// `AUTH_MODE`.
+    pub mode: AuthMode,
+    /// `JWT_SECRET`: the HS256 key tokens are verified with; required in `jwt` mode.
+    pub jwt_secret: Option<Secret>,
+    /// `JWT_ISSUER`: when set, a token's `iss` must be this.
+    pub issuer: Option<String>,
+    /// `JWT_AUDIENCE`: when set, a token's `aud` must name this.
+    pub audience: Option<String>,
+    /// `JWT_LEEWAY_SECONDS`: how far apart the clocks of the token's issuer and this server may
+    /// be when `exp` and `nbf` are checked.
+    pub leeway: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+            jwt_secret: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Verifying a JWT: its signature, `exp` (required), `nbf`, and `iss` and `aud` when the server
+//! is told which to expect. Only the algorithm the key is for is accepted, so `alg: none` and
+//! algorithm confusion (a token that names another algorithm than its key's) are refused.
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::SetupError;
+use super::mode::{AuthConfig, Secret};
+use super::user::User;
+use crate::domain::UserId;
+
+/// Why a request's token does not say who it is from. The text is safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token came with the request.
+    #[error("missing token")]
+    Missing,
+    /// Not a JWT, or one without a usable `sub`, or not a bearer token.
+    #[error("malformed token")]
+    Malformed,
+    /// Its `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// Its `nbf` has not come yet.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// The signature does not match the key (a forged token, or another key's).
+    #[error("invalid token signature")]
+    BadSignature,
+    /// It is signed with an algorithm the server does not take for its key.
+    #[error("token algorithm not accepted")]
+    Algorithm,
+    /// Its `iss` is not `JWT_ISSUER`.
+    #[error("wrong token issuer")]
+    Issuer,
+    /// Its `aud` does not name `JWT_AUDIENCE`.
+    #[error("wrong token audience")]
+    Audience,
+}
+
+impl From<jsonwebtoken::errors::Error> for AuthError {
+    fn from(error: jsonwebtoken::errors::Error) -> Self {
+        match error.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm
+            | ErrorKind::InvalidAlgorithmName
+            | ErrorKind::UnsupportedAlgorithm => AuthError::Algorithm,
+            ErrorKind::InvalidIssuer => AuthError::Issuer,
+            ErrorKind::InvalidAudience => AuthError::Audience,
+            _ => AuthError::Malformed,
+        }
+    }
+}
+
+/// The claims the server reads; `exp`, `nbf`, `iss` and `aud` are checked by the validation.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    /// The name OpenID Connect providers give the user.
+    #[serde(default)]
+    preferred_username: Option<String>,
+}
+
+/// Checks tokens signed with the server's HS256 key (`JWT_SECRET`).
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier").finish_non_exhaustive()
+    }
+}
+
+impl TokenVerifier {
+    /// A verifier of tokens signed with `secret`, checked for the issuer, audience and leeway
+    /// of `config`.
+    pub fn hs256(secret: &Secret, config: &AuthConfig) -> Result<TokenVerifier, SetupError> {
+        let key = DecodingKey::from_secret(secret.expose().as_bytes())
+            .map_err(|_| SetupError::UnusableSecret)?;
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = config.leeway.as_secs();
+        if let Some(issuer) = &config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &config.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            // No audience expected: a token may name any.
+            None => validation.validate_aud = false,
+        }
+        Ok(TokenVerifier { key, validation })
+    }
+
+    /// The user `token` is from, once its signature and claims check out.
+    pub fn verify(&self, token: &str) -> Result<User, AuthError> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
+        // The anonymous user's id is empty: no token may stand for it.
+        if claims.sub.is_empty() {
+            return Err(AuthError::Malformed);
+        }
+        Ok(User {
+            id: UserId::new(claims.sub),
+            username: claims.preferred_username,
+        })
+    }
+}
