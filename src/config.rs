@@ -206,8 +206,8 @@ fn auth_config<F: Fn(&str) -> Option<String>>(
                 variable: "AUTH_MODE",
                 value: String::new(),
                 reason: format!(
-                    "HOST={host} is reachable from the network: set AUTH_MODE=jwt to require \
-                     sign-in, or AUTH_MODE=none to let anyone in"
+                    "HOST={host} is reachable from the network: set AUTH_MODE=jwt or \
+                     AUTH_MODE=local to require sign-in, or AUTH_MODE=none to let anyone in"
                 ),
             });
         }
@@ -222,7 +222,9 @@ fn auth_config<F: Fn(&str) -> Option<String>>(
         Some(secret) if secret.expose().len() < MIN_JWT_SECRET_BYTES => {
             return Err(hidden("must be at least 32 bytes"));
         }
-        None if mode == AuthMode::Jwt => return Err(hidden("required with AUTH_MODE=jwt")),
+        None if mode != AuthMode::None => {
+            return Err(hidden("required with AUTH_MODE=jwt and AUTH_MODE=local"));
+        }
         _ => {}
     }
     Ok(AuthConfig {
@@ -231,6 +233,19 @@ fn auth_config<F: Fn(&str) -> Option<String>>(
         issuer: vars.optional("JWT_ISSUER"),
         audience: vars.optional("JWT_AUDIENCE"),
         leeway: Duration::from_secs(vars.parse("JWT_LEEWAY_SECONDS", 30)?),
+        token_ttl: Duration::from_secs(vars.positive("TOKEN_TTL_SECONDS", 86_400)?),
+        registration_open: match vars.text("REGISTRATION", "open").trim() {
+            "open" => true,
+            "closed" => false,
+            other => {
+                return Err(ConfigError {
+                    variable: "REGISTRATION",
+                    value: other.into(),
+                    reason: "expected open or closed".into(),
+                });
+            }
+        },
+        login_attempts_per_minute: vars.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10)?,
     })
 }
 
@@ -507,5 +522,31 @@ mod tests {
             with(&[("AUTH_MODE", "ldap")]).unwrap_err().variable,
             "AUTH_MODE"
         );
+    }
+
+    #[test]
+    fn local_accounts_need_a_secret_and_read_their_settings() {
+        let err = with(&[("AUTH_MODE", "local")]).unwrap_err();
+        assert_eq!(err.variable, "JWT_SECRET");
+        let c = with(&[("AUTH_MODE", "local"), ("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Local);
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(86_400));
+        assert!(c.auth.registration_open);
+        assert_eq!(c.auth.login_attempts_per_minute, 10);
+        let c = with(&[
+            ("AUTH_MODE", "local"),
+            ("JWT_SECRET", SECRET),
+            ("TOKEN_TTL_SECONDS", "60"),
+            ("REGISTRATION", "closed"),
+            ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(60));
+        assert!(!c.auth.registration_open);
+        assert_eq!(c.auth.login_attempts_per_minute, 0);
+        for (name, bad) in [("REGISTRATION", "maybe"), ("TOKEN_TTL_SECONDS", "0")] {
+            let err = with(&[(name, bad)]).unwrap_err();
+            assert_eq!(err.variable, name);
+        }
     }
 }

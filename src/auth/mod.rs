@@ -4,22 +4,25 @@
 //! (user, id), so another user's conversation is simply not found.
 //!
 //! - [`mode`]: the sign-in modes and their settings;
-//! - [`tokens`]: verifying a JWT;
+//! - [`tokens`]: verifying a JWT, and signing one for a local account;
+//! - [`accounts`]: local accounts, their registration, sign-in and password hashes;
 //! - [`user`]: the user a request is made by.
 
+pub mod accounts;
 pub mod mode;
 pub mod tokens;
 pub mod user;
 
+pub use accounts::{AccountError, Accounts, SignedIn};
 pub use mode::{AuthConfig, AuthMode, Secret};
-pub use tokens::{AuthError, TokenVerifier};
+pub use tokens::{AuthError, TokenSigner, TokenVerifier};
 pub use user::User;
 
 /// Why sign-in cannot be set up as configured.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetupError {
-    /// `AUTH_MODE=jwt` without a key to verify tokens with.
-    #[error("AUTH_MODE=jwt needs JWT_SECRET")]
+    /// `AUTH_MODE=jwt` or `local` without a key to verify tokens with.
+    #[error("AUTH_MODE=jwt and AUTH_MODE=local need JWT_SECRET")]
     MissingSecret,
     /// The key cannot be used.
     #[error("JWT_SECRET cannot be used as a key")]
@@ -38,7 +41,7 @@ impl Authenticator {
     pub fn new(config: &AuthConfig) -> Result<Authenticator, SetupError> {
         let tokens = match config.mode {
             AuthMode::None => None,
-            AuthMode::Jwt => {
+            AuthMode::Jwt | AuthMode::Local => {
                 let secret = config
                     .jwt_secret
                     .as_ref()

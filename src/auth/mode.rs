@@ -12,6 +12,8 @@ pub enum AuthMode {
     /// Every `/api/` route but health, and every real-time connection, needs a JWT whose `sub`
     /// is the user's id.
     Jwt,
+    /// As `Jwt`, with accounts kept by the server, which signs their tokens itself.
+    Local,
 }
 
 impl FromStr for AuthMode {
@@ -21,7 +23,8 @@ impl FromStr for AuthMode {
         match text.trim().to_ascii_lowercase().as_str() {
             "none" => Ok(AuthMode::None),
             "jwt" => Ok(AuthMode::Jwt),
-            _ => Err("expected none or jwt".into()),
+            "local" => Ok(AuthMode::Local),
+            _ => Err("expected none, jwt or local".into()),
         }
     }
 }
@@ -53,7 +56,8 @@ impl fmt::Debug for Secret {
 pub struct AuthConfig {
     /// `AUTH_MODE`.
     pub mode: AuthMode,
-    /// `JWT_SECRET`: the HS256 key tokens are verified with; required in `jwt` mode.
+    /// `JWT_SECRET`: the HS256 key tokens are verified (and, for local accounts, signed) with;
+    /// required in the `jwt` and `local` modes.
     pub jwt_secret: Option<Secret>,
     /// `JWT_ISSUER`: when set, a token's `iss` must be this.
     pub issuer: Option<String>,
@@ -62,6 +66,12 @@ pub struct AuthConfig {
     /// `JWT_LEEWAY_SECONDS`: how far apart the clocks of the token's issuer and this server may
     /// be when `exp` and `nbf` are checked.
     pub leeway: Duration,
+    /// `TOKEN_TTL_SECONDS`: how long a token the server signs for a local account is valid.
+    pub token_ttl: Duration,
+    /// `REGISTRATION`: whether anyone may make a local account (`open`) or not (`closed`).
+    pub registration_open: bool,
+    /// `LOGIN_ATTEMPTS_PER_MINUTE`: sign-in attempts per client address per minute; 0 is off.
+    pub login_attempts_per_minute: u32,
 }
 
 impl Default for AuthConfig {
@@ -72,6 +82,9 @@ impl Default for AuthConfig {
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(30),
+            token_ttl: Duration::from_secs(86_400),
+            registration_open: true,
+            login_attempts_per_minute: 10,
         }
     }
 }

@@ -1,10 +1,13 @@
 //! Verifying a JWT: its signature, `exp` (required), `nbf`, and `iss` and `aud` when the server
 //! is told which to expect. Only the algorithm the key is for is accepted, so `alg: none` and
-//! algorithm confusion (a token that names another algorithm than its key's) are refused.
+//! algorithm confusion (a token that names another algorithm than its key's) are refused. And,
+//! for local accounts, signing the server's own tokens.
+
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
 
 use super::SetupError;
 use super::mode::{AuthConfig, Secret};
@@ -109,5 +112,62 @@ impl TokenVerifier {
             id: UserId::new(claims.sub),
             username: claims.preferred_username,
         })
+    }
+}
+
+/// The claims of a token the server signs.
+#[derive(Debug, Serialize)]
+struct Issued<'a> {
+    sub: &'a str,
+    preferred_username: Option<&'a str>,
+    iat: i64,
+    exp: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+}
+
+/// Signs the tokens of local accounts with the server's HS256 key, for `TOKEN_TTL_SECONDS`, with
+/// the issuer and audience the verifier expects.
+pub struct TokenSigner {
+    key: EncodingKey,
+    lifetime: Duration,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSigner").finish_non_exhaustive()
+    }
+}
+
+impl TokenSigner {
+    /// A signer with `secret`, for the lifetime, issuer and audience of `config`.
+    pub fn hs256(secret: &Secret, config: &AuthConfig) -> Result<TokenSigner, SetupError> {
+        let key = EncodingKey::from_secret(secret.expose().as_bytes())
+            .map_err(|_| SetupError::UnusableSecret)?;
+        Ok(TokenSigner {
+            key,
+            lifetime: config.token_ttl,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+        })
+    }
+
+    /// A token saying it is `user`, valid from now for the signer's lifetime.
+    pub fn sign(&self, user: &User) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = chrono::Utc::now().timestamp();
+        let lifetime = i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX);
+        let claims = Issued {
+            sub: user.id.as_str(),
+            preferred_username: user.username.as_deref(),
+            iat: now,
+            exp: now.saturating_add(lifetime),
+            iss: self.issuer.as_deref(),
+            aud: self.audience.as_deref(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
     }
 }

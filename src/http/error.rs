@@ -7,7 +7,7 @@ use serde_json::Value;
 use warp::http::StatusCode;
 
 use crate::actors::ChatEvent;
-use crate::auth::AuthError;
+use crate::auth::{AccountError, AuthError};
 use crate::error::ChatError;
 
 /// Every failure a client can be told about.
@@ -20,6 +20,15 @@ pub enum ApiError {
     /// expired, not yet valid, signed wrongly, or for another issuer or audience.
     #[error("{0}")]
     Unauthorized(AuthError),
+    /// A sign-in with a username or password that is not right; never says which.
+    #[error("invalid username or password")]
+    BadCredentials,
+    /// The request is understood and refused, e.g. a registration while it is closed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A registration with a username another account has, ignoring case.
+    #[error("That username is taken")]
+    UsernameTaken,
     /// The conversation does not exist (or was deleted).
     #[error("Conversation not found")]
     ConversationNotFound,
@@ -58,7 +67,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest(_) => "INVALID_REQUEST",
-            ApiError::Unauthorized(_) => "UNAUTHORIZED",
+            ApiError::Unauthorized(_) | ApiError::BadCredentials => "UNAUTHORIZED",
+            ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::UsernameTaken => "USERNAME_TAKEN",
             ApiError::ConversationNotFound => "CONVERSATION_NOT_FOUND",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
@@ -74,7 +85,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) | ApiError::BadCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UsernameTaken => StatusCode::CONFLICT,
             ApiError::ConversationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -126,6 +139,22 @@ impl From<ChatError> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         ApiError::Unauthorized(error)
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(error: AccountError) -> Self {
+        match error {
+            AccountError::Invalid(message) => ApiError::InvalidRequest(message),
+            AccountError::Taken => ApiError::UsernameTaken,
+            AccountError::RegistrationClosed => ApiError::Forbidden(error.to_string()),
+            AccountError::BadCredentials => ApiError::BadCredentials,
+            AccountError::TooManyAttempts => ApiError::RateLimited,
+            AccountError::Failed(_) => {
+                tracing::error!(error = %error, "account request failed");
+                ApiError::Internal
+            }
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
 use crate::actors::Conversations;
-use crate::auth::{Authenticator, User, bearer_token};
+use crate::auth::{Accounts, Authenticator, User, bearer_token};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use error::ApiError;
@@ -42,6 +42,8 @@ pub struct Shared {
     pub conversations: Conversations,
     /// Who each request and connection is from.
     pub auth: Authenticator,
+    /// The server's own accounts, with `AUTH_MODE=local`.
+    pub accounts: Option<Accounts>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     /// Open real-time connections per client address, over every transport.
@@ -131,6 +133,17 @@ pub fn routes(
         .and(warp::get())
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::health(&shared));
+    let register = warp::path!("api" / "auth" / "register")
+        .and(warp::post())
+        .and(state.clone())
+        .and(json_body(limit))
+        .then(rest::register);
+    let login = warp::path!("api" / "auth" / "login")
+        .and(warp::post())
+        .and(state.clone())
+        .and(warp::ext::optional::<ClientAddr>())
+        .and(json_body(limit))
+        .then(rest::login);
     let me = warp::path!("api" / "me")
         .and(warp::get())
         .and(user())
@@ -180,7 +193,11 @@ pub fn routes(
     let websocket = ws::route(shared.clone());
     let page = crate::web::routes(shared.config.web_client);
 
-    let api = chat
+    let api = register
+        .or(login)
+        .unify()
+        .or(chat)
+        .unify()
         .or(list)
         .unify()
         .or(get)

@@ -7,10 +7,10 @@ use serde_json::json;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
-use super::Shared;
 use super::error::ApiError;
 use super::payload::Payload;
-use crate::auth::User;
+use super::{ClientAddr, Shared};
+use crate::auth::{SignedIn, User};
 use crate::domain::{Timestamp, validate_conversation_id};
 use crate::store::Page;
 
@@ -38,6 +38,38 @@ pub fn metrics(shared: &Shared) -> Response {
         "text/plain; version=0.0.4; charset=utf-8",
     )
     .into_response()
+}
+
+/// `POST /api/auth/register` `{username, password}`: a new local account, signed in.
+pub async fn register(shared: Arc<Shared>, body: serde_json::Value) -> Result<Response, ApiError> {
+    let accounts = shared.accounts.as_ref().ok_or(ApiError::NotFound)?;
+    let payload = Payload::new(&body)?;
+    let (username, password) = payload.credentials()?;
+    let signed_in = accounts.register(&username, &password).await?;
+    Ok(signed_in_answer(signed_in, StatusCode::CREATED))
+}
+
+/// `POST /api/auth/login` `{username, password}`: a token for a local account.
+pub async fn login(
+    shared: Arc<Shared>,
+    client: Option<ClientAddr>,
+    body: serde_json::Value,
+) -> Result<Response, ApiError> {
+    let accounts = shared.accounts.as_ref().ok_or(ApiError::NotFound)?;
+    let payload = Payload::new(&body)?;
+    let (username, password) = payload.credentials()?;
+    let client = client.map(|c| c.0.ip());
+    let signed_in = accounts.login(client, &username, &password).await?;
+    Ok(signed_in_answer(signed_in, StatusCode::OK))
+}
+
+/// `{token, user: {id, username}}`.
+fn signed_in_answer(signed_in: SignedIn, status: StatusCode) -> Response {
+    let body = json!({
+        "token": signed_in.token,
+        "user": { "id": signed_in.user.id.as_str(), "username": signed_in.user.username },
+    });
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
 
 /// `GET /api/me`: who the token says the caller is, and what they have used today.

@@ -3,12 +3,15 @@
 //! Each check is a function of a fresh, empty store; `contract!` runs all of them as tests of one
 //! store, so a store joins the suite with one line at the end of this file.
 
-use super::{ConversationStore, Durability, MemoryStore, Page, SqliteStore, StoreError};
+use super::{
+    Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, SqliteStore, Store,
+    StoreError,
+};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
 
 /// A fresh, empty store, and what it needs kept while it is used (such as its database folder).
 struct Fresh {
-    store: Box<dyn ConversationStore>,
+    store: Box<dyn Store>,
     _kept: Box<dyn Send>,
 }
 
@@ -38,6 +41,8 @@ macro_rules! contract {
                 an_owner_lists_only_its_own_conversations,
                 an_owner_cannot_change_another_owners_conversation,
                 the_anonymous_user_is_an_owner_like_any_other,
+                an_account_is_found_by_its_username_in_any_case,
+                a_username_taken_in_another_case_is_refused,
             );
         }
     };
@@ -551,6 +556,46 @@ async fn the_anonymous_user_is_an_owner_like_any_other(store: &dyn ConversationS
         Ok(vec![a])
     );
     assert!(listed_ids(store, Page::default()).await.is_empty());
+}
+
+/// An account named `username`.
+fn account(id: &str, username: &str) -> Account {
+    Account {
+        id: UserId::new(id),
+        username: username.into(),
+        password_hash: format!("$argon2id$v=19$m=19456,t=2,p=1$salt-of-{id}$hash"),
+        created_at: at(1_000),
+    }
+}
+
+async fn an_account_is_found_by_its_username_in_any_case(store: &dyn AccountStore) {
+    assert_eq!(store.find_account("Ann").await, Ok(None));
+    let ann = account("u1", "Ann");
+    store.create_account(&ann).await.unwrap();
+    store.create_account(&account("u2", "Bob")).await.unwrap();
+    for name in ["Ann", "ann", "ANN"] {
+        assert_eq!(
+            store.find_account(name).await,
+            Ok(Some(ann.clone())),
+            "{name}"
+        );
+    }
+    assert_eq!(store.find_account("Anne").await, Ok(None));
+}
+
+async fn a_username_taken_in_another_case_is_refused(store: &dyn AccountStore) {
+    let ann = account("u1", "Ann");
+    store.create_account(&ann).await.unwrap();
+    assert_eq!(
+        store.create_account(&account("u2", "aNN")).await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(
+        store.create_account(&account("u1", "Someone")).await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(store.find_account("ann").await, Ok(Some(ann)));
+    assert_eq!(store.find_account("someone").await, Ok(None));
 }
 
 contract!(memory => fresh_memory);

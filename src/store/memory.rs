@@ -6,7 +6,7 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
-use super::{ConversationStore, Page, StoreError};
+use super::{Account, AccountStore, ConversationStore, Page, StoreError, username_key};
 use crate::domain::{Conversation, Message, MessageStatus, Timestamp, UserId};
 
 /// A conversation's place in the map: its owner and its id.
@@ -16,6 +16,8 @@ type Key = (UserId, String);
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     conversations: RwLock<HashMap<Key, Conversation>>,
+    /// Accounts by [`username_key`].
+    accounts: RwLock<HashMap<String, Account>>,
 }
 
 impl MemoryStore {
@@ -169,6 +171,34 @@ impl ConversationStore for MemoryStore {
 /// The map key of `owner`'s conversation `id`.
 fn key(owner: &UserId, id: &str) -> Key {
     (owner.clone(), id.to_owned())
+}
+
+#[async_trait]
+impl AccountStore for MemoryStore {
+    async fn create_account(&self, account: &Account) -> Result<(), StoreError> {
+        let mut accounts = self
+            .accounts
+            .write()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        if accounts.values().any(|a| a.id == account.id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        match accounts.entry(username_key(&account.username)) {
+            Entry::Occupied(_) => Err(StoreError::AlreadyExists),
+            Entry::Vacant(slot) => {
+                slot.insert(account.clone());
+                Ok(())
+            }
+        }
+    }
+
+    async fn find_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+        let accounts = self
+            .accounts
+            .read()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        Ok(accounts.get(&username_key(username)).cloned())
+    }
 }
 
 /// Marks the `streaming` replies of `conversations` as `error`; how many there were.

@@ -31,6 +31,10 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "0002_conversation_owners",
         sql: include_str!("migrations/sqlite/0002_conversation_owners.sql"),
     },
+    Migration {
+        name: "0003_accounts",
+        sql: include_str!("migrations/sqlite/0003_accounts.sql"),
+    },
 ];
 
 /// Runs the migrations of `migrations` that the database on `connection` has not had yet. A

@@ -1,5 +1,6 @@
 //! Persistence behind one async, fallible trait.
 
+mod accounts;
 #[cfg(test)]
 mod contract;
 mod error;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use accounts::{Account, AccountStore, username_key};
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use sqlite::{Durability, SqliteStore};
@@ -96,11 +98,13 @@ pub trait ConversationStore: Send + Sync {
     ) -> Result<u64, StoreError>;
 }
 
+/// A store of everything the server keeps: conversations and accounts.
+pub trait Store: ConversationStore + AccountStore {}
+
+impl<T: ConversationStore + AccountStore> Store for T {}
+
 /// The store `DATABASE_URL` names: `memory`, or a `sqlite:` URL.
-pub async fn open(
-    url: &str,
-    durability: Durability,
-) -> Result<Arc<dyn ConversationStore>, StoreError> {
+pub async fn open(url: &str, durability: Durability) -> Result<Arc<dyn Store>, StoreError> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
     }

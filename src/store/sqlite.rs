@@ -18,7 +18,7 @@ use percent_encoding::percent_decode_str;
 use rusqlite::{OpenFlags, OptionalExtension, ffi};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ConversationStore, Page, StoreError, migrations};
+use super::{Account, AccountStore, ConversationStore, Page, StoreError, migrations, username_key};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
@@ -106,6 +106,7 @@ enum Write {
     DeleteConversation(UserId, String),
     MarkInterrupted,
     MarkInterruptedIn(UserId, String),
+    CreateAccount(Account),
 }
 
 impl Write {
@@ -465,6 +466,37 @@ impl ConversationStore for SqliteStore {
     }
 }
 
+const ACCOUNT_COLUMNS: &str =
+    "SELECT id, username, password_hash, created_at FROM accounts WHERE username_key = ?1";
+
+fn account_from(row: &rusqlite::Row) -> rusqlite::Result<Account> {
+    let id: String = row.get(0)?;
+    Ok(Account {
+        id: UserId::new(id),
+        username: row.get(1)?,
+        password_hash: row.get(2)?,
+        created_at: Timestamp::from_millis(row.get(3)?),
+    })
+}
+
+#[async_trait]
+impl AccountStore for SqliteStore {
+    async fn create_account(&self, account: &Account) -> Result<(), StoreError> {
+        self.write(Write::CreateAccount(account.clone()))
+            .await
+            .map(drop)
+    }
+
+    async fn find_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+        let key = username_key(username);
+        self.readers.read(|db| {
+            db.prepare_cached(ACCOUNT_COLUMNS)?
+                .query_row([&key], account_from)
+                .optional()
+        })
+    }
+}
+
 /// The writer thread: takes every write waiting, commits them in one transaction, then answers
 /// each and asks for a checkpoint. A write that fails is undone alone; a failed commit fails
 /// them all.
@@ -606,6 +638,18 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
             "UPDATE messages SET status = 'error' \
              WHERE owner = ? AND conversation_id = ? AND status = 'streaming'",
             (owner.as_str(), id),
+        ),
+        Write::CreateAccount(account) => run(
+            tx,
+            "INSERT INTO accounts (id, username, username_key, password_hash, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+            (
+                account.id.as_str(),
+                &account.username,
+                username_key(&account.username),
+                &account.password_hash,
+                account.created_at.millis(),
+            ),
         ),
     }
 }
