@@ -213,6 +213,7 @@ fn auth_config<F: Fn(&str) -> Option<String>>(
         }
     };
     let jwt_secret = vars.optional("JWT_SECRET").map(Secret::new);
+    let jwks_url = vars.url("JWT_JWKS_URL")?;
     let hidden = |reason: &str| ConfigError {
         variable: "JWT_SECRET",
         value: "(hidden)".into(),
@@ -222,14 +223,22 @@ fn auth_config<F: Fn(&str) -> Option<String>>(
         Some(secret) if secret.expose().len() < MIN_JWT_SECRET_BYTES => {
             return Err(hidden("must be at least 32 bytes"));
         }
-        None if mode != AuthMode::None => {
-            return Err(hidden("required with AUTH_MODE=jwt and AUTH_MODE=local"));
+        None if mode == AuthMode::Local => {
+            return Err(hidden("required with AUTH_MODE=local"));
+        }
+        None if mode == AuthMode::Jwt && jwks_url.is_none() => {
+            return Err(hidden(
+                "required with AUTH_MODE=jwt unless JWT_JWKS_URL is set",
+            ));
         }
         _ => {}
     }
     Ok(AuthConfig {
         mode,
         jwt_secret,
+        jwks_url,
+        jwks_timeout: vars.millis("JWT_JWKS_TIMEOUT_MS", 5_000)?,
+        jwks_min_refetch: Duration::from_secs(vars.parse("JWT_JWKS_MIN_REFETCH_SECONDS", 60)?),
         issuer: vars.optional("JWT_ISSUER"),
         audience: vars.optional("JWT_AUDIENCE"),
         leeway: Duration::from_secs(vars.parse("JWT_LEEWAY_SECONDS", 30)?),
@@ -522,6 +531,28 @@ mod tests {
             with(&[("AUTH_MODE", "ldap")]).unwrap_err().variable,
             "AUTH_MODE"
         );
+    }
+
+    #[test]
+    fn jwt_mode_takes_published_keys_instead_of_a_secret() {
+        let url = "https://idp.example/.well-known/jwks.json";
+        let c = with(&[("AUTH_MODE", "jwt"), ("JWT_JWKS_URL", url)]).unwrap();
+        assert_eq!(c.auth.jwks_url.as_deref(), Some(url));
+        assert_eq!(c.auth.jwks_timeout, Duration::from_secs(5));
+        assert_eq!(c.auth.jwks_min_refetch, Duration::from_secs(60));
+        let c = with(&[
+            ("AUTH_MODE", "jwt"),
+            ("JWT_JWKS_URL", url),
+            ("JWT_JWKS_TIMEOUT_MS", "100"),
+            ("JWT_JWKS_MIN_REFETCH_SECONDS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.auth.jwks_timeout, Duration::from_millis(100));
+        assert_eq!(c.auth.jwks_min_refetch, Duration::ZERO);
+        let err = with(&[("AUTH_MODE", "jwt"), ("JWT_JWKS_URL", "idp.example/keys")]);
+        assert_eq!(err.unwrap_err().variable, "JWT_JWKS_URL");
+        let err = with(&[("AUTH_MODE", "local"), ("JWT_JWKS_URL", url)]).unwrap_err();
+        assert_eq!(err.variable, "JWT_SECRET");
     }
 
     #[test]

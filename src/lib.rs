@@ -67,7 +67,7 @@ fn local_accounts(
     let secret = config
         .jwt_secret
         .as_ref()
-        .ok_or(auth::SetupError::MissingSecret)?;
+        .ok_or(auth::SetupError::MissingKey)?;
     let signer = TokenSigner::hs256(secret, config)?;
     let accounts = Accounts::new(
         store,

@@ -5,10 +5,12 @@
 //!
 //! - [`mode`]: the sign-in modes and their settings;
 //! - [`tokens`]: verifying a JWT, and signing one for a local account;
+//! - [`keys`]: the signing keys an identity provider publishes (JWKS);
 //! - [`accounts`]: local accounts, their registration, sign-in and password hashes;
 //! - [`user`]: the user a request is made by.
 
 pub mod accounts;
+pub mod keys;
 pub mod mode;
 pub mod tokens;
 pub mod user;
@@ -21,9 +23,12 @@ pub use user::User;
 /// Why sign-in cannot be set up as configured.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetupError {
-    /// `AUTH_MODE=jwt` or `local` without a key to verify tokens with.
-    #[error("AUTH_MODE=jwt and AUTH_MODE=local need JWT_SECRET")]
-    MissingSecret,
+    /// `AUTH_MODE=jwt` without a key to verify tokens with, or `local` without one to sign them.
+    #[error("AUTH_MODE=jwt needs JWT_SECRET or JWT_JWKS_URL, AUTH_MODE=local needs JWT_SECRET")]
+    MissingKey,
+    /// The HTTP client that fetches the published keys cannot be built.
+    #[error("cannot build the HTTP client for JWT_JWKS_URL")]
+    NoHttpClient,
     /// The key cannot be used.
     #[error("JWT_SECRET cannot be used as a key")]
     UnusableSecret,
@@ -41,22 +46,16 @@ impl Authenticator {
     pub fn new(config: &AuthConfig) -> Result<Authenticator, SetupError> {
         let tokens = match config.mode {
             AuthMode::None => None,
-            AuthMode::Jwt | AuthMode::Local => {
-                let secret = config
-                    .jwt_secret
-                    .as_ref()
-                    .ok_or(SetupError::MissingSecret)?;
-                Some(TokenVerifier::hs256(secret, config)?)
-            }
+            AuthMode::Jwt | AuthMode::Local => Some(TokenVerifier::new(config)?),
         };
         Ok(Authenticator { tokens })
     }
 
     /// The user whose token this is; with sign-in off, the anonymous user whatever the token.
-    pub fn authenticate(&self, token: Option<&str>) -> Result<User, AuthError> {
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<User, AuthError> {
         match &self.tokens {
             None => Ok(User::anonymous()),
-            Some(verifier) => verifier.verify(token.ok_or(AuthError::Missing)?),
+            Some(verifier) => verifier.verify(token.ok_or(AuthError::Missing)?).await,
         }
     }
 }

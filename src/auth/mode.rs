@@ -59,6 +59,13 @@ pub struct AuthConfig {
     /// `JWT_SECRET`: the HS256 key tokens are verified (and, for local accounts, signed) with;
     /// required in the `jwt` and `local` modes.
     pub jwt_secret: Option<Secret>,
+    /// `JWT_JWKS_URL`: where an identity provider publishes the keys of its RS256 and ES256
+    /// tokens.
+    pub jwks_url: Option<String>,
+    /// `JWT_JWKS_TIMEOUT_MS`: the longest a fetch of the published keys may take.
+    pub jwks_timeout: Duration,
+    /// `JWT_JWKS_MIN_REFETCH_SECONDS`: the least time between two fetches of the published keys.
+    pub jwks_min_refetch: Duration,
     /// `JWT_ISSUER`: when set, a token's `iss` must be this.
     pub issuer: Option<String>,
     /// `JWT_AUDIENCE`: when set, a token's `aud` must name this.
@@ -79,6 +86,9 @@ impl Default for AuthConfig {
         AuthConfig {
             mode: AuthMode::None,
             jwt_secret: None,
+            jwks_url: None,
+            jwks_timeout: Duration::from_secs(5),
+            jwks_min_refetch: Duration::from_secs(60),
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(30),

@@ -10,6 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::SetupError;
+use super::keys::JwksKeys;
 use super::mode::{AuthConfig, Secret};
 use super::user::User;
 use crate::domain::UserId;
@@ -41,6 +42,12 @@ pub enum AuthError {
     /// Its `aud` does not name `JWT_AUDIENCE`.
     #[error("wrong token audience")]
     Audience,
+    /// It names a key the provider does not publish (or no key at all).
+    #[error("unknown token key")]
+    UnknownKey,
+    /// The provider's keys could not be fetched.
+    #[error("token keys unavailable")]
+    KeysUnavailable,
 }
 
 impl From<jsonwebtoken::errors::Error> for AuthError {
@@ -68,9 +75,12 @@ struct Claims {
     preferred_username: Option<String>,
 }
 
-/// Checks tokens signed with the server's HS256 key (`JWT_SECRET`).
+/// Checks tokens signed with the server's HS256 key (`JWT_SECRET`), or with RS256 or ES256 and
+/// a key the provider publishes (`JWT_JWKS_URL`).
 pub struct TokenVerifier {
-    key: DecodingKey,
+    secret: Option<DecodingKey>,
+    published: Option<JwksKeys>,
+    /// The checks of every token; its algorithm is set per token, to the one its key is for.
     validation: Validation,
 }
 
@@ -81,11 +91,26 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// A verifier of tokens signed with `secret`, checked for the issuer, audience and leeway
-    /// of `config`.
-    pub fn hs256(secret: &Secret, config: &AuthConfig) -> Result<TokenVerifier, SetupError> {
-        let key = DecodingKey::from_secret(secret.expose().as_bytes())
+    /// A verifier of tokens signed with the keys of `config`, checked for its issuer, audience
+    /// and leeway.
+    pub fn new(config: &AuthConfig) -> Result<TokenVerifier, SetupError> {
+        let secret = config
+            .jwt_secret
+            .as_ref()
+            .map(|secret| DecodingKey::from_secret(secret.expose().as_bytes()))
+            .transpose()
             .map_err(|_| SetupError::UnusableSecret)?;
+        let published = config
+            .jwks_url
+            .as_ref()
+            .map(|url| {
+                JwksKeys::new(url.clone(), config.jwks_timeout, config.jwks_min_refetch)
+                    .ok_or(SetupError::NoHttpClient)
+            })
+            .transpose()?;
+        if secret.is_none() && published.is_none() {
+            return Err(SetupError::MissingKey);
+        }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
@@ -98,12 +123,30 @@ impl TokenVerifier {
             // No audience expected: a token may name any.
             None => validation.validate_aud = false,
         }
-        Ok(TokenVerifier { key, validation })
+        Ok(TokenVerifier {
+            secret,
+            published,
+            validation,
+        })
     }
 
-    /// The user `token` is from, once its signature and claims check out.
-    pub fn verify(&self, token: &str) -> Result<User, AuthError> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
+    /// The user `token` is from, once its signature and claims check out. HS256 tokens are
+    /// checked with the secret, RS256 and ES256 ones with the published key they name; any other
+    /// algorithm, or one without its kind of key configured, is refused.
+    pub async fn verify(&self, token: &str) -> Result<User, AuthError> {
+        let header = jsonwebtoken::decode_header(token)?;
+        let key = match header.alg {
+            Algorithm::HS256 => self.secret.clone().ok_or(AuthError::Algorithm)?,
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let published = self.published.as_ref().ok_or(AuthError::Algorithm)?;
+                let kid = header.kid.as_deref().ok_or(AuthError::UnknownKey)?;
+                published.key(kid, header.alg).await?
+            }
+            _ => return Err(AuthError::Algorithm),
+        };
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![header.alg];
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)?.claims;
         // The anonymous user's id is empty: no token may stand for it.
         if claims.sub.is_empty() {
             return Err(AuthError::Malformed);

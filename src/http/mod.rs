@@ -73,10 +73,10 @@ fn user(shared: Arc<Shared>) -> impl Filter<Extract = (User,), Error = Rejection
     warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {
         let shared = shared.clone();
         async move {
+            let reject = |e| warp::reject::custom(ApiError::from(e));
             let token = header.as_deref().map(bearer_token).transpose();
-            token
-                .and_then(|token| shared.auth.authenticate(token))
-                .map_err(|e| warp::reject::custom(ApiError::from(e)))
+            let token = token.map_err(reject)?;
+            shared.auth.authenticate(token).await.map_err(reject)
         }
     })
 }

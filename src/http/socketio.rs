@@ -106,24 +106,25 @@ impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
         auth: &'a Option<PacketValue>,
     ) -> Pin<Box<dyn Future<Output = Result<(), Box<dyn Display + Send>>> + Send + 'a>> {
         let Ok(TryData(payload)) = TryData::<serde_json::Value>::from_connect_parts(&socket, auth);
-        let token = payload.ok();
-        let token = token
-            .as_ref()
-            .and_then(|p| p.get("token"))
-            .and_then(|t| t.as_str());
-        let verdict = match self.0.auth.authenticate(token) {
-            Ok(user) => {
-                socket.extensions.insert(user);
-                Ok(())
+        Box::pin(async move {
+            let token = payload.ok();
+            let token = token
+                .as_ref()
+                .and_then(|p| p.get("token"))
+                .and_then(|t| t.as_str());
+            match self.0.auth.authenticate(token).await {
+                Ok(user) => {
+                    socket.extensions.insert(user);
+                    Ok(())
+                }
+                Err(e) => {
+                    let error = ApiError::from(e);
+                    let refusal: Box<dyn Display + Send> =
+                        Box::new(format!("{}: {}", error.code(), error));
+                    Err(refusal)
+                }
             }
-            Err(e) => {
-                let error = ApiError::from(e);
-                let refusal: Box<dyn Display + Send> =
-                    Box::new(format!("{}: {}", error.code(), error));
-                Err(refusal)
-            }
-        };
-        Box::pin(std::future::ready(verdict))
+        })
     }
 
     fn call(&self, socket: Arc<Socket>, _auth: Option<PacketValue>) {

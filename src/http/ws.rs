@@ -82,9 +82,13 @@ pub fn route(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = 
         .and(warp::query::<WsQuery>())
         .and(warp::ext::optional::<PendingUpgrade>())
         .and(warp::ext::optional::<ClientAddr>())
-        .map(move |headers, query: WsQuery, pending, client| {
-            upgrade(&headers, query.token, pending, client, shared.clone())
-                .unwrap_or_else(|e| error_response(&e))
+        .then(move |headers: HeaderMap, query: WsQuery, pending, client| {
+            let shared = shared.clone();
+            async move {
+                upgrade(&headers, query.token, pending, client, shared)
+                    .await
+                    .unwrap_or_else(|e| error_response(&e))
+            }
         })
 }
 
@@ -98,7 +102,7 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 }
 
 /// The user a handshake is from: its `Authorization: Bearer` header, or else its `?token=`.
-fn handshake_user(
+async fn handshake_user(
     shared: &Shared,
     headers: &HeaderMap,
     query_token: Option<String>,
@@ -111,10 +115,10 @@ fn handshake_user(
         Some(header) => Some(bearer_token(header)?),
         None => query_token.as_deref(),
     };
-    Ok(shared.auth.authenticate(token)?)
+    Ok(shared.auth.authenticate(token).await?)
 }
 
-fn upgrade(
+async fn upgrade(
     headers: &HeaderMap,
     query_token: Option<String>,
     pending: Option<PendingUpgrade>,
@@ -128,7 +132,7 @@ fn upgrade(
         .filter(|_| header_has(headers, header::UPGRADE, "websocket"))
         .filter(|_| header_has(headers, header::SEC_WEBSOCKET_VERSION, "13"))
         .ok_or_else(not_websocket)?;
-    let user = handshake_user(&shared, headers, query_token)?;
+    let user = handshake_user(&shared, headers, query_token).await?;
     let on_upgrade = pending.and_then(|p| p.take()).ok_or_else(not_websocket)?;
     let permit = match client {
         Some(ClientAddr(addr)) => Some(shared.connection_limit.open(addr.ip())?),

@@ -12,6 +12,7 @@ mod browser;
 mod durability;
 mod hardening;
 mod hostile;
+mod jwks;
 mod models;
 mod realtime;
 mod replies;
