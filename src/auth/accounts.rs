@@ -143,14 +143,16 @@ impl Accounts {
     }
 
     fn signed_in(&self, account: Account) -> Result<SignedIn, AccountError> {
-        let user = User {
+        let mut user = User {
             id: account.id,
             username: Some(account.username),
+            expires_at: None,
         };
-        let token = self
+        let (token, expires_at) = self
             .signer
             .sign(&user)
             .map_err(|e| AccountError::Failed(e.to_string()))?;
+        user.expires_at = Some(expires_at);
         Ok(SignedIn { token, user })
     }
 }

@@ -70,6 +70,7 @@ impl From<jsonwebtoken::errors::Error> for AuthError {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    exp: i64,
     /// The name OpenID Connect providers give the user.
     #[serde(default)]
     preferred_username: Option<String>,
@@ -154,6 +155,7 @@ impl TokenVerifier {
         Ok(User {
             id: UserId::new(claims.sub),
             username: claims.preferred_username,
+            expires_at: Some(claims.exp),
         })
     }
 }
@@ -199,8 +201,9 @@ impl TokenSigner {
         })
     }
 
-    /// A token saying it is `user`, valid from now for the signer's lifetime.
-    pub fn sign(&self, user: &User) -> Result<String, jsonwebtoken::errors::Error> {
+    /// A token saying it is `user`, valid from now for the signer's lifetime, and when it
+    /// expires (seconds since the Unix epoch).
+    pub fn sign(&self, user: &User) -> Result<(String, i64), jsonwebtoken::errors::Error> {
         let now = chrono::Utc::now().timestamp();
         let lifetime = i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX);
         let claims = Issued {
@@ -211,6 +214,7 @@ impl TokenSigner {
             iss: self.issuer.as_deref(),
             aud: self.audience.as_deref(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)?;
+        Ok((token, claims.exp))
     }
 }

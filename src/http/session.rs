@@ -19,6 +19,21 @@ use crate::metrics::Metrics;
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
+/// Waits until a connection's token expires, `lifetime` from now; forever when it has none.
+pub async fn token_expiry(lifetime: Option<std::time::Duration>) {
+    match lifetime {
+        Some(lifetime) => tokio::time::sleep(lifetime).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `error` event a connection gets as its token expires, just before it is closed.
+pub fn token_expired() -> std::sync::Arc<crate::actors::EncodedEvent> {
+    ApiError::from(crate::auth::AuthError::Expired)
+        .event()
+        .encode()
+}
+
 /// A connected client's state.
 pub struct Session {
     conversations: Conversations,

@@ -22,7 +22,7 @@ use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::session::Session;
+use super::session::{Session, token_expired, token_expiry};
 use super::{ClientAddr, Shared};
 use crate::actors::EncodedEvent;
 use crate::auth::User;
@@ -191,6 +191,8 @@ async fn serve(
     mut incoming: mpsc::Receiver<Incoming>,
     shared: Arc<Shared>,
 ) {
+    let expiry = token_expiry(user.token_lifetime());
+    tokio::pin!(expiry);
     let (mut session, mut inbox) = Session::open(&shared, user.id);
     tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
     let shutdown = shared.shutdown.clone();
@@ -210,6 +212,11 @@ async fn serve(
                 Ok(())
             }
             _ = inbox.dropped.cancelled() => break true,
+            () = &mut expiry => {
+                let _ = emit(&socket, &token_expired());
+                disconnect(socket.clone()).await;
+                break false;
+            }
             _ = shutdown.cancelled() => break false,
         };
         match sent {

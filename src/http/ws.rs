@@ -27,7 +27,7 @@ use warp::{Filter, Rejection};
 
 use super::error::ApiError;
 use super::payload::parse_json;
-use super::session::Session;
+use super::session::{Session, token_expired, token_expiry};
 use super::{ClientAddr, Shared, error_response};
 use crate::actors::EncodedEvent;
 use crate::auth::{AuthError, User, bearer_token};
@@ -36,6 +36,8 @@ use crate::auth::{AuthError, User, bearer_token};
 const CLOSE_TOO_SLOW: u16 = 1008;
 /// Close code for a frame over the size limit (or otherwise unreadable).
 const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code for a connection whose token has expired (a policy violation).
+const CLOSE_EXPIRED: u16 = 1008;
 /// Close code when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
 /// How long a closing connection may take to send its last events and the close frame.
@@ -175,6 +177,8 @@ fn text(event: &EncodedEvent) -> Message {
 
 /// Serves one upgraded connection until either side closes it.
 async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
+    let expiry = token_expiry(user.token_lifetime());
+    tokio::pin!(expiry);
     let (mut session, mut inbox) = Session::open(&shared, user.id);
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
@@ -239,6 +243,11 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
             Some(id) = inbox.lost.recv() => Box::pin(session.rejoin(id)).await,
             _ = inbox.dropped.cancelled() => {
                 let _ = sink.send(close(CLOSE_TOO_SLOW, "too slow")).await;
+                break;
+            }
+            () = &mut expiry => {
+                let farewell = vec![text(&token_expired()), close(CLOSE_EXPIRED, "token expired")];
+                write(&mut sink, farewell, &inbox.dropped).await;
                 break;
             }
             _ = shutdown.cancelled() => {

@@ -13,7 +13,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ModelServer, RealtimeClient, TestServer, call_with_token, config_for, over_both_transports,
+    ModelServer, RealtimeClient, TestServer, WAIT, call_with_token, config_for, deltas,
+    final_content, over_both_transports, seqs, words,
 };
 
 const SECRET: &str = "the-test-secret-of-at-least-32-bytes";
@@ -371,9 +372,66 @@ async fn another_users_conversation_does_not_exist_for_them<C: RealtimeClient>()
     bob.close().await;
 }
 
+/// A connection whose token expires mid-reply gets an `error` event and is closed; connecting
+/// again with a fresh token, the client catches up from the last chunk it saw.
+async fn a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_one<
+    C: RealtimeClient,
+>() {
+    let (server, model) = jwt_server().await;
+    let pieces = words(40);
+    model.set_reply(pieces.clone(), Duration::from_millis(100));
+    let short = token_with(|c| c["exp"] = json!(now() + 2));
+    let mut client = C::connect_as(server.addr(), &short).await.unwrap();
+    client
+        .emit(
+            "stream_chat",
+            json!({"conversationId": "c", "message": "hello"}),
+        )
+        .await;
+    let (mut message_id, mut seq) = (Value::Null, 0);
+    loop {
+        let (name, data) = client.next().await;
+        match name.as_str() {
+            "stream_start" => message_id = data["messageId"].clone(),
+            "stream_chunk" => seq = data["seq"].as_u64().unwrap(),
+            "error" => {
+                assert_eq!(
+                    data,
+                    json!({"message": "token expired", "code": "UNAUTHORIZED"})
+                );
+                break;
+            }
+            other => panic!("unexpected {other}: {data}"),
+        }
+    }
+    assert_eq!(
+        client.try_next(WAIT).await,
+        None,
+        "the connection is closed"
+    );
+    assert!(seq < 40, "the reply was still going: {seq}");
+
+    let mut client = C::connect_as(server.addr(), &token("ann")).await.unwrap();
+    client
+        .join_from(json!({"conversationId": "c", "messageId": message_id, "seq": seq}))
+        .await;
+    let rest = client.until_complete().await;
+    // What was missed comes first (as one chunk when several were), then the rest, once each.
+    let got = seqs(&rest);
+    assert!(
+        got[0] > seq && got.windows(2).all(|w| w[0] < w[1]),
+        "{got:?}"
+    );
+    assert_eq!(got.last(), Some(&41));
+    assert_eq!(deltas(&rest), pieces[seq as usize..].concat());
+    assert_eq!(final_content(&rest), pieces.concat());
+    client.close().await;
+}
+
 over_both_transports!(
     bad_tokens_are_refused_as_the_connection_opens,
     another_users_conversation_does_not_exist_for_them,
+    a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_one,
 );
 
 #[test]
