@@ -6,8 +6,12 @@ use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::auth::{AuthConfig, AuthMode, Secret};
 use crate::http::client::TrustedProxies;
 use crate::store::Durability;
+
+/// The shortest `JWT_SECRET` taken, in bytes: HS256 wants a key of its hash's 256 bits.
+const MIN_JWT_SECRET_BYTES: usize = 32;
 
 /// Start-up configuration problem: names the variable and what was wrong with it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -88,6 +92,8 @@ pub struct Config {
     /// How long a real-time connection may take none of the events waiting for it before it is
     /// dropped (`SEND_TIMEOUT_MS`).
     pub send_timeout: Duration,
+    /// Sign-in: `AUTH_MODE` and what it needs.
+    pub auth: AuthConfig,
 }
 
 /// Which model answers and how.
@@ -152,8 +158,10 @@ impl Config {
             });
         }
         let api_key = vars.optional("OPENAI_API_KEY");
+        let host = vars.parse("HOST", "127.0.0.1".parse().expect("valid address"))?;
         Ok(Config {
-            host: vars.parse("HOST", "127.0.0.1".parse().expect("valid address"))?,
+            host,
+            auth: auth_config(&vars, host)?,
             port: vars.parse("PORT", 5001)?,
             frontend_url: vars.text("FRONTEND_URL", "http://localhost:8081"),
             log_level: lookup("RUST_LOG")
@@ -205,6 +213,73 @@ impl Config {
             web_client: vars.parse("WEB_CLIENT", true)?,
         })
     }
+}
+
+/// The sign-in settings. `AUTH_MODE` defaults to `none` only on a loopback `HOST`: a server
+/// reachable from the network must be told explicitly to let everyone in (as Redis's protected
+/// mode does).
+fn auth_config<F: Fn(&str) -> Option<String>>(
+    vars: &Vars<'_, F>,
+    host: IpAddr,
+) -> Result<AuthConfig, ConfigError> {
+    let mode = match vars.optional("AUTH_MODE") {
+        Some(_) => vars.parse("AUTH_MODE", AuthMode::None)?,
+        None if host.is_loopback() => AuthMode::None,
+        None => {
+            return Err(ConfigError {
+                variable: "AUTH_MODE",
+                value: String::new(),
+                reason: format!(
+                    "HOST={host} is reachable from the network: set AUTH_MODE=jwt or \
+                     AUTH_MODE=local to require sign-in, or AUTH_MODE=none to let anyone in"
+                ),
+            });
+        }
+    };
+    let jwt_secret = vars.optional("JWT_SECRET").map(Secret::new);
+    let jwks_url = vars.url("JWT_JWKS_URL")?;
+    let hidden = |reason: &str| ConfigError {
+        variable: "JWT_SECRET",
+        value: "(hidden)".into(),
+        reason: reason.into(),
+    };
+    match &jwt_secret {
+        Some(secret) if secret.expose().len() < MIN_JWT_SECRET_BYTES => {
+            return Err(hidden("must be at least 32 bytes"));
+        }
+        None if mode == AuthMode::Local => {
+            return Err(hidden("required with AUTH_MODE=local"));
+        }
+        None if mode == AuthMode::Jwt && jwks_url.is_none() => {
+            return Err(hidden(
+                "required with AUTH_MODE=jwt unless JWT_JWKS_URL is set",
+            ));
+        }
+        _ => {}
+    }
+    Ok(AuthConfig {
+        mode,
+        jwt_secret,
+        jwks_url,
+        jwks_timeout: vars.millis("JWT_JWKS_TIMEOUT_MS", 5_000)?,
+        jwks_min_refetch: Duration::from_secs(vars.parse("JWT_JWKS_MIN_REFETCH_SECONDS", 60)?),
+        issuer: vars.optional("JWT_ISSUER"),
+        audience: vars.optional("JWT_AUDIENCE"),
+        leeway: Duration::from_secs(vars.parse("JWT_LEEWAY_SECONDS", 30)?),
+        token_ttl: Duration::from_secs(vars.positive("TOKEN_TTL_SECONDS", 86_400)?),
+        registration_open: match vars.text("REGISTRATION", "open").trim() {
+            "open" => true,
+            "closed" => false,
+            other => {
+                return Err(ConfigError {
+                    variable: "REGISTRATION",
+                    value: other.into(),
+                    reason: "expected open or closed".into(),
+                });
+            }
+        },
+        login_attempts_per_minute: vars.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10)?,
+    })
 }
 
 /// Typed access to one source of variables.
@@ -443,5 +518,111 @@ mod tests {
             c.model.base_url.as_deref(),
             Some("http://127.0.0.1:11434/v1")
         );
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn sign_in_is_off_by_default_on_a_loopback_host() {
+        for host in ["127.0.0.1", "::1"] {
+            let c = with(&[("HOST", host)]).unwrap();
+            assert_eq!(c.auth.mode, AuthMode::None, "{host}");
+        }
+        let c = with(&[]).unwrap();
+        assert_eq!(c.auth.leeway, Duration::from_secs(30));
+        assert!(c.auth.jwt_secret.is_none());
+    }
+
+    #[test]
+    fn a_host_on_the_network_without_auth_mode_is_refused_naming_auth_mode() {
+        for host in ["0.0.0.0", "::", "192.168.1.10"] {
+            let err = with(&[("HOST", host)]).unwrap_err();
+            assert_eq!(err.variable, "AUTH_MODE", "{host}");
+            let line = err.to_string();
+            assert!(line.contains("AUTH_MODE") && !line.contains('\n'), "{line}");
+        }
+        let c = with(&[("HOST", "0.0.0.0"), ("AUTH_MODE", "none")]).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::None);
+        let c = with(&[
+            ("HOST", "0.0.0.0"),
+            ("AUTH_MODE", "JWT"),
+            ("JWT_SECRET", SECRET),
+        ]);
+        assert_eq!(c.unwrap().auth.mode, AuthMode::Jwt);
+    }
+
+    #[test]
+    fn jwt_mode_needs_a_secret_of_at_least_32_bytes_which_is_never_shown() {
+        let err = with(&[("AUTH_MODE", "jwt")]).unwrap_err();
+        assert_eq!(err.variable, "JWT_SECRET");
+        let short = &SECRET[..31];
+        let err = with(&[("AUTH_MODE", "jwt"), ("JWT_SECRET", short)]).unwrap_err();
+        assert_eq!(err.variable, "JWT_SECRET");
+        assert!(!err.to_string().contains(short), "{err}");
+        let c = with(&[
+            ("AUTH_MODE", "jwt"),
+            ("JWT_SECRET", SECRET),
+            ("JWT_ISSUER", "https://issuer.example"),
+            ("JWT_AUDIENCE", "chat"),
+            ("JWT_LEEWAY_SECONDS", "5"),
+        ])
+        .unwrap();
+        assert_eq!(c.auth.jwt_secret.as_ref().map(Secret::expose), Some(SECRET));
+        assert!(!format!("{c:?}").contains(SECRET));
+        assert_eq!(c.auth.issuer.as_deref(), Some("https://issuer.example"));
+        assert_eq!(c.auth.audience.as_deref(), Some("chat"));
+        assert_eq!(c.auth.leeway, Duration::from_secs(5));
+        assert_eq!(
+            with(&[("AUTH_MODE", "ldap")]).unwrap_err().variable,
+            "AUTH_MODE"
+        );
+    }
+
+    #[test]
+    fn jwt_mode_takes_published_keys_instead_of_a_secret() {
+        let url = "https://idp.example/.well-known/jwks.json";
+        let c = with(&[("AUTH_MODE", "jwt"), ("JWT_JWKS_URL", url)]).unwrap();
+        assert_eq!(c.auth.jwks_url.as_deref(), Some(url));
+        assert_eq!(c.auth.jwks_timeout, Duration::from_secs(5));
+        assert_eq!(c.auth.jwks_min_refetch, Duration::from_secs(60));
+        let c = with(&[
+            ("AUTH_MODE", "jwt"),
+            ("JWT_JWKS_URL", url),
+            ("JWT_JWKS_TIMEOUT_MS", "100"),
+            ("JWT_JWKS_MIN_REFETCH_SECONDS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.auth.jwks_timeout, Duration::from_millis(100));
+        assert_eq!(c.auth.jwks_min_refetch, Duration::ZERO);
+        let err = with(&[("AUTH_MODE", "jwt"), ("JWT_JWKS_URL", "idp.example/keys")]);
+        assert_eq!(err.unwrap_err().variable, "JWT_JWKS_URL");
+        let err = with(&[("AUTH_MODE", "local"), ("JWT_JWKS_URL", url)]).unwrap_err();
+        assert_eq!(err.variable, "JWT_SECRET");
+    }
+
+    #[test]
+    fn local_accounts_need_a_secret_and_read_their_settings() {
+        let err = with(&[("AUTH_MODE", "local")]).unwrap_err();
+        assert_eq!(err.variable, "JWT_SECRET");
+        let c = with(&[("AUTH_MODE", "local"), ("JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Local);
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(86_400));
+        assert!(c.auth.registration_open);
+        assert_eq!(c.auth.login_attempts_per_minute, 10);
+        let c = with(&[
+            ("AUTH_MODE", "local"),
+            ("JWT_SECRET", SECRET),
+            ("TOKEN_TTL_SECONDS", "60"),
+            ("REGISTRATION", "closed"),
+            ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(60));
+        assert!(!c.auth.registration_open);
+        assert_eq!(c.auth.login_attempts_per_minute, 0);
+        for (name, bad) in [("REGISTRATION", "maybe"), ("TOKEN_TTL_SECONDS", "0")] {
+            let err = with(&[(name, bad)]).unwrap_err();
+            assert_eq!(err.variable, name);
+        }
     }
 }

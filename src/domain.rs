@@ -1,4 +1,8 @@
-//! The chat domain: conversations, messages, roles, ids and times, serialized as the API contract says.
+//! The chat domain: users, conversations, messages, roles, ids and times, serialized as the API
+//! contract says.
+
+use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
@@ -45,6 +49,40 @@ impl Timestamp {
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.to_rfc3339())
+    }
+}
+
+/// Who a conversation belongs to: a signed-in user's id, or the anonymous user every request is
+/// when sign-in is off. A conversation id is unique per user, so two users may choose the same
+/// one without ever meeting.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    /// The user named `id`.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        UserId(id.into())
+    }
+
+    /// The anonymous user, owner of every conversation made without sign-in. Its id is empty,
+    /// which no signed-in user's id may be.
+    pub fn anonymous() -> Self {
+        UserId(Arc::from(""))
+    }
+
+    /// The id as text, as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("(anonymous)")
+        } else {
+            f.write_str(&self.0)
+        }
     }
 }
 

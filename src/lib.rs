@@ -2,6 +2,7 @@
 //! OpenAI-compatible model to every client watching, over REST, WebSocket and Socket.IO.
 
 pub mod actors;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -20,13 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::actors::{ConversationContext, Conversations, Registry};
+use crate::auth::{Accounts, AuthConfig, AuthMode, Authenticator, TokenSigner};
 use crate::config::Config;
 use crate::error::ChatError;
 use crate::http::Shared;
 use crate::http::limits::ConnectionLimit;
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
-use crate::store::ConversationStore;
+use crate::store::Store;
 
 /// How long real-time connections may take to close once replies are over.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +49,32 @@ pub enum StartError {
     Conversations(#[from] ChatError),
     #[error("cannot start the model provider: {}", .0.0)]
     Provider(llm::ProviderError),
+    #[error("cannot set up sign-in: {0}")]
+    Auth(#[from] auth::SetupError),
+    #[error("cannot set up local accounts: {0}")]
+    Accounts(#[from] auth::AccountError),
+}
+
+/// The server's own accounts, when `AUTH_MODE=local`.
+fn local_accounts(
+    config: &AuthConfig,
+    store: Arc<dyn Store>,
+) -> Result<Option<Accounts>, StartError> {
+    if config.mode != AuthMode::Local {
+        return Ok(None);
+    }
+    let secret = config
+        .jwt_secret
+        .as_ref()
+        .ok_or(auth::SetupError::MissingKey)?;
+    let signer = TokenSigner::hs256(secret, config)?;
+    let accounts = Accounts::new(
+        store,
+        signer,
+        config.registration_open,
+        config.login_attempts_per_minute,
+    )?;
+    Ok(Some(accounts))
 }
 
 /// A running server.
@@ -68,7 +96,7 @@ impl App {
     /// Starts the server with a given store and model provider.
     pub async fn start_with(
         config: Config,
-        store: Arc<dyn ConversationStore>,
+        store: Arc<dyn Store>,
         provider: Arc<dyn ModelProvider>,
     ) -> Result<App, StartError> {
         let interrupted = store.mark_interrupted().await?;
@@ -78,6 +106,8 @@ impl App {
                 "replies interrupted by the last stop marked as errors"
             );
         }
+        let authenticator = Authenticator::new(&config.auth)?;
+        let accounts = local_accounts(&config.auth, store.clone())?;
         let addr = SocketAddr::new(config.host, config.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -97,6 +127,8 @@ impl App {
         .await?;
         let shared = Arc::new(Shared {
             conversations,
+            auth: authenticator,
+            accounts,
             connection_limit: ConnectionLimit::new(config.max_connections_per_ip),
             config: Arc::new(config),
             metrics,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use ai_chat_server::App;
 use ai_chat_server::config::Config;
+use ai_chat_server::domain::UserId;
 use ai_chat_server::llm::DemoProvider;
 use ai_chat_server::metrics::resident_bytes;
 use ai_chat_server::store;
@@ -582,7 +583,7 @@ async fn conversations(sizes: &Sizes) -> Row {
         tasks.push(tokio::spawn(async move {
             for _ in (worker..count).step_by(workers) {
                 conversations
-                    .chat(None, "hello".into())
+                    .chat(&UserId::anonymous(), None, "hello".into())
                     .await
                     .expect("created");
             }
@@ -621,7 +622,10 @@ async fn routing(sizes: &Sizes) -> Row {
     let conversations = app.conversations().clone();
     let mut ids = Vec::new();
     for _ in 0..sizes.routing_conversations {
-        let done = conversations.chat(None, "hello".into()).await.unwrap();
+        let done = conversations
+            .chat(&UserId::anonymous(), None, "hello".into())
+            .await
+            .unwrap();
         ids.push(done.conversation.id);
     }
     let ids = Arc::new(ids);
@@ -636,7 +640,7 @@ async fn routing(sizes: &Sizes) -> Row {
             while Instant::now() < deadline {
                 for _ in 0..32 {
                     conversations
-                        .get(&ids[n % ids.len()])
+                        .get(&UserId::anonymous(), &ids[n % ids.len()])
                         .await
                         .expect("routed");
                     n += 7;

@@ -9,7 +9,7 @@ pub mod supervisor;
 
 pub use conversation::{APOLOGY, ChatCompleted, ConversationContext, Resume, StreamStarted};
 pub use events::{ChatEvent, EncodedEvent, Subscriber, SubscriberInbox};
-pub use registry::Registry;
+pub use registry::{ConversationKey, Registry};
 pub use supervisor::Conversations;
 
 #[cfg(test)]

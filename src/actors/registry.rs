@@ -1,4 +1,4 @@
-//! The running conversation actors by id, read without going through any mailbox.
+//! The running conversation actors by owner and id, read without going through any mailbox.
 //!
 //! A conversation has at most one registered actor, and only that actor writes the conversation:
 //! an actor registers itself as it starts, before it touches the store, and one that finds
@@ -12,11 +12,29 @@ use std::sync::{Arc, RwLock};
 use ractor::{ActorId, ActorRef};
 
 use super::conversation::{ConversationMsg, Request};
+use crate::domain::UserId;
 
-/// Running conversation actors by id.
+/// Which conversation an actor runs: its owner's, under an id unique for that owner.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConversationKey {
+    pub owner: UserId,
+    pub id: Arc<str>,
+}
+
+impl ConversationKey {
+    /// The conversation `id` of `owner`.
+    pub fn new(owner: &UserId, id: &str) -> Self {
+        ConversationKey {
+            owner: owner.clone(),
+            id: id.into(),
+        }
+    }
+}
+
+/// Running conversation actors by owner and id.
 #[derive(Clone, Default)]
 pub struct Registry {
-    actors: Arc<RwLock<HashMap<Arc<str>, Entry>>>,
+    actors: Arc<RwLock<HashMap<ConversationKey, Entry>>>,
 }
 
 #[derive(Clone)]
@@ -27,11 +45,11 @@ struct Entry {
 }
 
 impl Registry {
-    /// Sends a request to the running actor of `id`; gives it back when there is none.
-    pub(super) fn send(&self, id: &str, request: Request) -> Result<(), Request> {
+    /// Sends a request to the running actor of `key`; gives it back when there is none.
+    pub(super) fn send(&self, key: &ConversationKey, request: Request) -> Result<(), Request> {
         let (stale, request) = {
             let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
-            let Some(entry) = actors.get(id) else {
+            let Some(entry) = actors.get(key) else {
                 return Err(request);
             };
             entry.pending.fetch_add(1, Ordering::AcqRel);
@@ -44,65 +62,65 @@ impl Registry {
                 Err(_) => unreachable!("send_message returns the message it could not send"),
             }
         };
-        self.remove(id, stale);
+        self.remove(key, stale);
         Err(request)
     }
 
-    /// Whether an actor runs for `id`.
-    pub(super) fn contains(&self, id: &str) -> bool {
+    /// Whether an actor runs for `key`.
+    pub(super) fn contains(&self, key: &ConversationKey) -> bool {
         let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
-        actors.contains_key(id)
+        actors.contains_key(key)
     }
 
-    /// Registers `actor` for `id` unless another actor already runs it; false when one does.
+    /// Registers `actor` for `key` unless another actor already runs it; false when one does.
     /// `pending` counts the requests on their way to it.
     pub(super) fn register(
         &self,
-        id: Arc<str>,
+        key: ConversationKey,
         actor: ActorRef<ConversationMsg>,
         pending: Arc<AtomicUsize>,
     ) -> bool {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        if actors.contains_key(&id) {
+        if actors.contains_key(&key) {
             return false;
         }
-        actors.insert(id, Entry { actor, pending });
+        actors.insert(key, Entry { actor, pending });
         true
     }
 
     /// Forgets a failed actor, whichever conversation it ran.
-    pub(super) fn remove_actor(&self, actor: ActorId) -> Option<Arc<str>> {
+    pub(super) fn remove_actor(&self, actor: ActorId) -> Option<ConversationKey> {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        let id = actors
+        let key = actors
             .iter()
             .find(|(_, e)| e.actor.get_id() == actor)
-            .map(|(id, _)| id.clone())?;
-        actors.remove(&id);
-        Some(id)
+            .map(|(key, _)| key.clone())?;
+        actors.remove(&key);
+        Some(key)
     }
 
-    /// Forgets `actor` as the actor of `id`, if it still is.
-    pub(super) fn remove(&self, id: &str, actor: ActorId) {
+    /// Forgets `actor` as the actor of `key`, if it still is.
+    pub(super) fn remove(&self, key: &ConversationKey, actor: ActorId) {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        if actors.get(id).is_some_and(|e| e.actor.get_id() == actor) {
-            actors.remove(id);
+        if actors.get(key).is_some_and(|e| e.actor.get_id() == actor) {
+            actors.remove(key);
         }
     }
 
-    /// Removes the actor of `id` if no request is on its way to it; true when removed.
-    pub(super) fn remove_if_unused(&self, id: &str, actor: ActorId) -> bool {
+    /// Removes the actor of `key` if no request is on its way to it; true when removed.
+    pub(super) fn remove_if_unused(&self, key: &ConversationKey, actor: ActorId) -> bool {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
         let unused = actors
-            .get(id)
+            .get(key)
             .is_some_and(|e| e.actor.get_id() == actor && e.pending.load(Ordering::Acquire) == 0);
         if unused {
-            actors.remove(id);
+            actors.remove(key);
         }
         unused
     }
 
-    /// The ids of every running conversation.
-    pub(super) fn ids(&self) -> Vec<Arc<str>> {
+    /// The keys of every running conversation.
+    pub(super) fn keys(&self) -> Vec<ConversationKey> {
         let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
         actors.keys().cloned().collect()
     }

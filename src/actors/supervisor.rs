@@ -1,6 +1,9 @@
 //! Routing to conversation actors: requests go straight to a running actor through the
 //! [`Registry`]; the supervisor actor is the parent of every conversation actor, and the
 //! [`Conversations`] front door activates conversations from the store when they are not running.
+//!
+//! Every request names the user asking, and reaches only that user's conversations: a
+//! conversation is keyed by (owner, id), so another user's is simply not found.
 
 use std::sync::Arc;
 
@@ -12,7 +15,8 @@ use super::conversation::{
     ConversationContext, Request, Resume, StreamStarted,
 };
 use super::events::Subscriber;
-use crate::domain::{Conversation, new_id, validate_conversation_id};
+use super::registry::ConversationKey;
+use crate::domain::{Conversation, UserId, new_id, validate_conversation_id};
 use crate::error::ChatError;
 use crate::store::Page;
 
@@ -55,8 +59,8 @@ impl Actor for ConversationSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, error) = event {
             ctx.metrics.actor_stopped();
-            if let Some(id) = ctx.registry.remove_actor(cell.get_id()) {
-                tracing::error!(conversation = %id, %error, "conversation actor failed; it restarts from the store on next use");
+            if let Some(key) = ctx.registry.remove_actor(cell.get_id()) {
+                tracing::error!(conversation = %key.id, owner = %key.owner, %error, "conversation actor failed; it restarts from the store on next use");
             }
         }
         Ok(())
@@ -91,10 +95,10 @@ impl Conversations {
                 "replies still in progress after the grace period; interrupting them"
             );
         }
-        for id in self.ctx.registry.ids() {
-            if self.ctx.registry.contains(&id) {
+        for key in self.ctx.registry.keys() {
+            if self.ctx.registry.contains(&key) {
                 let _ = self
-                    .request(&id, Activation::Existing, Request::Interrupt)
+                    .request(&key, Activation::Existing, Request::Interrupt)
                     .await;
             }
         }
@@ -110,46 +114,56 @@ impl Conversations {
     /// for the answer.
     async fn request<T>(
         &self,
-        id: &str,
+        key: &ConversationKey,
         activation: Activation,
         build: impl FnOnce(Answer<T>) -> Request,
     ) -> Result<T, ChatError> {
         let (answer, receiver) = oneshot::channel();
         let mut request = build(answer);
         for _ in 0..ROUTE_ATTEMPTS {
-            match self.ctx.registry.send(id, request) {
+            match self.ctx.registry.send(key, request) {
                 Ok(()) => {
                     return receiver.await.unwrap_or_else(|_| {
-                        Err(ChatError::Failed(format!("conversation {id} failed")))
+                        Err(ChatError::Failed(format!("conversation {} failed", key.id)))
                     });
                 }
                 Err(returned) => {
                     request = returned;
-                    self.activate(id, activation).await?;
+                    self.activate(key, activation).await?;
                 }
             }
         }
         Err(ChatError::Failed(format!(
-            "conversation {id} kept stopping"
+            "conversation {} kept stopping",
+            key.id
         )))
     }
 
-    /// Starts the actor of `id`, loaded from the store, unless one runs already. Activations of
+    /// Starts the actor of `key`, loaded from the store, unless one runs already. Activations of
     /// different conversations run in parallel; of the same one, the first to register wins and
     /// the others stop before writing anything.
-    async fn activate(&self, id: &str, activation: Activation) -> Result<(), ChatError> {
-        if self.ctx.registry.contains(id) {
+    async fn activate(
+        &self,
+        key: &ConversationKey,
+        activation: Activation,
+    ) -> Result<(), ChatError> {
+        if self.ctx.registry.contains(key) {
             return Ok(());
         }
         let conversation = match activation {
             Activation::New => None,
-            _ => self.ctx.store.load_conversation(id).await?,
+            _ => {
+                self.ctx
+                    .store
+                    .load_conversation(&key.owner, &key.id)
+                    .await?
+            }
         };
         if conversation.is_none() && activation == Activation::Existing {
             return Err(ChatError::NotFound);
         }
         let args = ConversationArgs {
-            id: id.into(),
+            key: key.clone(),
             conversation,
             ctx: self.ctx.clone(),
         };
@@ -165,29 +179,32 @@ impl Conversations {
         }
     }
 
-    /// A conversation with its messages; read from its actor when it runs, else from the store.
-    pub async fn get(&self, id: &str) -> Result<Conversation, ChatError> {
-        if self.ctx.registry.contains(id) {
+    /// One of `user`'s conversations with its messages; read from its actor when it runs, else
+    /// from the store.
+    pub async fn get(&self, user: &UserId, id: &str) -> Result<Conversation, ChatError> {
+        let key = ConversationKey::new(user, id);
+        if self.ctx.registry.contains(&key) {
             return self
-                .request(id, Activation::Existing, Request::Snapshot)
+                .request(&key, Activation::Existing, Request::Snapshot)
                 .await;
         }
         self.ctx
             .store
-            .load_conversation(id)
+            .load_conversation(user, id)
             .await?
             .ok_or(ChatError::NotFound)
     }
 
-    /// Conversations, most recently updated first, from the store.
-    pub async fn list(&self, page: Page) -> Result<Vec<Conversation>, ChatError> {
-        Ok(self.ctx.store.list_conversations(page).await?)
+    /// `user`'s conversations, most recently updated first, from the store.
+    pub async fn list(&self, user: &UserId, page: Page) -> Result<Vec<Conversation>, ChatError> {
+        Ok(self.ctx.store.list_conversations(user, page).await?)
     }
 
     /// Stores `content` and answers with the whole reply (REST). Without an id, a new
-    /// conversation; an unknown id is not found.
+    /// conversation of `user`; an unknown id is not found.
     pub async fn chat(
         &self,
+        user: &UserId,
         conversation_id: Option<String>,
         content: String,
     ) -> Result<ChatCompleted, ChatError> {
@@ -196,7 +213,8 @@ impl Conversations {
             None => (new_id(), Activation::New),
         };
         let create = activation == Activation::New;
-        self.request(&id, activation, |answer| Request::Chat {
+        let key = ConversationKey::new(user, &id);
+        self.request(&key, activation, |answer| Request::Chat {
             content,
             create,
             answer,
@@ -205,9 +223,10 @@ impl Conversations {
     }
 
     /// Stores `content` and streams the reply to the conversation's members, `sender` among
-    /// them. An unknown or missing id creates the conversation.
+    /// them. An unknown or missing id creates a conversation of `user`.
     pub async fn stream_chat(
         &self,
+        user: &UserId,
         conversation_id: Option<String>,
         content: String,
         sender: Option<Subscriber>,
@@ -219,7 +238,8 @@ impl Conversations {
             }
             None => (new_id(), Activation::New),
         };
-        self.request(&id, activation, |answer| Request::StreamChat {
+        let key = ConversationKey::new(user, &id);
+        self.request(&key, activation, |answer| Request::StreamChat {
             content,
             sender,
             answer,
@@ -227,15 +247,17 @@ impl Conversations {
         .await
     }
 
-    /// Makes `subscriber` a member of the conversation (which may not exist yet).
+    /// Makes `subscriber` a member of `user`'s conversation (which may not exist yet).
     pub async fn join(
         &self,
+        user: &UserId,
         id: &str,
         subscriber: Subscriber,
         resume: Option<Resume>,
     ) -> Result<(), ChatError> {
         validate_conversation_id(id)?;
-        self.request(id, Activation::OrNew, |answer| Request::Join {
+        let key = ConversationKey::new(user, id);
+        self.request(&key, Activation::OrNew, |answer| Request::Join {
             subscriber,
             resume,
             answer,
@@ -244,12 +266,13 @@ impl Conversations {
     }
 
     /// Ends `subscriber_id`'s membership; nothing to do when the actor is not running.
-    pub async fn leave(&self, id: &str, subscriber_id: u64) {
-        if !self.ctx.registry.contains(id) {
+    pub async fn leave(&self, user: &UserId, id: &str, subscriber_id: u64) {
+        let key = ConversationKey::new(user, id);
+        if !self.ctx.registry.contains(&key) {
             return;
         }
         let _ = self
-            .request(id, Activation::Existing, |answer| Request::Leave {
+            .request(&key, Activation::Existing, |answer| Request::Leave {
                 subscriber_id,
                 answer,
             })
@@ -257,19 +280,23 @@ impl Conversations {
     }
 
     /// Stops the reply in progress; success when there is none.
-    pub async fn stop_reply(&self, id: &str) -> Result<(), ChatError> {
+    pub async fn stop_reply(&self, user: &UserId, id: &str) -> Result<(), ChatError> {
         validate_conversation_id(id)?;
-        self.request(id, Activation::Existing, Request::Stop).await
+        let key = ConversationKey::new(user, id);
+        self.request(&key, Activation::Existing, Request::Stop)
+            .await
     }
 
     /// Replaces the last reply with a new streamed one.
     pub async fn regenerate(
         &self,
+        user: &UserId,
         id: &str,
         sender: Option<Subscriber>,
     ) -> Result<StreamStarted, ChatError> {
         validate_conversation_id(id)?;
-        self.request(id, Activation::Existing, |answer| Request::Regenerate {
+        let key = ConversationKey::new(user, id);
+        self.request(&key, Activation::Existing, |answer| Request::Regenerate {
             sender,
             answer,
         })
@@ -277,8 +304,14 @@ impl Conversations {
     }
 
     /// Changes the conversation's title.
-    pub async fn rename(&self, id: &str, title: String) -> Result<Conversation, ChatError> {
-        self.request(id, Activation::Existing, |answer| Request::Rename {
+    pub async fn rename(
+        &self,
+        user: &UserId,
+        id: &str,
+        title: String,
+    ) -> Result<Conversation, ChatError> {
+        let key = ConversationKey::new(user, id);
+        self.request(&key, Activation::Existing, |answer| Request::Rename {
             title,
             answer,
         })
@@ -286,8 +319,9 @@ impl Conversations {
     }
 
     /// Deletes the conversation and tells its members.
-    pub async fn delete(&self, id: &str) -> Result<(), ChatError> {
-        self.request(id, Activation::Existing, Request::Delete)
+    pub async fn delete(&self, user: &UserId, id: &str) -> Result<(), ChatError> {
+        let key = ConversationKey::new(user, id);
+        self.request(&key, Activation::Existing, Request::Delete)
             .await
     }
 }

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{ConversationContext, Conversations, Registry, Resume, Subscriber, SubscriberInbox};
 use crate::config::{Config, ConversationSettings};
-use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
+use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
 use crate::error::ChatError;
 use crate::llm::{Completion, ModelProvider, Prompt, ProviderError, Streamed, TokenStream};
 use crate::metrics::Metrics;
@@ -99,15 +99,23 @@ impl SteeredStore {
 
 #[async_trait]
 impl ConversationStore for SteeredStore {
-    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError> {
-        self.inner.create_conversation(conversation).await
+    async fn create_conversation(
+        &self,
+        owner: &UserId,
+        conversation: &Conversation,
+    ) -> Result<(), StoreError> {
+        self.inner.create_conversation(owner, conversation).await
     }
 
-    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+    async fn load_conversation(
+        &self,
+        owner: &UserId,
+        id: &str,
+    ) -> Result<Option<Conversation>, StoreError> {
         if self.fail_next_load.swap(false, Ordering::SeqCst) {
             return Err(StoreError::storage("the disk is unwell"));
         }
-        let loaded = self.inner.load_conversation(id).await;
+        let loaded = self.inner.load_conversation(owner, id).await;
         let held = self.held_load.lock().unwrap().take();
         if let Some((read, released)) = held {
             let _ = read.send(());
@@ -116,52 +124,70 @@ impl ConversationStore for SteeredStore {
         loaded
     }
 
-    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, StoreError> {
-        self.inner.list_conversations(page).await
+    async fn list_conversations(
+        &self,
+        owner: &UserId,
+        page: Page,
+    ) -> Result<Vec<Conversation>, StoreError> {
+        self.inner.list_conversations(owner, page).await
     }
 
     async fn save_messages(
         &self,
+        owner: &UserId,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.inner.save_messages(messages, updated_at).await
+        self.inner.save_messages(owner, messages, updated_at).await
     }
 
     async fn delete_message(
         &self,
+        owner: &UserId,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.inner
-            .delete_message(conversation_id, message_id, updated_at)
+            .delete_message(owner, conversation_id, message_id, updated_at)
             .await
     }
 
     async fn rename_conversation(
         &self,
+        owner: &UserId,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.inner.rename_conversation(id, title, updated_at).await
+        self.inner
+            .rename_conversation(owner, id, title, updated_at)
+            .await
     }
 
-    async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError> {
-        self.inner.delete_conversation(id).await
+    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError> {
+        self.inner.delete_conversation(owner, id).await
     }
 
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {
         self.inner.mark_interrupted().await
     }
 
-    async fn mark_interrupted_in(&self, conversation_id: &str) -> Result<u64, StoreError> {
+    async fn mark_interrupted_in(
+        &self,
+        owner: &UserId,
+        conversation_id: &str,
+    ) -> Result<u64, StoreError> {
         if self.fail_next_mark.swap(false, Ordering::SeqCst) {
             return Err(StoreError::storage("the disk is unwell"));
         }
-        self.inner.mark_interrupted_in(conversation_id).await
+        self.inner.mark_interrupted_in(owner, conversation_id).await
     }
+}
+
+/// The user the tests' conversations belong to.
+pub(crate) fn ann() -> UserId {
+    UserId::new("ann")
 }
 
 /// Settings for the tests: no heartbeats, checkpoints or passivation unless a test asks.
@@ -229,7 +255,7 @@ impl Harness {
     ) -> (String, Script) {
         let started = self
             .conversations
-            .stream_chat(Some(id.into()), message.into(), sender)
+            .stream_chat(&ann(), Some(id.into()), message.into(), sender)
             .await
             .unwrap();
         (started.message_id, self.next_script().await)
@@ -237,7 +263,11 @@ impl Harness {
 
     /// The stored conversation `id`.
     pub(crate) async fn stored(&self, id: &str) -> Conversation {
-        self.store.load_conversation(id).await.unwrap().unwrap()
+        self.store
+            .load_conversation(&ann(), id)
+            .await
+            .unwrap()
+            .unwrap()
     }
 }
 
@@ -332,7 +362,10 @@ async fn a_member_joining_mid_reply_gets_exactly_what_it_missed() {
         (current, resume(2)),
         (elsewhere, stale),
     ] {
-        h.conversations.join("c", subscriber, resume).await.unwrap();
+        h.conversations
+            .join(&ann(), "c", subscriber, resume)
+            .await
+            .unwrap();
     }
     for inbox in [&mut fresh_inbox, &mut elsewhere_inbox] {
         let missed = queued_events(inbox);
@@ -363,6 +396,82 @@ async fn a_member_joining_mid_reply_gets_exactly_what_it_missed() {
 }
 
 #[tokio::test]
+async fn two_users_with_the_same_conversation_id_never_meet() {
+    let mut h = Harness::start(settings()).await;
+    let (ann_member, mut ann_inbox) = member();
+    let (_, script) = h.start_reply("c", "ann's question", Some(ann_member)).await;
+    assert_eq!(next_event(&mut ann_inbox).await.0, "stream_start");
+
+    let bob = UserId::new("bob");
+    let (bob_member, mut bob_inbox) = member();
+    h.conversations
+        .join(&bob, "c", bob_member.clone(), None)
+        .await
+        .unwrap();
+    let c = Some("c".to_owned());
+    assert_eq!(
+        h.conversations.get(&bob, "c").await,
+        Err(ChatError::NotFound)
+    );
+    assert_eq!(
+        h.conversations.stop_reply(&bob, "c").await,
+        Err(ChatError::NotFound)
+    );
+    assert_eq!(
+        h.conversations.regenerate(&bob, "c", None).await,
+        Err(ChatError::NotFound)
+    );
+    assert_eq!(
+        h.conversations.rename(&bob, "c", "mine".into()).await.err(),
+        Some(ChatError::NotFound)
+    );
+    assert_eq!(
+        h.conversations.delete(&bob, "c").await,
+        Err(ChatError::NotFound)
+    );
+    assert_eq!(
+        h.conversations
+            .chat(&bob, c.clone(), "hi".into())
+            .await
+            .err(),
+        Some(ChatError::NotFound)
+    );
+    assert!(
+        h.conversations
+            .list(&bob, Page::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    script.piece("for ann");
+    drop(script);
+    assert_eq!(until_complete(&mut ann_inbox).await.len(), 3);
+    assert!(queued_events(&mut bob_inbox).is_empty());
+
+    // Bob's first message makes a conversation "c" of his own, and Ann hears nothing of it.
+    let started = h
+        .conversations
+        .stream_chat(&bob, c, "bob's question".into(), Some(bob_member))
+        .await
+        .unwrap();
+    assert_eq!(started.conversation_id, "c");
+    let script = h.next_script().await;
+    script.piece("for bob");
+    drop(script);
+    assert_eq!(until_complete(&mut bob_inbox).await.len(), 4);
+    assert!(queued_events(&mut ann_inbox).is_empty());
+    let anns = h.conversations.get(&ann(), "c").await.unwrap();
+    let bobs = h.conversations.get(&bob, "c").await.unwrap();
+    assert_eq!(anns.messages[0].content, "ann's question");
+    assert_eq!(anns.messages[1].content, "for ann");
+    assert_eq!(bobs.messages[0].content, "bob's question");
+    assert_eq!(bobs.messages[1].content, "for bob");
+    let listed = h.conversations.list(&ann(), Page::default()).await.unwrap();
+    assert_eq!(listed, [anns]);
+}
+
+#[tokio::test]
 async fn a_stop_racing_the_last_piece_ends_the_reply_once_as_stored() {
     let mut h = Harness::start(settings()).await;
     for round in 0..20 {
@@ -376,9 +485,9 @@ async fn a_stop_racing_the_last_piece_ends_the_reply_once_as_stored() {
         if round % 2 == 0 {
             tokio::task::yield_now().await;
         }
-        h.conversations.stop_reply(&id).await.unwrap();
+        h.conversations.stop_reply(&ann(), &id).await.unwrap();
         // Asked after the stop, the snapshot is answered after any news the model sent before it.
-        h.conversations.get(&id).await.unwrap();
+        h.conversations.get(&ann(), &id).await.unwrap();
 
         let events = queued_events(&mut inbox);
         let completes = events.iter().filter(|e| e.0 == "stream_complete").count();
@@ -419,7 +528,7 @@ async fn a_join_racing_passivation_is_never_lost() {
     let (_, script) = h.start_reply("c", "hi", Some(first)).await;
     drop(script);
     until_complete(&mut first_inbox).await;
-    h.conversations.leave("c", first_id).await;
+    h.conversations.leave(&ann(), "c", first_id).await;
     for round in 0..30 {
         // The actor passivates a millisecond after each round; the join lands before, during or
         // after that.
@@ -428,7 +537,10 @@ async fn a_join_racing_passivation_is_never_lost() {
         }
         let (subscriber, mut inbox) = member();
         let id = subscriber.id();
-        h.conversations.join("c", subscriber, None).await.unwrap();
+        h.conversations
+            .join(&ann(), "c", subscriber, None)
+            .await
+            .unwrap();
         let (message_id, script) = h.start_reply("c", "again", None).await;
         script.piece("yes");
         drop(script);
@@ -436,7 +548,7 @@ async fn a_join_racing_passivation_is_never_lost() {
         assert_eq!(events[0].0, "stream_start", "{events:?}");
         assert_eq!(events[0].1["messageId"], message_id.as_str());
         assert_eq!(chunk(&events[1]), ("yes", "yes", 1, false));
-        h.conversations.leave("c", id).await;
+        h.conversations.leave(&ann(), "c", id).await;
     }
 }
 
@@ -450,15 +562,22 @@ async fn a_failed_activation_answers_an_error_and_the_next_one_works() {
     let mut cut_off = Message::new("c", Role::Assistant, "par".into());
     cut_off.status = Some(MessageStatus::Streaming);
     conversation.messages.push(cut_off);
-    h.store.create_conversation(&conversation).await.unwrap();
+    h.store
+        .create_conversation(&ann(), &conversation)
+        .await
+        .unwrap();
 
     for failure in [&h.store.fail_next_load, &h.store.fail_next_mark] {
         failure.store(true, Ordering::SeqCst);
-        let refused = h.conversations.rename("c", "renamed".into()).await;
+        let refused = h.conversations.rename(&ann(), "c", "renamed".into()).await;
         assert!(matches!(refused, Err(ChatError::Storage(_))), "{refused:?}");
         assert_eq!(h.conversations.active(), 0);
     }
-    let renamed = h.conversations.rename("c", "renamed".into()).await.unwrap();
+    let renamed = h
+        .conversations
+        .rename(&ann(), "c", "renamed".into())
+        .await
+        .unwrap();
     assert_eq!(renamed.title, "renamed");
     assert_eq!(renamed.messages[1].status, Some(MessageStatus::Error));
     let stored = h.stored("c").await;
@@ -476,17 +595,24 @@ async fn the_loser_of_an_activation_race_writes_nothing() {
     let mut cut_off = Message::new("c", Role::Assistant, "stale".into());
     cut_off.status = Some(MessageStatus::Streaming);
     conversation.messages.push(cut_off);
-    h.store.create_conversation(&conversation).await.unwrap();
+    h.store
+        .create_conversation(&ann(), &conversation)
+        .await
+        .unwrap();
 
     // The loser loads the conversation as it is now, then waits while the winner activates,
     // replaces the cut-off reply and completes the new one.
     let (has_read, release) = h.store.hold_next_load();
     let conversations = h.conversations.clone();
     let (late, mut late_inbox) = member();
-    let loser = tokio::spawn(async move { conversations.join("c", late, None).await });
+    let loser = tokio::spawn(async move { conversations.join(&ann(), "c", late, None).await });
     tokio::time::timeout(WAIT, has_read).await.unwrap().unwrap();
     let (sender, mut inbox) = member();
-    let started = h.conversations.regenerate("c", Some(sender)).await.unwrap();
+    let started = h
+        .conversations
+        .regenerate(&ann(), "c", Some(sender))
+        .await
+        .unwrap();
     let script = h.next_script().await;
     script.piece("fresh");
     drop(script);
@@ -504,9 +630,12 @@ async fn the_loser_of_an_activation_race_writes_nothing() {
     assert_eq!(stored.messages[1].id, started.message_id);
     assert_eq!(stored.messages[1].content, "fresh");
     assert_eq!(stored.messages[1].status, Some(MessageStatus::Complete));
-    assert_eq!(h.conversations.get("c").await.unwrap(), stored);
+    assert_eq!(h.conversations.get(&ann(), "c").await.unwrap(), stored);
     // The late joiner is a member of the winner.
-    h.conversations.rename("c", "renamed".into()).await.unwrap();
+    h.conversations
+        .rename(&ann(), "c", "renamed".into())
+        .await
+        .unwrap();
     assert_eq!(next_event(&mut late_inbox).await.0, "conversation_updated");
     assert_eq!(h.metrics.snapshot().active_conversations, 1);
 }

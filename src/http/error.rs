@@ -7,6 +7,7 @@ use serde_json::Value;
 use warp::http::StatusCode;
 
 use crate::actors::ChatEvent;
+use crate::auth::{AccountError, AuthError};
 use crate::error::ChatError;
 
 /// Every failure a client can be told about.
@@ -15,6 +16,19 @@ pub enum ApiError {
     /// Bad input: missing or empty fields, wrong JSON types, malformed JSON, a bad id.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The request does not say who it is from, or its token is not good: missing, malformed,
+    /// expired, not yet valid, signed wrongly, or for another issuer or audience.
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    /// A sign-in with a username or password that is not right; never says which.
+    #[error("invalid username or password")]
+    BadCredentials,
+    /// The request is understood and refused, e.g. a registration while it is closed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A registration with a username another account has, ignoring case.
+    #[error("That username is taken")]
+    UsernameTaken,
     /// The conversation does not exist (or was deleted).
     #[error("Conversation not found")]
     ConversationNotFound,
@@ -56,6 +70,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest(_) => "INVALID_REQUEST",
+            ApiError::Unauthorized(_) | ApiError::BadCredentials => "UNAUTHORIZED",
+            ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::UsernameTaken => "USERNAME_TAKEN",
             ApiError::ConversationNotFound => "CONVERSATION_NOT_FOUND",
             ApiError::NotFound => "NOT_FOUND",
             ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
@@ -71,6 +88,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) | ApiError::BadCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UsernameTaken => StatusCode::CONFLICT,
             ApiError::ConversationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -119,6 +139,28 @@ impl From<ChatError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        ApiError::Unauthorized(error)
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(error: AccountError) -> Self {
+        match error {
+            AccountError::Invalid(message) => ApiError::InvalidRequest(message),
+            AccountError::Taken => ApiError::UsernameTaken,
+            AccountError::RegistrationClosed => ApiError::Forbidden(error.to_string()),
+            AccountError::BadCredentials => ApiError::BadCredentials,
+            AccountError::TooManyAttempts => ApiError::RateLimited,
+            AccountError::Failed(_) => {
+                tracing::error!(error = %error, "account request failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
 impl warp::reject::Reject for ApiError {}
 
 #[cfg(test)]
@@ -146,6 +188,14 @@ mod tests {
             let error = ApiError::from(error);
             assert_eq!((error.status().as_u16(), error.code()), (status, code));
         }
+    }
+
+    #[test]
+    fn a_bad_token_is_unauthorized_and_says_why() {
+        let error = ApiError::from(AuthError::Expired);
+        assert_eq!(error.status().as_u16(), 401);
+        assert_eq!(error.code(), "UNAUTHORIZED");
+        assert_eq!(error.body().message, "token expired");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
 use crate::actors::Conversations;
+use crate::auth::{Accounts, Authenticator, User, bearer_token};
 use crate::config::Config;
 use crate::metrics::Metrics;
 pub use client::ClientAddr;
@@ -48,6 +49,10 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// What every route and connection shares.
 pub struct Shared {
     pub conversations: Conversations,
+    /// Who each request and connection is from.
+    pub auth: Authenticator,
+    /// The server's own accounts, with `AUTH_MODE=local`.
+    pub accounts: Option<Accounts>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     /// Open real-time connections per client address, over every transport.
@@ -114,6 +119,20 @@ impl BodyLimits {
     }
 }
 
+/// The user a request is made by, from its `Authorization: Bearer` token: 401 when sign-in is on
+/// and the token is missing or not good; with sign-in off, the anonymous user.
+fn user(shared: Arc<Shared>) -> impl Filter<Extract = (User,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {
+        let shared = shared.clone();
+        async move {
+            let reject = |e| warp::reject::custom(ApiError::from(e));
+            let token = header.as_deref().map(bearer_token).transpose();
+            let token = token.map_err(reject)?;
+            shared.auth.authenticate(token).await.map_err(reject)
+        }
+    })
+}
+
 /// A JSON body within the [`BodyLimits`]: 413 above them, 400 when it is not JSON.
 fn json_body(
     limits: BodyLimits,
@@ -166,43 +185,66 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let limit = BodyLimits::new(&shared.config);
     let state = with_shared(shared.clone());
+    let user = || user(shared.clone());
     let conversation_path = || warp::path!("api" / "conversations" / String);
 
     let health = warp::path!("api" / "health")
         .and(warp::get())
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::health(&shared));
+    let register = warp::path!("api" / "auth" / "register")
+        .and(warp::post())
+        .and(state.clone())
+        .and(json_body(limit))
+        .then(rest::register);
+    let login = warp::path!("api" / "auth" / "login")
+        .and(warp::post())
+        .and(state.clone())
+        .and(warp::ext::optional::<ClientAddr>())
+        .and(json_body(limit))
+        .then(rest::login);
+    let me = warp::path!("api" / "me")
+        .and(warp::get())
+        .and(user())
+        .map(rest::me);
     let chat = warp::path!("api" / "chat")
         .and(warp::post())
         .and(state.clone())
+        .and(user())
         .and(json_body(limit))
         .then(rest::chat);
     let list = warp::path!("api" / "conversations")
         .and(warp::get())
         .and(state.clone())
+        .and(user())
         .and(warp::query::<rest::ListQuery>())
         .then(rest::list);
     let get = conversation_path()
         .and(warp::get())
         .and(state.clone())
-        .then(|id, shared| rest::get(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::get(shared, user, id));
     let delete = conversation_path()
         .and(warp::delete())
         .and(state.clone())
-        .then(|id, shared| rest::delete(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::delete(shared, user, id));
     let rename = conversation_path()
         .and(warp::patch())
         .and(state.clone())
+        .and(user())
         .and(json_body(limit))
-        .then(|id, shared, body| rest::rename(shared, id, body));
+        .then(|id, shared, user, body| rest::rename(shared, user, id, body));
     let stop = warp::path!("api" / "conversations" / String / "stop")
         .and(warp::post())
         .and(state.clone())
-        .then(|id, shared| rest::stop(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::stop(shared, user, id));
     let regenerate = warp::path!("api" / "conversations" / String / "regenerate")
         .and(warp::post())
         .and(state.clone())
-        .then(|id, shared| rest::regenerate(shared, id));
+        .and(user())
+        .then(|id, shared, user| rest::regenerate(shared, user, id));
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(state.clone())
@@ -211,7 +253,11 @@ pub fn routes(
     let page = web::routes(shared.config.web_client);
     let reference = openapi::routes();
 
-    let api = chat
+    let api = register
+        .or(login)
+        .unify()
+        .or(chat)
+        .unify()
         .or(list)
         .unify()
         .or(get)
@@ -226,6 +272,8 @@ pub fn routes(
         .unify()
         .map(|result: Result<Response, ApiError>| result.unwrap_or_else(|e| error_response(&e)));
     health
+        .or(me)
+        .unify()
         .or(api)
         .unify()
         .or(metrics)

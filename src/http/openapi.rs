@@ -126,12 +126,57 @@ pub struct AckError {
     pub error: ErrorBody,
 }
 
+/// The body of `POST /api/auth/register` and `POST /api/auth/login`.
+#[derive(ToSchema)]
+pub struct Credentials {
+    /// 1 to 64 characters, unique ignoring case.
+    #[schema(min_length = 1, max_length = 64)]
+    pub username: String,
+    /// At least 8 characters.
+    #[schema(min_length = 8)]
+    pub password: String,
+}
+
+/// A local account as its owner sees it.
+#[derive(ToSchema)]
+pub struct Account {
+    pub id: String,
+    pub username: String,
+}
+
+/// A signed-in local account: the token goes in `Authorization: Bearer`.
+#[derive(ToSchema)]
+pub struct SignedInAnswer {
+    pub token: String,
+    pub user: Account,
+}
+
+/// What a user has spent today (UTC) of the tokens their replies may use; 0 is no limit.
+#[derive(ToSchema)]
+#[schema(rename_all = "camelCase")]
+pub struct Usage {
+    pub tokens_today: u64,
+    pub daily_token_limit: u64,
+}
+
+/// The caller of `GET /api/me`.
+#[derive(ToSchema)]
+pub struct Me {
+    pub id: String,
+    /// Set for local accounts, and where the token names one.
+    pub username: Option<String>,
+    pub usage: Usage,
+}
+
 /// The document as the annotations make it; [`document`] adds what every route shares.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "ai-chat-server", description = include_str!("docs/description.md")),
     paths(
         rest::health,
+        rest::register,
+        rest::login,
+        rest::me,
         rest::chat,
         rest::list,
         rest::get,
@@ -156,6 +201,7 @@ pub struct AckError {
         AckError,
     )),
     tags(
+        (name = "accounts", description = "Local accounts and the caller (`AUTH_MODE`)"),
         (name = "chat", description = "Asking the model"),
         (name = "conversations", description = "Stored conversations"),
         (name = "real time", description = "The plain WebSocket; Socket.IO is at `/socket.io/`"),

@@ -60,6 +60,16 @@ impl<'a> Payload<'a> {
             .ok_or_else(|| ApiError::InvalidRequest("conversationId is required".into()))
     }
 
+    /// The `username` and `password` of a registration or sign-in, both required strings.
+    pub fn credentials(&self) -> Result<(String, String), ApiError> {
+        let required = |field: &str| {
+            self.optional_text(field)?
+                .map(str::to_owned)
+                .ok_or_else(|| ApiError::InvalidRequest(format!("{field} is required")))
+        };
+        Ok((required("username")?, required("password")?))
+    }
+
     /// The title of a rename.
     pub fn title(&self) -> Result<String, ApiError> {
         self.optional_text("title")?

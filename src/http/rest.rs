@@ -9,10 +9,13 @@ use utoipa::{IntoParams, ToSchema};
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
-use super::Shared;
 use super::error::{ApiError, ErrorBody};
-use super::openapi::{ChatReply, ChatRequest, ConversationPath, RenameRequest};
+use super::openapi::{
+    ChatReply, ChatRequest, ConversationPath, Credentials, Me, RenameRequest, SignedInAnswer,
+};
 use super::payload::Payload;
+use super::{ClientAddr, Shared};
+use crate::auth::{SignedIn, User};
 use crate::domain::{Conversation, Timestamp, validate_conversation_id};
 use crate::store::Page;
 
@@ -106,6 +109,71 @@ pub fn metrics(shared: &Shared) -> Response {
     .into_response()
 }
 
+/// Creates a local account (`AUTH_MODE=local`) and signs it in.
+#[utoipa::path(post, path = "/api/auth/register", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 201, description = "The account, signed in", body = SignedInAnswer),
+        (status = 400, description = "`INVALID_REQUEST`: a missing, empty or overlong username, or a password under 8 characters", body = ErrorBody),
+        (status = 403, description = "`FORBIDDEN`: registration is closed (`REGISTRATION=closed`)", body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: accounts are not kept by this server (`AUTH_MODE` is not `local`)", body = ErrorBody),
+        (status = 409, description = "`USERNAME_TAKEN`: another account has that username, ignoring case", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over `BODY_LIMIT_BYTES`", body = ErrorBody),
+    ))]
+pub async fn register(shared: Arc<Shared>, body: serde_json::Value) -> Result<Response, ApiError> {
+    let accounts = shared.accounts.as_ref().ok_or(ApiError::NotFound)?;
+    let payload = Payload::new(&body)?;
+    let (username, password) = payload.credentials()?;
+    let signed_in = accounts.register(&username, &password).await?;
+    Ok(signed_in_answer(signed_in, StatusCode::CREATED))
+}
+
+/// Signs in to a local account (`AUTH_MODE=local`): a token for `Authorization: Bearer`.
+#[utoipa::path(post, path = "/api/auth/login", tag = "accounts", request_body = Credentials,
+    responses(
+        (status = 200, description = "Signed in", body = SignedInAnswer),
+        (status = 400, description = "`INVALID_REQUEST`: a missing or empty username or password", body = ErrorBody),
+        (status = 401, description = "`UNAUTHORIZED`: the username or the password is wrong (never says which)", body = ErrorBody),
+        (status = 404, description = "`NOT_FOUND`: accounts are not kept by this server (`AUTH_MODE` is not `local`)", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over `BODY_LIMIT_BYTES`", body = ErrorBody),
+    ))]
+pub async fn login(
+    shared: Arc<Shared>,
+    client: Option<ClientAddr>,
+    body: serde_json::Value,
+) -> Result<Response, ApiError> {
+    let accounts = shared.accounts.as_ref().ok_or(ApiError::NotFound)?;
+    let payload = Payload::new(&body)?;
+    let (username, password) = payload.credentials()?;
+    let client = client.map(|c| c.0.ip());
+    let signed_in = accounts.login(client, &username, &password).await?;
+    Ok(signed_in_answer(signed_in, StatusCode::OK))
+}
+
+/// `{token, user: {id, username}}`.
+fn signed_in_answer(signed_in: SignedIn, status: StatusCode) -> Response {
+    let body = json!({
+        "token": signed_in.token,
+        "user": { "id": signed_in.user.id.as_str(), "username": signed_in.user.username },
+    });
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+/// Who the caller is, and what they have used today.
+#[utoipa::path(get, path = "/api/me", tag = "accounts",
+    responses(
+        (status = 200, description = "The caller", body = Me),
+    ))]
+pub fn me(user: User) -> Response {
+    let mut body = json!({
+        "id": user.id.as_str(),
+        "usage": { "tokensToday": 0, "dailyTokenLimit": 0 },
+    });
+    if let Some(username) = user.username {
+        body["username"] = username.into();
+    }
+    warp::reply::json(&body).into_response()
+}
+
 /// Sends a user message and answers, once the model is done, with its whole reply.
 #[utoipa::path(post, path = "/api/chat", tag = "chat", request_body = ChatRequest,
     responses(
@@ -116,11 +184,15 @@ pub fn metrics(shared: &Shared) -> Response {
         (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over `BODY_LIMIT_BYTES`", body = ErrorBody),
         (status = 502, description = "`UPSTREAM_ERROR`: the model failed or timed out", body = ErrorBody),
     ))]
-pub async fn chat(shared: Arc<Shared>, body: serde_json::Value) -> Result<Response, ApiError> {
+pub async fn chat(
+    shared: Arc<Shared>,
+    user: User,
+    body: serde_json::Value,
+) -> Result<Response, ApiError> {
     let payload = Payload::new(&body)?;
     let message = payload.message(shared.config.max_message_chars)?;
     let id = payload.optional_conversation_id()?;
-    let done = shared.conversations.chat(id, message).await?;
+    let done = shared.conversations.chat(&user.id, id, message).await?;
     // Built with `json!`, whose objects, nested ones too, keep their fields sorted, as this
     // answer has always had them.
     Ok(warp::reply::json(&json!({
@@ -149,12 +221,12 @@ pub struct ListQuery {
         (status = 200, description = "The conversations", body = Vec<Conversation>),
         (status = 400, description = "`INVALID_REQUEST`: a bad `limit` or `offset`", body = ErrorBody),
     ))]
-pub async fn list(shared: Arc<Shared>, query: ListQuery) -> Result<Response, ApiError> {
+pub async fn list(shared: Arc<Shared>, user: User, query: ListQuery) -> Result<Response, ApiError> {
     let page = Page {
         limit: query.limit,
         offset: query.offset.unwrap_or(0),
     };
-    let conversations = shared.conversations.list(page).await?;
+    let conversations = shared.conversations.list(&user.id, page).await?;
     Ok(warp::reply::json(&conversations).into_response())
 }
 
@@ -165,9 +237,9 @@ pub async fn list(shared: Arc<Shared>, query: ListQuery) -> Result<Response, Api
         (status = 400, description = "`INVALID_REQUEST`: a bad id", body = ErrorBody),
         (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
     ))]
-pub async fn get(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+pub async fn get(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
-    let conversation = shared.conversations.get(&id).await?;
+    let conversation = shared.conversations.get(&user.id, &id).await?;
     Ok(warp::reply::json(&conversation).into_response())
 }
 
@@ -178,9 +250,9 @@ pub async fn get(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> 
         (status = 400, description = "`INVALID_REQUEST`: a bad id", body = ErrorBody),
         (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
     ))]
-pub async fn delete(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
+pub async fn delete(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
-    shared.conversations.delete(&id).await?;
+    shared.conversations.delete(&user.id, &id).await?;
     Ok(warp::reply::json(&Notice {
         message: "Conversation deleted successfully",
     })
@@ -198,12 +270,13 @@ pub async fn delete(shared: Arc<Shared>, id: String) -> Result<Response, ApiErro
     ))]
 pub async fn rename(
     shared: Arc<Shared>,
+    user: User,
     id: String,
     body: serde_json::Value,
 ) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     let title = Payload::new(&body)?.title()?;
-    let conversation = shared.conversations.rename(&id, title).await?;
+    let conversation = shared.conversations.rename(&user.id, &id, title).await?;
     Ok(warp::reply::json(&conversation).into_response())
 }
 
@@ -214,8 +287,8 @@ pub async fn rename(
         (status = 400, description = "`INVALID_REQUEST`: a bad id", body = ErrorBody),
         (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
     ))]
-pub async fn stop(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
-    shared.conversations.stop_reply(&id).await?;
+pub async fn stop(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
+    shared.conversations.stop_reply(&user.id, &id).await?;
     Ok(warp::reply::json(&Stopped {
         conversation_id: id,
         message: "Generation stopped",
@@ -232,8 +305,8 @@ pub async fn stop(shared: Arc<Shared>, id: String) -> Result<Response, ApiError>
         (status = 404, description = "`CONVERSATION_NOT_FOUND`", body = ErrorBody),
         (status = 409, description = "`CONFLICT`: a reply is in progress", body = ErrorBody),
     ))]
-pub async fn regenerate(shared: Arc<Shared>, id: String) -> Result<Response, ApiError> {
-    let started = shared.conversations.regenerate(&id, None).await?;
+pub async fn regenerate(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
+    let started = shared.conversations.regenerate(&user.id, &id, None).await?;
     let body = ReplyRef {
         conversation_id: started.conversation_id,
         message_id: started.message_id,

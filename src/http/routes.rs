@@ -24,6 +24,9 @@ pub fn route_of(path: &str) -> Option<Route> {
     match segments.as_slice() {
         ["api", "health"] => route("/api/health", "GET"),
         ["api", "chat"] => route("/api/chat", "POST"),
+        ["api", "auth", "register"] => route("/api/auth/register", "POST"),
+        ["api", "auth", "login"] => route("/api/auth/login", "POST"),
+        ["api", "me"] => route("/api/me", "GET"),
         ["api", "conversations"] => route("/api/conversations", "GET"),
         ["api", "conversations", _] => route("/api/conversations/:id", "GET, PATCH, DELETE"),
         ["api", "conversations", _, "stop"] => route("/api/conversations/:id/stop", "POST"),

@@ -14,13 +14,31 @@ use super::limits::ReplyRate;
 use super::payload::Payload;
 use crate::actors::{Conversations, Subscriber, SubscriberInbox};
 use crate::config::Config;
+use crate::domain::UserId;
 use crate::metrics::Metrics;
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
+/// Waits until a connection's token expires, `lifetime` from now; forever when it has none.
+pub async fn token_expiry(lifetime: Option<std::time::Duration>) {
+    match lifetime {
+        Some(lifetime) => tokio::time::sleep(lifetime).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `error` event a connection gets as its token expires, just before it is closed.
+pub fn token_expired() -> std::sync::Arc<crate::actors::EncodedEvent> {
+    ApiError::from(crate::auth::AuthError::Expired)
+        .event()
+        .encode()
+}
+
 /// A connected client's state.
 pub struct Session {
     conversations: Conversations,
+    /// Who is connected: every request of the connection is made as this user.
+    user: UserId,
     subscriber: Subscriber,
     /// The conversations this connection is a member of, as their actors see it: joined, or
     /// where a `stream_chat` or `regenerate` of its own started a reply (a refused one joins
@@ -34,15 +52,16 @@ pub struct Session {
 }
 
 impl Session {
-    /// A new session and the inbox its transport writes out from. Until the session is closed
-    /// or dropped, shutdown counts the connection as open.
-    pub fn open(shared: &Shared) -> (Session, SubscriberInbox) {
+    /// A new session of `user` and the inbox its transport writes out from. Until the session
+    /// is closed or dropped, shutdown counts the connection as open.
+    pub fn open(shared: &Shared, user: UserId) -> (Session, SubscriberInbox) {
         let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         let config = shared.config.clone();
         let (subscriber, inbox) = Subscriber::new(id, config.subscriber_queue);
         shared.metrics.connection_opened();
         let session = Session {
             conversations: shared.conversations.clone(),
+            user,
             subscriber,
             joined: HashSet::new(),
             replies: ReplyRate::new(config.rt_messages_per_minute),
@@ -67,14 +86,16 @@ impl Session {
                 let resume = payload.resume()?;
                 self.check_join_limit(&id)?;
                 let subscriber = self.subscriber.clone();
-                self.conversations.join(&id, subscriber, resume).await?;
+                self.conversations
+                    .join(&self.user, &id, subscriber, resume)
+                    .await?;
                 self.joined.insert(id.clone());
                 Ok(json!({ "conversationId": id }))
             }
             "leave_conversation" => {
                 let id = Payload::new(data)?.conversation_id()?;
                 if self.joined.remove(&id) {
-                    self.conversations.leave(&id, self.id()).await;
+                    self.conversations.leave(&self.user, &id, self.id()).await;
                 }
                 Ok(json!({ "conversationId": id }))
             }
@@ -89,7 +110,10 @@ impl Session {
                 }
                 self.replies.check()?;
                 let sender = Some(self.subscriber.clone());
-                let started = self.conversations.stream_chat(id, message, sender).await?;
+                let started = self
+                    .conversations
+                    .stream_chat(&self.user, id, message, sender)
+                    .await?;
                 self.joined.insert(started.conversation_id.clone());
                 Ok(json!({
                     "conversationId": started.conversation_id,
@@ -98,7 +122,7 @@ impl Session {
             }
             "stop_generation" => {
                 let id = Payload::new(data)?.conversation_id()?;
-                self.conversations.stop_reply(&id).await?;
+                self.conversations.stop_reply(&self.user, &id).await?;
                 Ok(json!({ "conversationId": id }))
             }
             "regenerate" => {
@@ -106,7 +130,10 @@ impl Session {
                 self.check_join_limit(&id)?;
                 self.replies.check()?;
                 let sender = Some(self.subscriber.clone());
-                let started = self.conversations.regenerate(&id, sender).await?;
+                let started = self
+                    .conversations
+                    .regenerate(&self.user, &id, sender)
+                    .await?;
                 self.joined.insert(id);
                 Ok(json!({
                     "conversationId": started.conversation_id,
@@ -138,7 +165,11 @@ impl Session {
             return;
         }
         let subscriber = self.subscriber.clone();
-        if let Err(e) = self.conversations.join(&id, subscriber, None).await {
+        if let Err(e) = self
+            .conversations
+            .join(&self.user, &id, subscriber, None)
+            .await
+        {
             tracing::warn!(connection = self.id(), conversation = %id, error = %e, "rejoin failed");
             self.joined.remove(&id);
         }
@@ -147,7 +178,9 @@ impl Session {
     /// Leaves every conversation; the connection is gone.
     pub async fn close(self) {
         for id in &self.joined {
-            self.conversations.leave(id, self.subscriber.id()).await;
+            self.conversations
+                .leave(&self.user, id, self.subscriber.id())
+                .await;
         }
         self.metrics.connection_closed();
     }

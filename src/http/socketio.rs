@@ -12,6 +12,8 @@
 //! nothing for `SEND_TIMEOUT_MS` is disconnected.
 
 use std::collections::VecDeque;
+use std::fmt::Display;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use serde_json::json;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, Event, TryData};
 use socketioxide::handler::{
-    ConnectHandler, FromMessageParts, MessageHandler, Value as PacketValue,
+    ConnectHandler, FromConnectParts, FromMessageParts, MessageHandler, Value as PacketValue,
 };
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
@@ -30,10 +32,11 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
 
 use super::error::ApiError;
-use super::session::Session;
+use super::session::{Session, token_expired, token_expiry};
 use super::{ClientAddr, FAREWELL_TIMEOUT, Shared};
 use crate::actors::EncodedEvent;
 use crate::actors::outbox::Outbox;
+use crate::auth::User;
 
 /// Client events one socket may have waiting to be handled; more are refused with an `error`.
 const PENDING_EVENTS: usize = 1024;
@@ -115,7 +118,42 @@ struct OnConnect(Arc<Shared>);
 struct Direct;
 
 impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
+    /// Checks the handshake's `auth: {token}` before the socket is connected: a missing or bad
+    /// token is refused with a `connect_error` whose message begins with the code
+    /// (`UNAUTHORIZED: token expired`); socketioxide sends a message alone, no data.
+    fn call_middleware<'a>(
+        &'a self,
+        socket: Arc<Socket>,
+        auth: &'a Option<PacketValue>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Box<dyn Display + Send>>> + Send + 'a>> {
+        let Ok(TryData(payload)) = TryData::<serde_json::Value>::from_connect_parts(&socket, auth);
+        Box::pin(async move {
+            let token = payload.ok();
+            let token = token
+                .as_ref()
+                .and_then(|p| p.get("token"))
+                .and_then(|t| t.as_str());
+            match self.0.auth.authenticate(token).await {
+                Ok(user) => {
+                    socket.extensions.insert(user);
+                    Ok(())
+                }
+                Err(e) => {
+                    let error = ApiError::from(e);
+                    let refusal: Box<dyn Display + Send> =
+                        Box::new(format!("{}: {}", error.code(), error));
+                    Err(refusal)
+                }
+            }
+        })
+    }
+
     fn call(&self, socket: Arc<Socket>, _auth: Option<PacketValue>) {
+        // The middleware let the socket in only once it had put its user here.
+        let Some(user) = socket.extensions.get::<User>() else {
+            let _ = socket.disconnect();
+            return;
+        };
         let client = socket.req_parts().extensions.get::<ClientAddr>().copied();
         let permit = match client.map(|c| self.0.connection_limit.open(c.0.ip())) {
             Some(Err(error)) => {
@@ -133,7 +171,7 @@ impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
         });
         let shared = self.0.clone();
         tokio::spawn(async move {
-            serve(socket, events, shared).await;
+            serve(socket, user, events, shared).await;
             drop(permit);
         });
     }
@@ -164,8 +202,15 @@ impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
 }
 
 /// Serves one socket until it disconnects, is too slow, or the server shuts down.
-async fn serve(socket: Arc<Socket>, mut incoming: mpsc::Receiver<Incoming>, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(&shared);
+async fn serve(
+    socket: Arc<Socket>,
+    user: User,
+    mut incoming: mpsc::Receiver<Incoming>,
+    shared: Arc<Shared>,
+) {
+    let expiry = token_expiry(user.token_lifetime());
+    tokio::pin!(expiry);
+    let (mut session, mut inbox) = Session::open(&shared, user.id);
     tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
     let shutdown = shared.shutdown.clone();
     let send_timeout = shared.config.send_timeout;
@@ -192,6 +237,11 @@ async fn serve(socket: Arc<Socket>, mut incoming: mpsc::Receiver<Incoming>, shar
                 Ok(())
             }
             _ = inbox.dropped.cancelled() => break true,
+            () = &mut expiry => {
+                let _ = emit(&socket, &token_expired());
+                disconnect(socket.clone()).await;
+                break false;
+            }
             _ = shutdown.cancelled() => {
                 let farewell = refused.flush(&socket, &mut inbox.events);
                 let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -26,14 +27,17 @@ use warp::{Filter, Rejection};
 
 use super::error::ApiError;
 use super::payload::parse_json;
-use super::session::Session;
+use super::session::{Session, token_expired, token_expiry};
 use super::{ClientAddr, FAREWELL_TIMEOUT, Shared, error_response};
 use crate::actors::EncodedEvent;
+use crate::auth::{AuthError, User, bearer_token};
 
 /// Close code for a client that could not keep up with its events.
 const CLOSE_TOO_SLOW: u16 = 1008;
 /// Close code for a frame over the size limit (or otherwise unreadable).
 const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code for a connection whose token has expired (a policy violation).
+const CLOSE_EXPIRED: u16 = 1008;
 /// Close code when the server shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
 /// Bytes read from the socket at a time; larger frames grow the buffer as they arrive.
@@ -64,16 +68,27 @@ impl PendingUpgrade {
     }
 }
 
-/// `GET /ws`: checks the handshake, answers 101 and serves the connection.
+/// The query of `/ws`: browsers cannot set headers on a WebSocket, so the token may come here.
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+}
+
+/// `GET /ws`: checks the handshake and who it is from, answers 101 and serves the connection.
 pub fn route(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("ws")
         .and(warp::get())
         .and(warp::header::headers_cloned())
+        .and(warp::query::<WsQuery>())
         .and(warp::ext::optional::<PendingUpgrade>())
         .and(warp::ext::optional::<ClientAddr>())
-        .map(move |headers, pending, client| {
-            upgrade(&headers, pending, client, shared.clone())
-                .unwrap_or_else(|e| error_response(&e))
+        .then(move |headers: HeaderMap, query: WsQuery, pending, client| {
+            let shared = shared.clone();
+            async move {
+                upgrade(&headers, query.token, pending, client, shared)
+                    .await
+                    .unwrap_or_else(|e| error_response(&e))
+            }
         })
 }
 
@@ -86,8 +101,26 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
         .any(|v| v.trim().eq_ignore_ascii_case(token))
 }
 
-fn upgrade(
+/// The user a handshake is from: its `Authorization: Bearer` header, or else its `?token=`.
+async fn handshake_user(
+    shared: &Shared,
     headers: &HeaderMap,
+    query_token: Option<String>,
+) -> Result<User, ApiError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().map_err(|_| AuthError::Malformed))
+        .transpose()?;
+    let token = match header {
+        Some(header) => Some(bearer_token(header)?),
+        None => query_token.as_deref(),
+    };
+    Ok(shared.auth.authenticate(token).await?)
+}
+
+async fn upgrade(
+    headers: &HeaderMap,
+    query_token: Option<String>,
     pending: Option<PendingUpgrade>,
     client: Option<ClientAddr>,
     shared: Arc<Shared>,
@@ -99,6 +132,7 @@ fn upgrade(
         .filter(|_| header_has(headers, header::UPGRADE, "websocket"))
         .filter(|_| header_has(headers, header::SEC_WEBSOCKET_VERSION, "13"))
         .ok_or_else(not_websocket)?;
+    let user = handshake_user(&shared, headers, query_token).await?;
     let on_upgrade = pending.and_then(|p| p.take()).ok_or_else(not_websocket)?;
     let permit = match client {
         Some(ClientAddr(addr)) => Some(shared.connection_limit.open(addr.ip())?),
@@ -116,7 +150,7 @@ fn upgrade(
                     .max_message_size(limit);
                 let io = TokioIo::new(upgraded);
                 let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                serve(socket, shared).await;
+                serve(socket, user, shared).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
@@ -140,8 +174,10 @@ fn text(event: &EncodedEvent) -> Message {
 }
 
 /// Serves one upgraded connection until either side closes it.
-async fn serve(socket: Socket, shared: Arc<Shared>) {
-    let (mut session, mut inbox) = Session::open(&shared);
+async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
+    let expiry = token_expiry(user.token_lifetime());
+    tokio::pin!(expiry);
+    let (mut session, mut inbox) = Session::open(&shared, user.id);
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
     let send_timeout = shared.config.send_timeout;
@@ -209,6 +245,11 @@ async fn serve(socket: Socket, shared: Arc<Shared>) {
             _ = inbox.dropped.cancelled() => {
                 let farewell = sink.send(close(CLOSE_TOO_SLOW, "too slow"));
                 let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
+                break;
+            }
+            () = &mut expiry => {
+                let farewell = vec![text(&token_expired()), close(CLOSE_EXPIRED, "token expired")];
+                write(&mut sink, farewell, &inbox.dropped, send_timeout).await;
                 break;
             }
             _ = shutdown.cancelled() => {

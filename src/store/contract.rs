@@ -3,12 +3,15 @@
 //! Each check is a function of a fresh, empty store; `contract!` runs all of them as tests of one
 //! store, so a store joins the suite with one line at the end of this file.
 
-use super::{ConversationStore, Durability, MemoryStore, Page, SqliteStore, StoreError};
-use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
+use super::{
+    Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, SqliteStore, Store,
+    StoreError,
+};
+use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
 
 /// A fresh, empty store, and what it needs kept while it is used (such as its database folder).
 struct Fresh {
-    store: Box<dyn ConversationStore>,
+    store: Box<dyn Store>,
     _kept: Box<dyn Send>,
 }
 
@@ -34,6 +37,12 @@ macro_rules! contract {
                 a_deleted_conversation_is_gone_with_its_messages,
                 streaming_replies_are_marked_interrupted,
                 marking_one_conversation_interrupted_changes_only_its_streaming_replies,
+                two_owners_may_use_the_same_id_without_meeting,
+                an_owner_lists_only_its_own_conversations,
+                an_owner_cannot_change_another_owners_conversation,
+                the_anonymous_user_is_an_owner_like_any_other,
+                an_account_is_found_by_its_username_in_any_case,
+                a_username_taken_in_another_case_is_refused,
             );
         }
     };
@@ -62,6 +71,16 @@ async fn fresh_sqlite() -> Fresh {
         store: Box::new(SqliteStore::open(&url, Durability::Normal).await.unwrap()),
         _kept: Box::new(dir),
     }
+}
+
+/// The owner of the conversations most checks store.
+fn ann() -> UserId {
+    UserId::new("ann")
+}
+
+/// Another owner.
+fn bob() -> UserId {
+    UserId::new("bob")
 }
 
 fn at(millis: i64) -> Timestamp {
@@ -96,11 +115,11 @@ fn streaming(conversation_id: &str, content: &str, timestamp: i64) -> Message {
 }
 
 async fn stored(store: &dyn ConversationStore, id: &str) -> Conversation {
-    store.load_conversation(id).await.unwrap().unwrap()
+    store.load_conversation(&ann(), id).await.unwrap().unwrap()
 }
 
 async fn listed_ids(store: &dyn ConversationStore, page: Page) -> Vec<String> {
-    let listed = store.list_conversations(page).await.unwrap();
+    let listed = store.list_conversations(&ann(), page).await.unwrap();
     listed.into_iter().map(|c| c.id).collect()
 }
 
@@ -114,51 +133,60 @@ async fn a_created_conversation_loads_as_it_was(store: &dyn ConversationStore) {
         },
         streaming("a", "", 1_000),
     ];
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
     assert_eq!(stored(store, "a").await, a);
 }
 
 async fn an_unknown_conversation_loads_as_none(store: &dyn ConversationStore) {
     store
-        .create_conversation(&conversation("a", "first", 1_000))
+        .create_conversation(&ann(), &conversation("a", "first", 1_000))
         .await
         .unwrap();
-    assert_eq!(store.load_conversation("b").await, Ok(None));
+    assert_eq!(store.load_conversation(&ann(), "b").await, Ok(None));
 }
 
 async fn a_conversation_id_already_stored_is_refused(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     a.messages.push(message("a", Role::User, "question", 1_000));
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
 
     let mut again = conversation("a", "second", 2_000);
     again
         .messages
         .push(message("a", Role::User, "another", 2_000));
     assert_eq!(
-        store.create_conversation(&again).await,
+        store.create_conversation(&ann(), &again).await,
         Err(StoreError::AlreadyExists)
     );
     assert_eq!(stored(store, "a").await, a);
-    let listed = store.list_conversations(Page::default()).await.unwrap();
+    let listed = store
+        .list_conversations(&ann(), Page::default())
+        .await
+        .unwrap();
     assert_eq!(listed, [a]);
 }
 
 async fn conversations_are_listed_most_recently_updated_first(store: &dyn ConversationStore) {
     for (id, updated_at) in [("a", 1_000), ("b", 3_000), ("c", 2_000), ("d", 2_000)] {
         store
-            .create_conversation(&conversation(id, id, updated_at))
+            .create_conversation(&ann(), &conversation(id, id, updated_at))
             .await
             .unwrap();
     }
     let question = message("a", Role::User, "question", 4_000);
-    store.save_message(&question, at(4_000)).await.unwrap();
+    store
+        .save_message(&ann(), &question, at(4_000))
+        .await
+        .unwrap();
     // Ties go to the greater id first.
     assert_eq!(
         listed_ids(store, Page::default()).await,
         ["a", "b", "d", "c"]
     );
-    let listed = store.list_conversations(Page::default()).await.unwrap();
+    let listed = store
+        .list_conversations(&ann(), Page::default())
+        .await
+        .unwrap();
     assert_eq!(listed[0], stored(store, "a").await);
     assert_eq!(listed[0].messages, [question]);
 }
@@ -168,7 +196,7 @@ async fn a_page_is_a_slice_of_the_listing(store: &dyn ConversationStore) {
     for (id, updated_at) in [("a", 1_000), ("b", 2_000), ("c", 3_000)] {
         let mut c = conversation(id, id, updated_at);
         c.messages.push(message(id, Role::User, id, updated_at));
-        store.create_conversation(&c).await.unwrap();
+        store.create_conversation(&ann(), &c).await.unwrap();
     }
     let page = |limit, offset| Page { limit, offset };
     assert_eq!(listed_ids(store, page(Some(2), 0)).await, ["c", "b"]);
@@ -182,22 +210,28 @@ async fn a_page_is_a_slice_of_the_listing(store: &dyn ConversationStore) {
             .await
             .is_empty()
     );
-    let listed = store.list_conversations(page(Some(1), 1)).await.unwrap();
+    let listed = store
+        .list_conversations(&ann(), page(Some(1), 1))
+        .await
+        .unwrap();
     assert_eq!(listed, [stored(store, "b").await]);
 }
 
 async fn saved_messages_are_added_in_order_and_move_updated_at(store: &dyn ConversationStore) {
     store
-        .create_conversation(&conversation("a", "first", 1_000))
+        .create_conversation(&ann(), &conversation("a", "first", 1_000))
         .await
         .unwrap();
     let question = message("a", Role::User, "question", 2_000);
-    store.save_message(&question, at(2_000)).await.unwrap();
+    store
+        .save_message(&ann(), &question, at(2_000))
+        .await
+        .unwrap();
     let pair = [
         message("a", Role::User, "again", 3_000),
         streaming("a", "", 3_000),
     ];
-    store.save_messages(&pair, at(3_001)).await.unwrap();
+    store.save_messages(&ann(), &pair, at(3_001)).await.unwrap();
 
     let a = stored(store, "a").await;
     assert_eq!(a.messages, [question, pair[0].clone(), pair[1].clone()]);
@@ -209,17 +243,17 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
     store: &dyn ConversationStore,
 ) {
     store
-        .create_conversation(&conversation("a", "first", 1_000))
+        .create_conversation(&ann(), &conversation("a", "first", 1_000))
         .await
         .unwrap();
     let question = message("a", Role::User, "question", 2_000);
     let mut reply = streaming("a", "par", 2_000);
     store
-        .save_messages(&[question.clone(), reply.clone()], at(2_000))
+        .save_messages(&ann(), &[question.clone(), reply.clone()], at(2_000))
         .await
         .unwrap();
     let later = message("a", Role::User, "later", 2_500);
-    store.save_message(&later, at(2_500)).await.unwrap();
+    store.save_message(&ann(), &later, at(2_500)).await.unwrap();
 
     // Only the content and status change: the message keeps its place, role and time.
     let saved = Message {
@@ -229,7 +263,7 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
         role: Role::User,
         ..reply.clone()
     };
-    store.save_message(&saved, at(3_000)).await.unwrap();
+    store.save_message(&ann(), &saved, at(3_000)).await.unwrap();
     reply.content = saved.content;
     reply.status = saved.status;
 
@@ -240,8 +274,8 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
 
 async fn nothing_to_save_changes_nothing(store: &dyn ConversationStore) {
     let a = conversation("a", "first", 1_000);
-    store.create_conversation(&a).await.unwrap();
-    store.save_messages(&[], at(2_000)).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
+    store.save_messages(&ann(), &[], at(2_000)).await.unwrap();
     assert_eq!(stored(store, "a").await, a);
 }
 
@@ -249,10 +283,10 @@ async fn messages_for_an_unknown_conversation_are_refused_and_not_stored(
     store: &dyn ConversationStore,
 ) {
     let a = conversation("a", "first", 1_000);
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
     let orphan = message("b", Role::User, "lost", 2_000);
     assert_eq!(
-        store.save_message(&orphan, at(2_000)).await,
+        store.save_message(&ann(), &orphan, at(2_000)).await,
         Err(StoreError::NotFound)
     );
     let orphans = [
@@ -260,11 +294,14 @@ async fn messages_for_an_unknown_conversation_are_refused_and_not_stored(
         streaming("b", "", 2_000),
     ];
     assert_eq!(
-        store.save_messages(&orphans, at(2_000)).await,
+        store.save_messages(&ann(), &orphans, at(2_000)).await,
         Err(StoreError::NotFound)
     );
-    assert_eq!(store.load_conversation("b").await, Ok(None));
-    let listed = store.list_conversations(Page::default()).await.unwrap();
+    assert_eq!(store.load_conversation(&ann(), "b").await, Ok(None));
+    let listed = store
+        .list_conversations(&ann(), Page::default())
+        .await
+        .unwrap();
     assert_eq!(listed, [a]);
 }
 
@@ -274,16 +311,22 @@ async fn a_deleted_message_is_gone_and_moves_updated_at(store: &dyn Conversation
         message("a", Role::User, "question", 1_000),
         streaming("a", "", 1_000),
     ];
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
     let reply = &a.messages[1].id;
 
-    store.delete_message("a", reply, at(2_000)).await.unwrap();
+    store
+        .delete_message(&ann(), "a", reply, at(2_000))
+        .await
+        .unwrap();
     let loaded = stored(store, "a").await;
     assert_eq!(loaded.messages, a.messages[..1]);
     assert_eq!(loaded.updated_at, at(2_000));
 
     // A message that is not there: nothing to remove, and the time still moves.
-    store.delete_message("a", reply, at(3_000)).await.unwrap();
+    store
+        .delete_message(&ann(), "a", reply, at(3_000))
+        .await
+        .unwrap();
     let loaded = stored(store, "a").await;
     assert_eq!(loaded.messages, a.messages[..1]);
     assert_eq!(loaded.updated_at, at(3_000));
@@ -293,9 +336,11 @@ async fn deleting_a_message_of_an_unknown_conversation_is_not_found(store: &dyn 
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages.push(question.clone());
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
     assert_eq!(
-        store.delete_message("b", &question.id, at(2_000)).await,
+        store
+            .delete_message(&ann(), "b", &question.id, at(2_000))
+            .await,
         Err(StoreError::NotFound)
     );
     assert_eq!(stored(store, "a").await, a);
@@ -304,9 +349,9 @@ async fn deleting_a_message_of_an_unknown_conversation_is_not_found(store: &dyn 
 async fn a_renamed_conversation_keeps_its_messages(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     a.messages.push(message("a", Role::User, "question", 1_000));
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
     store
-        .rename_conversation("a", "renamed", at(2_000))
+        .rename_conversation(&ann(), "a", "renamed", at(2_000))
         .await
         .unwrap();
     a.title = "renamed".into();
@@ -316,32 +361,34 @@ async fn a_renamed_conversation_keeps_its_messages(store: &dyn ConversationStore
 
 async fn renaming_an_unknown_conversation_is_not_found(store: &dyn ConversationStore) {
     assert_eq!(
-        store.rename_conversation("a", "renamed", at(2_000)).await,
+        store
+            .rename_conversation(&ann(), "a", "renamed", at(2_000))
+            .await,
         Err(StoreError::NotFound)
     );
-    assert_eq!(store.load_conversation("a").await, Ok(None));
+    assert_eq!(store.load_conversation(&ann(), "a").await, Ok(None));
 }
 
 async fn a_deleted_conversation_is_gone_with_its_messages(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages.push(question.clone());
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
     let b = conversation("b", "second", 1_000);
-    store.create_conversation(&b).await.unwrap();
+    store.create_conversation(&ann(), &b).await.unwrap();
 
-    assert_eq!(store.delete_conversation("a").await, Ok(true));
-    assert_eq!(store.delete_conversation("a").await, Ok(false));
-    assert_eq!(store.load_conversation("a").await, Ok(None));
+    assert_eq!(store.delete_conversation(&ann(), "a").await, Ok(true));
+    assert_eq!(store.delete_conversation(&ann(), "a").await, Ok(false));
+    assert_eq!(store.load_conversation(&ann(), "a").await, Ok(None));
     assert_eq!(listed_ids(store, Page::default()).await, ["b"]);
     assert_eq!(
-        store.save_message(&question, at(2_000)).await,
+        store.save_message(&ann(), &question, at(2_000)).await,
         Err(StoreError::NotFound)
     );
 
     // The id is free again, and its messages went with it.
     let again = conversation("a", "again", 3_000);
-    store.create_conversation(&again).await.unwrap();
+    store.create_conversation(&ann(), &again).await.unwrap();
     assert_eq!(stored(store, "a").await, again);
 }
 
@@ -352,7 +399,7 @@ async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore)
         message("a", Role::User, "question", 1_000),
         streaming("a", "partial", 1_000),
     ];
-    store.create_conversation(&a).await.unwrap();
+    store.create_conversation(&ann(), &a).await.unwrap();
     let mut b = conversation("b", "second", 2_000);
     b.messages = vec![
         Message {
@@ -361,7 +408,7 @@ async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore)
         },
         streaming("b", "", 2_000),
     ];
-    store.create_conversation(&b).await.unwrap();
+    store.create_conversation(&ann(), &b).await.unwrap();
 
     assert_eq!(store.mark_interrupted().await, Ok(2));
     for mut expected in [a, b] {
@@ -386,16 +433,169 @@ async fn marking_one_conversation_interrupted_changes_only_its_streaming_replies
                 ..message(id, Role::Assistant, "done", at)
             },
         ];
-        store.create_conversation(&c).await.unwrap();
+        store.create_conversation(&ann(), &c).await.unwrap();
         expected.push(c);
     }
-    assert_eq!(store.mark_interrupted_in("a").await, Ok(1));
-    assert_eq!(store.mark_interrupted_in("a").await, Ok(0));
-    assert_eq!(store.mark_interrupted_in("unknown").await, Ok(0));
+    assert_eq!(store.mark_interrupted_in(&ann(), "a").await, Ok(1));
+    assert_eq!(store.mark_interrupted_in(&ann(), "a").await, Ok(0));
+    assert_eq!(store.mark_interrupted_in(&ann(), "unknown").await, Ok(0));
     expected[0].messages[0].status = Some(MessageStatus::Error);
     for c in expected {
         assert_eq!(stored(store, &c.id).await, c);
     }
+}
+
+async fn two_owners_may_use_the_same_id_without_meeting(store: &dyn ConversationStore) {
+    let mut ann_c = conversation("c", "ann's", 1_000);
+    ann_c
+        .messages
+        .push(message("c", Role::User, "from ann", 1_000));
+    store.create_conversation(&ann(), &ann_c).await.unwrap();
+    let mut bob_c = conversation("c", "bob's", 2_000);
+    bob_c
+        .messages
+        .push(message("c", Role::User, "from bob", 2_000));
+    store.create_conversation(&bob(), &bob_c).await.unwrap();
+
+    let reply = streaming("c", "", 3_000);
+    store.save_message(&bob(), &reply, at(3_000)).await.unwrap();
+    bob_c.messages.push(reply);
+    bob_c.updated_at = at(3_000);
+    assert_eq!(stored(store, "c").await, ann_c);
+    assert_eq!(
+        store.load_conversation(&bob(), "c").await,
+        Ok(Some(bob_c.clone()))
+    );
+
+    assert_eq!(store.mark_interrupted_in(&ann(), "c").await, Ok(0));
+    assert_eq!(store.delete_conversation(&ann(), "c").await, Ok(true));
+    assert_eq!(store.load_conversation(&ann(), "c").await, Ok(None));
+    assert_eq!(store.load_conversation(&bob(), "c").await, Ok(Some(bob_c)));
+}
+
+async fn an_owner_lists_only_its_own_conversations(store: &dyn ConversationStore) {
+    for (owner, id, updated_at) in [
+        (ann(), "a1", 1_000),
+        (bob(), "b1", 2_000),
+        (ann(), "a2", 3_000),
+        (bob(), "b2", 4_000),
+    ] {
+        let mut c = conversation(id, id, updated_at);
+        c.messages.push(message(id, Role::User, id, updated_at));
+        store.create_conversation(&owner, &c).await.unwrap();
+    }
+    assert_eq!(listed_ids(store, Page::default()).await, ["a2", "a1"]);
+    let page = Page {
+        limit: Some(1),
+        offset: 1,
+    };
+    assert_eq!(listed_ids(store, page).await, ["a1"]);
+    let bobs = store
+        .list_conversations(&bob(), Page::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        bobs.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["b2", "b1"]
+    );
+    assert!(
+        bobs.iter()
+            .all(|c| c.messages.len() == 1 && c.messages[0].content == c.id)
+    );
+    let nobody = UserId::new("carol");
+    assert!(
+        store
+            .list_conversations(&nobody, Page::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn an_owner_cannot_change_another_owners_conversation(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    let question = message("a", Role::User, "question", 1_000);
+    a.messages = vec![question.clone(), streaming("a", "partial", 1_000)];
+    store.create_conversation(&ann(), &a).await.unwrap();
+
+    let bob = bob();
+    let intruder = message("a", Role::User, "hello", 2_000);
+    assert_eq!(
+        store.save_message(&bob, &intruder, at(2_000)).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(
+        store
+            .rename_conversation(&bob, "a", "mine", at(2_000))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(
+        store
+            .delete_message(&bob, "a", &question.id, at(2_000))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(store.mark_interrupted_in(&bob, "a").await, Ok(0));
+    assert_eq!(store.delete_conversation(&bob, "a").await, Ok(false));
+    assert_eq!(store.load_conversation(&bob, "a").await, Ok(None));
+    assert_eq!(stored(store, "a").await, a);
+}
+
+async fn the_anonymous_user_is_an_owner_like_any_other(store: &dyn ConversationStore) {
+    let anonymous = UserId::anonymous();
+    let a = conversation("a", "anonymous", 1_000);
+    store.create_conversation(&anonymous, &a).await.unwrap();
+    assert_eq!(
+        store.load_conversation(&anonymous, "a").await,
+        Ok(Some(a.clone()))
+    );
+    assert_eq!(store.load_conversation(&ann(), "a").await, Ok(None));
+    assert_eq!(
+        store.list_conversations(&anonymous, Page::default()).await,
+        Ok(vec![a])
+    );
+    assert!(listed_ids(store, Page::default()).await.is_empty());
+}
+
+/// An account named `username`.
+fn account(id: &str, username: &str) -> Account {
+    Account {
+        id: UserId::new(id),
+        username: username.into(),
+        password_hash: format!("$argon2id$v=19$m=19456,t=2,p=1$salt-of-{id}$hash"),
+        created_at: at(1_000),
+    }
+}
+
+async fn an_account_is_found_by_its_username_in_any_case(store: &dyn AccountStore) {
+    assert_eq!(store.find_account("Ann").await, Ok(None));
+    let ann = account("u1", "Ann");
+    store.create_account(&ann).await.unwrap();
+    store.create_account(&account("u2", "Bob")).await.unwrap();
+    for name in ["Ann", "ann", "ANN"] {
+        assert_eq!(
+            store.find_account(name).await,
+            Ok(Some(ann.clone())),
+            "{name}"
+        );
+    }
+    assert_eq!(store.find_account("Anne").await, Ok(None));
+}
+
+async fn a_username_taken_in_another_case_is_refused(store: &dyn AccountStore) {
+    let ann = account("u1", "Ann");
+    store.create_account(&ann).await.unwrap();
+    assert_eq!(
+        store.create_account(&account("u2", "aNN")).await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(
+        store.create_account(&account("u1", "Someone")).await,
+        Err(StoreError::AlreadyExists)
+    );
+    assert_eq!(store.find_account("ann").await, Ok(Some(ann)));
+    assert_eq!(store.find_account("someone").await, Ok(None));
 }
 
 contract!(memory => fresh_memory);

@@ -6,13 +6,18 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
-use super::{ConversationStore, Page, StoreError};
-use crate::domain::{Conversation, Message, MessageStatus, Timestamp};
+use super::{Account, AccountStore, ConversationStore, Page, StoreError, username_key};
+use crate::domain::{Conversation, Message, MessageStatus, Timestamp, UserId};
+
+/// A conversation's place in the map: its owner and its id.
+type Key = (UserId, String);
 
 /// Conversations in a map, for tests and for `DATABASE_URL=memory`.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    conversations: RwLock<HashMap<String, Conversation>>,
+    conversations: RwLock<HashMap<Key, Conversation>>,
+    /// Accounts by [`username_key`].
+    accounts: RwLock<HashMap<String, Account>>,
 }
 
 impl MemoryStore {
@@ -23,7 +28,7 @@ impl MemoryStore {
 
     fn write<T>(
         &self,
-        f: impl FnOnce(&mut HashMap<String, Conversation>) -> T,
+        f: impl FnOnce(&mut HashMap<Key, Conversation>) -> T,
     ) -> Result<T, StoreError> {
         let mut map = self
             .conversations
@@ -32,10 +37,7 @@ impl MemoryStore {
         Ok(f(&mut map))
     }
 
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&HashMap<String, Conversation>) -> T,
-    ) -> Result<T, StoreError> {
+    fn read<T>(&self, f: impl FnOnce(&HashMap<Key, Conversation>) -> T) -> Result<T, StoreError> {
         let map = self
             .conversations
             .read()
@@ -45,11 +47,12 @@ impl MemoryStore {
 
     fn update(
         &self,
+        owner: &UserId,
         id: &str,
         updated_at: Timestamp,
         change: impl FnOnce(&mut Conversation),
     ) -> Result<(), StoreError> {
-        self.write(|map| match map.get_mut(id) {
+        self.write(|map| match map.get_mut(&key(owner, id)) {
             Some(conversation) => {
                 change(conversation);
                 conversation.updated_at = updated_at;
@@ -62,8 +65,12 @@ impl MemoryStore {
 
 #[async_trait]
 impl ConversationStore for MemoryStore {
-    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError> {
-        self.write(|map| match map.entry(conversation.id.clone()) {
+    async fn create_conversation(
+        &self,
+        owner: &UserId,
+        conversation: &Conversation,
+    ) -> Result<(), StoreError> {
+        self.write(|map| match map.entry(key(owner, &conversation.id)) {
             Entry::Occupied(_) => Err(StoreError::AlreadyExists),
             Entry::Vacant(slot) => {
                 slot.insert(conversation.clone());
@@ -72,13 +79,25 @@ impl ConversationStore for MemoryStore {
         })?
     }
 
-    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
-        self.read(|map| map.get(id).cloned())
+    async fn load_conversation(
+        &self,
+        owner: &UserId,
+        id: &str,
+    ) -> Result<Option<Conversation>, StoreError> {
+        self.read(|map| map.get(&key(owner, id)).cloned())
     }
 
-    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, StoreError> {
+    async fn list_conversations(
+        &self,
+        owner: &UserId,
+        page: Page,
+    ) -> Result<Vec<Conversation>, StoreError> {
         self.read(|map| {
-            let mut all: Vec<&Conversation> = map.values().collect();
+            let mut all: Vec<&Conversation> = map
+                .iter()
+                .filter(|((o, _), _)| o == owner)
+                .map(|(_, c)| c)
+                .collect();
             all.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
             all.into_iter()
                 .skip(page.offset)
@@ -90,13 +109,14 @@ impl ConversationStore for MemoryStore {
 
     async fn save_messages(
         &self,
+        owner: &UserId,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         let Some(first) = messages.first() else {
             return Ok(());
         };
-        self.update(&first.conversation_id, updated_at, |c| {
+        self.update(owner, &first.conversation_id, updated_at, |c| {
             for message in messages {
                 match c.messages.iter_mut().find(|m| m.id == message.id) {
                     Some(stored) => {
@@ -111,34 +131,73 @@ impl ConversationStore for MemoryStore {
 
     async fn delete_message(
         &self,
+        owner: &UserId,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.update(conversation_id, updated_at, |c| {
+        self.update(owner, conversation_id, updated_at, |c| {
             c.messages.retain(|m| m.id != message_id)
         })
     }
 
     async fn rename_conversation(
         &self,
+        owner: &UserId,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.update(id, updated_at, |c| c.title = title.to_owned())
+        self.update(owner, id, updated_at, |c| c.title = title.to_owned())
     }
 
-    async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError> {
-        self.write(|map| map.remove(id).is_some())
+    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError> {
+        self.write(|map| map.remove(&key(owner, id)).is_some())
     }
 
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {
         self.write(|map| mark_streaming_as_error(map.values_mut()))
     }
 
-    async fn mark_interrupted_in(&self, conversation_id: &str) -> Result<u64, StoreError> {
-        self.write(|map| mark_streaming_as_error(map.get_mut(conversation_id)))
+    async fn mark_interrupted_in(
+        &self,
+        owner: &UserId,
+        conversation_id: &str,
+    ) -> Result<u64, StoreError> {
+        self.write(|map| mark_streaming_as_error(map.get_mut(&key(owner, conversation_id))))
+    }
+}
+
+/// The map key of `owner`'s conversation `id`.
+fn key(owner: &UserId, id: &str) -> Key {
+    (owner.clone(), id.to_owned())
+}
+
+#[async_trait]
+impl AccountStore for MemoryStore {
+    async fn create_account(&self, account: &Account) -> Result<(), StoreError> {
+        let mut accounts = self
+            .accounts
+            .write()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        if accounts.values().any(|a| a.id == account.id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        match accounts.entry(username_key(&account.username)) {
+            Entry::Occupied(_) => Err(StoreError::AlreadyExists),
+            Entry::Vacant(slot) => {
+                slot.insert(account.clone());
+                Ok(())
+            }
+        }
+    }
+
+    async fn find_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+        let accounts = self
+            .accounts
+            .read()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        Ok(accounts.get(&username_key(username)).cloned())
     }
 }
 

@@ -22,10 +22,20 @@ pub(super) struct Migration {
 }
 
 /// Every migration of the SQLite schema, in order.
-pub(super) const SQLITE: &[Migration] = &[Migration {
-    name: "0001_conversations",
-    sql: include_str!("migrations/sqlite/0001_conversations.sql"),
-}];
+pub(super) const SQLITE: &[Migration] = &[
+    Migration {
+        name: "0001_conversations",
+        sql: include_str!("migrations/sqlite/0001_conversations.sql"),
+    },
+    Migration {
+        name: "0002_conversation_owners",
+        sql: include_str!("migrations/sqlite/0002_conversation_owners.sql"),
+    },
+    Migration {
+        name: "0003_accounts",
+        sql: include_str!("migrations/sqlite/0003_accounts.sql"),
+    },
+];
 
 /// Runs the migrations of `migrations` that the database on `connection` has not had yet. A
 /// database whose schema is newer than the last of them is refused.
@@ -196,5 +206,56 @@ mod tests {
         apply(&mut db, &[FIRST, SECOND]).unwrap();
         assert_eq!(user_version(&db), 2);
         assert_eq!(tables(&db), ["_sqlx_migrations", "first", "second"]);
+    }
+
+    #[test]
+    fn conversations_stored_before_owners_belong_to_the_anonymous_user() {
+        let mut db = Connection::open_in_memory().unwrap();
+        apply(&mut db, &SQLITE[..1]).unwrap();
+        db.execute_batch(
+            "INSERT INTO conversations VALUES ('c', 'old', 1, 2); \
+             INSERT INTO messages VALUES ('m2', 'c', 'user', 'first', NULL, 1); \
+             INSERT INTO messages VALUES ('m1', 'c', 'assistant', 'second', 'complete', 2);",
+        )
+        .unwrap();
+        apply(&mut db, SQLITE).unwrap();
+        let owner: String = db
+            .query_row(
+                "SELECT owner FROM conversations WHERE id = 'c'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(owner, "");
+        let mut statement = db
+            .prepare("SELECT id, owner FROM messages WHERE conversation_id = 'c' ORDER BY rowid")
+            .unwrap();
+        let messages: Vec<(String, String)> = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            messages,
+            [("m2".into(), "".into()), ("m1".into(), "".into())]
+        );
+
+        // The same id under another owner is another conversation, and deleting one takes its
+        // messages alone.
+        db.execute_batch(
+            "PRAGMA foreign_keys = ON; \
+             INSERT INTO conversations VALUES ('ann', 'c', 'ann''s', 3, 3); \
+             INSERT INTO messages VALUES ('m3', 'ann', 'c', 'user', 'hers', NULL, 3); \
+             DELETE FROM conversations WHERE owner = '' AND id = 'c';",
+        )
+        .unwrap();
+        let left: Vec<String> = db
+            .prepare("SELECT id FROM messages")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, ["m3"]);
     }
 }

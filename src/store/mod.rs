@@ -1,5 +1,6 @@
 //! Persistence behind one async, fallible trait.
 
+mod accounts;
 #[cfg(test)]
 mod contract;
 mod error;
@@ -11,11 +12,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use accounts::{Account, AccountStore, username_key};
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use sqlite::{Durability, SqliteStore};
 
-use crate::domain::{Conversation, Message, Timestamp};
+use crate::domain::{Conversation, Message, Timestamp, UserId};
 
 /// Which slice of the conversation list to read, most recently updated first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -26,34 +28,51 @@ pub struct Page {
     pub offset: usize,
 }
 
-/// Where conversations live. Every write returns once it is durable for that store.
+/// Where conversations live, each under its owner: every read and write names the owner, and a
+/// conversation of another owner is not there. Every write returns once it is durable for that
+/// store.
 #[async_trait]
 pub trait ConversationStore: Send + Sync {
-    /// Stores a new conversation with the messages it already has, in one write.
-    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError>;
-    /// One conversation with its messages in order, if it exists.
-    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
-    /// Conversations with their messages, most recently updated first.
-    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, StoreError>;
-    /// Inserts messages of one conversation, or replaces the content and status of those already
-    /// stored, and moves the conversation's `updatedAt`, in one write.
+    /// Stores a new conversation of `owner` with the messages it already has, in one write.
+    async fn create_conversation(
+        &self,
+        owner: &UserId,
+        conversation: &Conversation,
+    ) -> Result<(), StoreError>;
+    /// One conversation of `owner` with its messages in order, if it exists.
+    async fn load_conversation(
+        &self,
+        owner: &UserId,
+        id: &str,
+    ) -> Result<Option<Conversation>, StoreError>;
+    /// The conversations of `owner` with their messages, most recently updated first.
+    async fn list_conversations(
+        &self,
+        owner: &UserId,
+        page: Page,
+    ) -> Result<Vec<Conversation>, StoreError>;
+    /// Inserts messages of one conversation of `owner`, or replaces the content and status of
+    /// those already stored, and moves the conversation's `updatedAt`, in one write.
     async fn save_messages(
         &self,
+        owner: &UserId,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError>;
     /// [`ConversationStore::save_messages`] for one message.
     async fn save_message(
         &self,
+        owner: &UserId,
         message: &Message,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.save_messages(std::slice::from_ref(message), updated_at)
+        self.save_messages(owner, std::slice::from_ref(message), updated_at)
             .await
     }
     /// Removes one message and moves the conversation's `updatedAt`.
     async fn delete_message(
         &self,
+        owner: &UserId,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
@@ -61,24 +80,31 @@ pub trait ConversationStore: Send + Sync {
     /// Changes a conversation's title.
     async fn rename_conversation(
         &self,
+        owner: &UserId,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError>;
     /// Removes a conversation and its messages; false when there was none.
-    async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError>;
-    /// Marks every reply still `streaming` as `error` (interrupted); run at start-up.
+    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError>;
+    /// Marks every reply still `streaming`, whoever's, as `error` (interrupted); run at start-up.
     async fn mark_interrupted(&self) -> Result<u64, StoreError>;
     /// Marks the replies of one conversation still `streaming` as `error`, and nothing else: no
     /// other field and no reply that has left `streaming` meanwhile.
-    async fn mark_interrupted_in(&self, conversation_id: &str) -> Result<u64, StoreError>;
+    async fn mark_interrupted_in(
+        &self,
+        owner: &UserId,
+        conversation_id: &str,
+    ) -> Result<u64, StoreError>;
 }
 
+/// A store of everything the server keeps: conversations and accounts.
+pub trait Store: ConversationStore + AccountStore {}
+
+impl<T: ConversationStore + AccountStore> Store for T {}
+
 /// The store `DATABASE_URL` names: `memory`, or a `sqlite:` URL.
-pub async fn open(
-    url: &str,
-    durability: Durability,
-) -> Result<Arc<dyn ConversationStore>, StoreError> {
+pub async fn open(url: &str, durability: Durability) -> Result<Arc<dyn Store>, StoreError> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
     }

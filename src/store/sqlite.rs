@@ -18,8 +18,8 @@ use percent_encoding::percent_decode_str;
 use rusqlite::{OpenFlags, OptionalExtension, ffi};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ConversationStore, Page, StoreError, migrations};
-use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
+use super::{Account, AccountStore, ConversationStore, Page, StoreError, migrations, username_key};
+use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
 /// waiting in one transaction (group commit) and answers each write once it is committed; reads
@@ -85,32 +85,36 @@ const CHECKPOINT_PAUSE: Duration = Duration::from_millis(100);
 /// Writes committed together at most.
 const MAX_BATCH: usize = 256;
 
-/// One change to the database.
+/// One change to the database; all but [`Write::MarkInterrupted`] touch one owner's
+/// conversations.
 #[derive(Debug)]
 enum Write {
-    Create(Conversation),
-    Save(Vec<Message>, Timestamp),
+    Create(UserId, Conversation),
+    Save(UserId, Vec<Message>, Timestamp),
     DeleteMessage {
+        owner: UserId,
         conversation_id: String,
         message_id: String,
         updated_at: Timestamp,
     },
     Rename {
+        owner: UserId,
         id: String,
         title: String,
         updated_at: Timestamp,
     },
-    DeleteConversation(String),
+    DeleteConversation(UserId, String),
     MarkInterrupted,
-    MarkInterruptedIn(String),
+    MarkInterruptedIn(UserId, String),
+    CreateAccount(Account),
 }
 
 impl Write {
     /// Whether the write inserts several rows that must stand or fall together.
     fn is_several_rows(&self) -> bool {
         match self {
-            Write::Create(_) => true,
-            Write::Save(messages, _) => messages.len() > 1,
+            Write::Create(..) => true,
+            Write::Save(_, messages, _) => messages.len() > 1,
             _ => false,
         }
     }
@@ -266,8 +270,8 @@ impl SqliteStore {
 const CONVERSATION_COLUMNS: &str = "SELECT id, title, created_at, updated_at FROM conversations";
 const MESSAGE_COLUMNS: &str =
     "SELECT id, conversation_id, role, content, status, timestamp FROM messages";
-/// The conversations of one page, most recently updated first.
-const PAGE: &str = "ORDER BY updated_at DESC, id DESC LIMIT ?1 OFFSET ?2";
+/// One owner's conversations of one page, most recently updated first.
+const PAGE: &str = "WHERE owner = ?1 ORDER BY updated_at DESC, id DESC LIMIT ?2 OFFSET ?3";
 
 fn conversation_from(row: &rusqlite::Row) -> rusqlite::Result<Conversation> {
     Ok(Conversation {
@@ -308,35 +312,46 @@ fn rows<T>(
     db.prepare_cached(sql)?.query_map(params, from)?.collect()
 }
 
-/// One conversation with its messages, if it exists.
-fn load(db: &rusqlite::Connection, id: &str) -> rusqlite::Result<Option<Conversation>> {
-    let sql = format!("{CONVERSATION_COLUMNS} WHERE id = ?1");
+/// One conversation of `owner` with its messages, if it exists.
+fn load(
+    db: &rusqlite::Connection,
+    owner: &UserId,
+    id: &str,
+) -> rusqlite::Result<Option<Conversation>> {
+    let sql = format!("{CONVERSATION_COLUMNS} WHERE owner = ?1 AND id = ?2");
+    let key = (owner.as_str(), id);
     let Some(mut conversation) = db
         .prepare_cached(&sql)?
-        .query_row([id], conversation_from)
+        .query_row(key, conversation_from)
         .optional()?
     else {
         return Ok(None);
     };
-    let sql = format!("{MESSAGE_COLUMNS} WHERE conversation_id = ?1 ORDER BY rowid");
-    conversation.messages = rows(db, &sql, [id], message_from)?;
+    let sql = format!("{MESSAGE_COLUMNS} WHERE owner = ?1 AND conversation_id = ?2 ORDER BY rowid");
+    conversation.messages = rows(db, &sql, key, message_from)?;
     Ok(Some(conversation))
 }
 
-/// One page of conversations with their messages.
-fn list(db: &rusqlite::Connection, limit: i64, offset: i64) -> rusqlite::Result<Vec<Conversation>> {
+/// One page of `owner`'s conversations with their messages.
+fn list(
+    db: &rusqlite::Connection,
+    owner: &UserId,
+    limit: i64,
+    offset: i64,
+) -> rusqlite::Result<Vec<Conversation>> {
     let sql = format!("{CONVERSATION_COLUMNS} {PAGE}");
-    let mut conversations = rows(db, &sql, (limit, offset), conversation_from)?;
+    let page = (owner.as_str(), limit, offset);
+    let mut conversations = rows(db, &sql, page, conversation_from)?;
     let position: HashMap<String, usize> = conversations
         .iter()
         .enumerate()
         .map(|(i, c)| (c.id.clone(), i))
         .collect();
     let sql = format!(
-        "{MESSAGE_COLUMNS} WHERE conversation_id IN (SELECT id FROM conversations {PAGE}) \
-         ORDER BY rowid"
+        "{MESSAGE_COLUMNS} WHERE owner = ?1 \
+         AND conversation_id IN (SELECT id FROM conversations {PAGE}) ORDER BY rowid"
     );
-    for message in rows(db, &sql, (limit, offset), message_from)? {
+    for message in rows(db, &sql, page, message_from)? {
         if let Some(&i) = position.get(&message.conversation_id) {
             conversations[i].messages.push(message);
         }
@@ -346,46 +361,62 @@ fn list(db: &rusqlite::Connection, limit: i64, offset: i64) -> rusqlite::Result<
 
 #[async_trait]
 impl ConversationStore for SqliteStore {
-    async fn create_conversation(&self, conversation: &Conversation) -> Result<(), StoreError> {
-        self.write(Write::Create(conversation.clone()))
+    async fn create_conversation(
+        &self,
+        owner: &UserId,
+        conversation: &Conversation,
+    ) -> Result<(), StoreError> {
+        self.write(Write::Create(owner.clone(), conversation.clone()))
             .await
             .map(drop)
     }
 
-    async fn load_conversation(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
-        self.readers.read(|db| load(db, id))
+    async fn load_conversation(
+        &self,
+        owner: &UserId,
+        id: &str,
+    ) -> Result<Option<Conversation>, StoreError> {
+        self.readers.read(|db| load(db, owner, id))
     }
 
-    async fn list_conversations(&self, page: Page) -> Result<Vec<Conversation>, StoreError> {
+    async fn list_conversations(
+        &self,
+        owner: &UserId,
+        page: Page,
+    ) -> Result<Vec<Conversation>, StoreError> {
         let limit = page.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
         let offset = page.offset.min(i64::MAX as usize) as i64;
         // A listing may read the whole database: it runs on the blocking pool, not in the task.
         let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || readers.read(|db| list(db, limit, offset)))
+        let owner = owner.clone();
+        tokio::task::spawn_blocking(move || readers.read(|db| list(db, &owner, limit, offset)))
             .await
             .map_err(db_error)?
     }
 
     async fn save_messages(
         &self,
+        owner: &UserId,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         if messages.is_empty() {
             return Ok(());
         }
-        self.write(Write::Save(messages.to_vec(), updated_at))
+        self.write(Write::Save(owner.clone(), messages.to_vec(), updated_at))
             .await
             .map(drop)
     }
 
     async fn delete_message(
         &self,
+        owner: &UserId,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.write(Write::DeleteMessage {
+            owner: owner.clone(),
             conversation_id: conversation_id.to_owned(),
             message_id: message_id.to_owned(),
             updated_at,
@@ -396,11 +427,13 @@ impl ConversationStore for SqliteStore {
 
     async fn rename_conversation(
         &self,
+        owner: &UserId,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.write(Write::Rename {
+            owner: owner.clone(),
             id: id.to_owned(),
             title: title.to_owned(),
             updated_at,
@@ -409,8 +442,10 @@ impl ConversationStore for SqliteStore {
         .map(drop)
     }
 
-    async fn delete_conversation(&self, id: &str) -> Result<bool, StoreError> {
-        let deleted = self.write(Write::DeleteConversation(id.to_owned())).await?;
+    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError> {
+        let deleted = self
+            .write(Write::DeleteConversation(owner.clone(), id.to_owned()))
+            .await?;
         Ok(deleted > 0)
     }
 
@@ -418,9 +453,47 @@ impl ConversationStore for SqliteStore {
         self.write(Write::MarkInterrupted).await
     }
 
-    async fn mark_interrupted_in(&self, conversation_id: &str) -> Result<u64, StoreError> {
-        self.write(Write::MarkInterruptedIn(conversation_id.to_owned()))
+    async fn mark_interrupted_in(
+        &self,
+        owner: &UserId,
+        conversation_id: &str,
+    ) -> Result<u64, StoreError> {
+        self.write(Write::MarkInterruptedIn(
+            owner.clone(),
+            conversation_id.to_owned(),
+        ))
+        .await
+    }
+}
+
+const ACCOUNT_COLUMNS: &str =
+    "SELECT id, username, password_hash, created_at FROM accounts WHERE username_key = ?1";
+
+fn account_from(row: &rusqlite::Row) -> rusqlite::Result<Account> {
+    let id: String = row.get(0)?;
+    Ok(Account {
+        id: UserId::new(id),
+        username: row.get(1)?,
+        password_hash: row.get(2)?,
+        created_at: Timestamp::from_millis(row.get(3)?),
+    })
+}
+
+#[async_trait]
+impl AccountStore for SqliteStore {
+    async fn create_account(&self, account: &Account) -> Result<(), StoreError> {
+        self.write(Write::CreateAccount(account.clone()))
             .await
+            .map(drop)
+    }
+
+    async fn find_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+        let key = username_key(username);
+        self.readers.read(|db| {
+            db.prepare_cached(ACCOUNT_COLUMNS)?
+                .query_row([&key], account_from)
+                .optional()
+        })
     }
 }
 
@@ -503,11 +576,13 @@ fn run(
 /// Runs one write inside the batch's transaction; the number is the rows it changed.
 fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
     match write {
-        Write::Create(conversation) => {
+        Write::Create(owner, conversation) => {
             run(
                 tx,
-                "INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO conversations (owner, id, title, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?)",
                 (
+                    owner.as_str(),
                     &conversation.id,
                     &conversation.title,
                     conversation.created_at.millis(),
@@ -515,47 +590,66 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
                 ),
             )?;
             for message in &conversation.messages {
-                upsert_message(tx, message)?;
+                upsert_message(tx, owner, message)?;
             }
             Ok(1)
         }
-        Write::Save(messages, updated_at) => {
+        Write::Save(owner, messages, updated_at) => {
             for message in messages {
-                upsert_message(tx, message)?;
+                upsert_message(tx, owner, message)?;
             }
-            touch(tx, &messages[0].conversation_id, *updated_at)
+            touch(tx, owner, &messages[0].conversation_id, *updated_at)
         }
         Write::DeleteMessage {
+            owner,
             conversation_id,
             message_id,
             updated_at,
         } => {
             run(
                 tx,
-                "DELETE FROM messages WHERE id = ? AND conversation_id = ?",
-                (message_id, conversation_id),
+                "DELETE FROM messages WHERE id = ? AND owner = ? AND conversation_id = ?",
+                (message_id, owner.as_str(), conversation_id),
             )?;
-            touch(tx, conversation_id, *updated_at)
+            touch(tx, owner, conversation_id, *updated_at)
         }
         Write::Rename {
+            owner,
             id,
             title,
             updated_at,
         } => found(run(
             tx,
-            "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
-            (title, updated_at.millis(), id),
+            "UPDATE conversations SET title = ?, updated_at = ? WHERE owner = ? AND id = ?",
+            (title, updated_at.millis(), owner.as_str(), id),
         )?),
-        Write::DeleteConversation(id) => run(tx, "DELETE FROM conversations WHERE id = ?", [id]),
+        Write::DeleteConversation(owner, id) => run(
+            tx,
+            "DELETE FROM conversations WHERE owner = ? AND id = ?",
+            (owner.as_str(), id),
+        ),
         Write::MarkInterrupted => run(
             tx,
             "UPDATE messages SET status = 'error' WHERE status = 'streaming'",
             [],
         ),
-        Write::MarkInterruptedIn(id) => run(
+        Write::MarkInterruptedIn(owner, id) => run(
             tx,
-            "UPDATE messages SET status = 'error' WHERE conversation_id = ? AND status = 'streaming'",
-            [id],
+            "UPDATE messages SET status = 'error' \
+             WHERE owner = ? AND conversation_id = ? AND status = 'streaming'",
+            (owner.as_str(), id),
+        ),
+        Write::CreateAccount(account) => run(
+            tx,
+            "INSERT INTO accounts (id, username, username_key, password_hash, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+            (
+                account.id.as_str(),
+                &account.username,
+                username_key(&account.username),
+                &account.password_hash,
+                account.created_at.millis(),
+            ),
         ),
     }
 }
@@ -569,15 +663,22 @@ fn found(rows: u64) -> Result<u64, StoreError> {
     }
 }
 
-/// Inserts a message, or replaces the content and status of the stored one.
-fn upsert_message(tx: &rusqlite::Connection, message: &Message) -> Result<(), StoreError> {
+/// Inserts a message of `owner`'s conversation, or replaces the content and status of the
+/// stored one (only if it is that conversation's).
+fn upsert_message(
+    tx: &rusqlite::Connection,
+    owner: &UserId,
+    message: &Message,
+) -> Result<(), StoreError> {
     run(
         tx,
-        "INSERT INTO messages (id, conversation_id, role, content, status, timestamp) \
-         VALUES (?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status",
+        "INSERT INTO messages (id, owner, conversation_id, role, content, status, timestamp) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status \
+         WHERE owner = excluded.owner AND conversation_id = excluded.conversation_id",
         (
             &message.id,
+            owner.as_str(),
             &message.conversation_id,
             message.role.as_str(),
             &message.content,
@@ -589,11 +690,16 @@ fn upsert_message(tx: &rusqlite::Connection, message: &Message) -> Result<(), St
 }
 
 /// Moves a conversation's `updated_at`; not found when it does not exist.
-fn touch(tx: &rusqlite::Connection, id: &str, updated_at: Timestamp) -> Result<u64, StoreError> {
+fn touch(
+    tx: &rusqlite::Connection,
+    owner: &UserId,
+    id: &str,
+    updated_at: Timestamp,
+) -> Result<u64, StoreError> {
     found(run(
         tx,
-        "UPDATE conversations SET updated_at = ? WHERE id = ?",
-        (updated_at.millis(), id),
+        "UPDATE conversations SET updated_at = ? WHERE owner = ? AND id = ?",
+        (updated_at.millis(), owner.as_str(), id),
     )?)
 }
 
@@ -662,7 +768,10 @@ mod tests {
                 Role::User,
                 "y".repeat(1000),
             ));
-            store.create_conversation(&conversation).await.unwrap();
+            store
+                .create_conversation(&UserId::anonymous(), &conversation)
+                .await
+                .unwrap();
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::fs::metadata(&file).unwrap().len() < before + 200 * 1000 {

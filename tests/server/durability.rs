@@ -287,7 +287,9 @@ async fn deleting_tells_the_members_and_frees_the_id() {
         .await
         .unwrap();
     use ai_chat_server::store::ConversationStore;
-    assert!(store.load_conversation("doomed").await.unwrap().is_none());
+    let anonymous = ai_chat_server::domain::UserId::anonymous();
+    let stored = store.load_conversation(&anonymous, "doomed").await;
+    assert!(stored.unwrap().is_none());
 }
 
 /// The database file of a release that applied its migrations with sqlx: the schema of migration

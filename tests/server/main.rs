@@ -5,12 +5,15 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod accounts;
 mod actors;
+mod auth;
 mod browser;
 mod durability;
 mod edge;
 mod hardening;
 mod hostile;
+mod jwks;
 mod models;
 mod openapi;
 mod realtime;

@@ -9,8 +9,11 @@ use serde_json::{Value, json};
 
 /// Every route the server answers, as (method, path template): a route added to the server is
 /// added here, and then fails this test until the document describes it.
-const ROUTES: [(&str, &str); 13] = [
+const ROUTES: [(&str, &str); 16] = [
     ("get", "/api/health"),
+    ("post", "/api/auth/register"),
+    ("post", "/api/auth/login"),
+    ("get", "/api/me"),
     ("post", "/api/chat"),
     ("get", "/api/conversations"),
     ("get", "/api/conversations/{id}"),

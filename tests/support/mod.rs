@@ -60,8 +60,22 @@ pub async fn call_at(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value) {
+    call_with_token(addr, None, method, path, body).await
+}
+
+/// [`call_at`] with `Authorization: Bearer <token>` when there is a token.
+pub async fn call_with_token(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let mut request = reqwest::Client::new().request(method, format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -178,6 +192,9 @@ pub trait RealtimeClient: Sized {
     /// Connects to the server at `addr` as a front end would (Socket.IO: its default
     /// transports, polling first, then the upgrade to websocket).
     async fn connect(addr: SocketAddr) -> Self;
+    /// Connects with a sign-in token; a refusal is given as text (the status of a refused
+    /// `/ws` handshake, the message of a Socket.IO `connect_error`).
+    async fn connect_as(addr: SocketAddr, token: &str) -> Result<Self, String>;
     /// Sends one event, asking for no acknowledgement.
     async fn emit(&mut self, event: &str, data: Value);
     /// Sends one event asking for an acknowledgement, and returns it; the events that arrive
@@ -269,6 +286,19 @@ impl RealtimeClient for WsClient {
             .await
             .expect("websocket connects");
         WsClient::over(socket)
+    }
+
+    /// The token goes in the query, as a browser sends it.
+    async fn connect_as(addr: SocketAddr, token: &str) -> Result<WsClient, String> {
+        let url = format!("ws://{addr}/ws?token={token}");
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("handshake in time")
+        {
+            Ok((socket, _)) => Ok(WsClient::over(socket)),
+            Err(tungstenite::Error::Http(response)) => Err(response.status().to_string()),
+            Err(e) => panic!("handshake failed: {e}"),
+        }
     }
 
     async fn emit(&mut self, event: &str, data: Value) {

@@ -34,6 +34,14 @@ impl SioClient {
     /// Connects to `addr` with the client's default options plus `options` (reconnection off
     /// unless `options` says otherwise), and waits for the `connect` event.
     pub async fn connect_with(addr: SocketAddr, options: Value) -> SioClient {
+        match SioClient::try_connect_with(addr, options).await {
+            Ok(client) => client,
+            Err(message) => panic!("connect_error: {message}"),
+        }
+    }
+
+    /// [`SioClient::connect_with`], or the message of the `connect_error` the server answered.
+    pub async fn try_connect_with(addr: SocketAddr, options: Value) -> Result<SioClient, String> {
         ensure_installed();
         let mut child = Command::new("node")
             .arg(node_dir().join("client.mjs"))
@@ -72,8 +80,10 @@ impl SioClient {
         loop {
             let line = client.read_line(deadline).await.expect("connected in time");
             match line["type"].as_str() {
-                Some("connect") => return client,
-                Some("connect_error") => panic!("connect_error: {line}"),
+                Some("connect") => return Ok(client),
+                Some("connect_error") => {
+                    return Err(line["message"].as_str().unwrap_or_default().to_owned());
+                }
                 _ => client.keep(line),
             }
         }
@@ -162,6 +172,11 @@ impl SioClient {
 impl RealtimeClient for SioClient {
     async fn connect(addr: SocketAddr) -> SioClient {
         SioClient::connect_with(addr, json!({})).await
+    }
+
+    /// The token goes in the handshake's `auth` payload.
+    async fn connect_as(addr: SocketAddr, token: &str) -> Result<SioClient, String> {
+        SioClient::try_connect_with(addr, json!({"auth": {"token": token}})).await
     }
 
     async fn emit(&mut self, event: &str, data: Value) {

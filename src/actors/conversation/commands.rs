@@ -28,7 +28,7 @@ impl ConversationState {
 
     fn maybe_inject_fault(&self, content: &str) {
         if self.ctx.settings.fault_trigger.as_deref() == Some(content) {
-            panic!("injected fault in conversation {}", self.id);
+            panic!("injected fault in conversation {}", self.key.id);
         }
     }
 
@@ -41,7 +41,7 @@ impl ConversationState {
             return Err(ChatError::Busy);
         }
         self.maybe_inject_fault(&content);
-        Ok(Message::new(&self.id, Role::User, content))
+        Ok(Message::new(&self.key.id, Role::User, content))
     }
 
     /// Stores new messages in one write, creating the conversation when it has none yet.
@@ -50,16 +50,20 @@ impl ConversationState {
         let updated_at = added.last().map_or_else(Timestamp::now, |m| m.timestamp);
         match self.conversation.as_mut() {
             Some(conversation) => {
-                store.save_messages(&added, updated_at).await?;
+                store
+                    .save_messages(&self.key.owner, &added, updated_at)
+                    .await?;
                 conversation.updated_at = updated_at;
                 conversation.messages.extend(added);
             }
             None => {
                 let title = added.first().map_or("", |m| m.content.as_str());
-                let mut conversation = Conversation::new(self.id.to_string(), title);
+                let mut conversation = Conversation::new(self.key.id.to_string(), title);
                 conversation.messages.extend(added);
                 conversation.updated_at = updated_at;
-                store.create_conversation(&conversation).await?;
+                store
+                    .create_conversation(&self.key.owner, &conversation)
+                    .await?;
                 self.conversation = Some(conversation);
             }
         }
@@ -87,7 +91,7 @@ impl ConversationState {
         mut added: Vec<Message>,
         sender: Option<Subscriber>,
     ) -> Result<StreamStarted, ChatError> {
-        let mut placeholder = Message::new(&self.id, Role::Assistant, String::new());
+        let mut placeholder = Message::new(&self.key.id, Role::Assistant, String::new());
         placeholder.status = Some(MessageStatus::Streaming);
         let message_id = placeholder.id.clone();
         added.push(placeholder);
@@ -108,10 +112,10 @@ impl ConversationState {
         }
         self.members.broadcast(ChatEvent::StreamStart {
             message_id: message_id.clone(),
-            conversation_id: self.id.to_string(),
+            conversation_id: self.key.id.to_string(),
         });
         Ok(StreamStarted {
-            conversation_id: self.id.to_string(),
+            conversation_id: self.key.id.to_string(),
             message_id,
         })
     }
@@ -169,7 +173,7 @@ impl ConversationState {
     pub(super) async fn stop(&mut self) -> Result<(), ChatError> {
         self.existing()?;
         if self.reply.is_some() {
-            tracing::info!(conversation = %self.id, "reply stopped");
+            tracing::info!(conversation = %self.key.id, "reply stopped");
             self.end_reply(Ending::Stopped).await;
         }
         Ok(())
@@ -191,6 +195,7 @@ impl ConversationState {
             return Err(ChatError::Busy);
         }
         let store = self.ctx.store.clone();
+        let owner = self.key.owner.clone();
         let conversation = self.existing()?;
         let last_user = conversation
             .messages
@@ -200,7 +205,7 @@ impl ConversationState {
         let now = Timestamp::now();
         for message in conversation.messages.drain(last_user + 1..) {
             store
-                .delete_message(&message.conversation_id, &message.id, now)
+                .delete_message(&owner, &message.conversation_id, &message.id, now)
                 .await?;
         }
         conversation.updated_at = now;
@@ -217,16 +222,17 @@ impl ConversationState {
             )));
         }
         let store = self.ctx.store.clone();
+        let owner = self.key.owner.clone();
         let conversation = self.existing()?;
         let now = Timestamp::now();
         store
-            .rename_conversation(&conversation.id, &title, now)
+            .rename_conversation(&owner, &conversation.id, &title, now)
             .await?;
         conversation.title = title.clone();
         conversation.updated_at = now;
         let snapshot = conversation.clone();
         self.members.broadcast(ChatEvent::ConversationUpdated {
-            conversation_id: self.id.to_string(),
+            conversation_id: self.key.id.to_string(),
             title,
             updated_at: now,
         });
@@ -236,11 +242,14 @@ impl ConversationState {
     /// Deletes the conversation; the actor stays as an empty one until it goes idle.
     pub(super) async fn delete(&mut self) -> Result<(), ChatError> {
         self.existing()?;
-        self.ctx.store.delete_conversation(&self.id).await?;
+        self.ctx
+            .store
+            .delete_conversation(&self.key.owner, &self.key.id)
+            .await?;
         self.end_reply(Ending::Deleted).await;
         self.conversation = None;
         self.members.broadcast(ChatEvent::ConversationDeleted {
-            conversation_id: self.id.to_string(),
+            conversation_id: self.key.id.to_string(),
         });
         self.members.remove_all();
         Ok(())

@@ -78,7 +78,7 @@ impl ConversationState {
         if let (Some(reply), Some(conversation)) = (&self.reply, &self.conversation)
             && let Some(message) = conversation.messages.iter().find(|m| reply.is(&m.id))
         {
-            for event in reply.missed(&self.id, &message.content, resume) {
+            for event in reply.missed(&self.key.id, &message.content, resume) {
                 let _ = subscriber.deliver(&event.encode());
             }
         }

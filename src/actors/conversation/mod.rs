@@ -22,9 +22,9 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::events::Subscriber;
-use super::registry::Registry;
+use super::registry::{ConversationKey, Registry};
 use crate::config::ConversationSettings;
-use crate::domain::{Conversation, Message, MessageStatus};
+use crate::domain::{Conversation, Message, MessageStatus, UserId};
 use crate::error::ChatError;
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
@@ -134,7 +134,7 @@ pub enum ConversationMsg {
 
 /// Starts a conversation actor.
 pub struct ConversationArgs {
-    pub id: Arc<str>,
+    pub key: ConversationKey,
     /// `None`: the conversation does not exist yet; it is created by its first message.
     pub conversation: Option<Conversation>,
     pub ctx: Arc<ConversationContext>,
@@ -151,7 +151,7 @@ pub struct ConversationActor;
 
 /// A conversation actor's data.
 pub struct ConversationState {
-    id: Arc<str>,
+    key: ConversationKey,
     conversation: Option<Conversation>,
     members: Members,
     reply: Option<Reply>,
@@ -176,27 +176,27 @@ impl Actor for ConversationActor {
         args: ConversationArgs,
     ) -> Result<ConversationState, ActorProcessingErr> {
         let ConversationArgs {
-            id,
+            key,
             mut conversation,
             ctx,
         } = args;
         let pending = Arc::new(AtomicUsize::new(0));
         if !ctx
             .registry
-            .register(id.clone(), myself.clone(), pending.clone())
+            .register(key.clone(), myself.clone(), pending.clone())
         {
             return Err(Box::new(AlreadyRunning));
         }
         if let Some(conversation) = conversation.as_mut()
-            && let Err(e) = Box::pin(mark_interrupted(&*ctx.store, conversation)).await
+            && let Err(e) = Box::pin(mark_interrupted(&*ctx.store, &key.owner, conversation)).await
         {
-            ctx.registry.remove(&id, myself.get_id());
+            ctx.registry.remove(&key, myself.get_id());
             return Err(Box::new(e));
         }
         ctx.metrics.actor_started();
         Ok(ConversationState {
-            members: Members::new(id.clone()),
-            id,
+            members: Members::new(key.id.clone()),
+            key,
             conversation,
             reply: None,
             generations: 0,
@@ -248,9 +248,9 @@ impl Actor for ConversationActor {
                     if state
                         .ctx
                         .registry
-                        .remove_if_unused(&state.id, myself.get_id())
+                        .remove_if_unused(&state.key, myself.get_id())
                     {
-                        tracing::debug!(conversation = %state.id, "passivating idle conversation");
+                        tracing::debug!(conversation = %state.key.id, "passivating idle conversation");
                         myself.stop(None);
                         return Ok(());
                     }
@@ -269,13 +269,14 @@ impl Actor for ConversationActor {
 /// there) and in the loaded copy.
 async fn mark_interrupted(
     store: &dyn ConversationStore,
+    owner: &UserId,
     conversation: &mut Conversation,
 ) -> Result<(), ChatError> {
     let streaming = |m: &Message| m.status == Some(MessageStatus::Streaming);
     if !conversation.messages.iter().any(streaming) {
         return Ok(());
     }
-    store.mark_interrupted_in(&conversation.id).await?;
+    store.mark_interrupted_in(owner, &conversation.id).await?;
     for message in conversation.messages.iter_mut().filter(|m| streaming(m)) {
         message.status = Some(MessageStatus::Error);
     }
@@ -340,7 +341,7 @@ impl ConversationState {
                 answer,
             } => {
                 if let Err(e) = self.chat(myself, content, create, answer).await {
-                    tracing::debug!(conversation = %self.id, error = %e, "chat refused");
+                    tracing::debug!(conversation = %self.key.id, error = %e, "chat refused");
                 }
             }
             Request::Stop(answer) => {

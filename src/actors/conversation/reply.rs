@@ -152,7 +152,7 @@ impl ConversationState {
             GenerationEvent::Silent => {
                 let event = ChatEvent::StreamHeartbeat {
                     message_id: reply.message_id.clone(),
-                    conversation_id: self.id.to_string(),
+                    conversation_id: self.key.id.to_string(),
                 };
                 self.members.broadcast(event);
             }
@@ -161,7 +161,7 @@ impl ConversationState {
             }
             GenerationEvent::Whole(Ok(text)) => self.end_reply(Ending::Completed(text)).await,
             GenerationEvent::Finished(Err(e)) | GenerationEvent::Whole(Err(e)) => {
-                tracing::warn!(conversation = %self.id, error = %e, "reply failed");
+                tracing::warn!(conversation = %self.key.id, error = %e, "reply failed");
                 self.end_reply(Ending::Failed).await
             }
         }
@@ -193,7 +193,7 @@ impl ConversationState {
         self.ctx.metrics.tokens_streamed(1);
         self.members.broadcast(ChatEvent::StreamChunk {
             message_id: message_id.clone(),
-            conversation_id: self.id.to_string(),
+            conversation_id: self.key.id.to_string(),
             content,
             delta: text,
             is_complete: false,
@@ -224,8 +224,8 @@ impl ConversationState {
         if let Some(conversation) = self.conversation.as_mut() {
             conversation.updated_at = now;
         }
-        if let Err(e) = store.save_message(&message, now).await {
-            tracing::error!(conversation = %self.id, error = %e, "could not save reply");
+        if let Err(e) = store.save_message(&self.key.owner, &message, now).await {
+            tracing::error!(conversation = %self.key.id, error = %e, "could not save reply");
         }
     }
 
@@ -257,10 +257,10 @@ impl ConversationState {
         };
         let complete = ChatEvent::StreamComplete {
             message_id: reply.message_id.clone(),
-            conversation_id: self.id.to_string(),
+            conversation_id: self.key.id.to_string(),
         };
         let Some(message) = self.streamed_message(&reply.message_id) else {
-            tracing::warn!(conversation = %self.id, "a streamed reply's message was gone at its end");
+            tracing::warn!(conversation = %self.key.id, "a streamed reply's message was gone at its end");
             self.members.broadcast(complete);
             return;
         };
@@ -276,7 +276,7 @@ impl ConversationState {
         reply.offsets.push(content.len());
         self.members.broadcast(ChatEvent::StreamChunk {
             message_id: reply.message_id.clone(),
-            conversation_id: self.id.to_string(),
+            conversation_id: self.key.id.to_string(),
             content,
             delta: tail,
             is_complete: true,
@@ -314,15 +314,18 @@ impl ConversationState {
         status: MessageStatus,
     ) -> Result<ChatCompleted, ChatError> {
         let store = self.ctx.store.clone();
+        let owner = self.key.owner.clone();
         let conversation = self.existing()?;
         let mut message = Message::new(&conversation.id, Role::Assistant, text);
         message.id = message_id.to_owned();
         message.status = Some(status);
-        store.save_message(&message, message.timestamp).await?;
+        store
+            .save_message(&owner, &message, message.timestamp)
+            .await?;
         conversation.updated_at = message.timestamp;
         conversation.messages.push(message.clone());
         let snapshot = conversation.clone();
-        let conversation_id = self.id.to_string();
+        let conversation_id = self.key.id.to_string();
         self.members.broadcast(ChatEvent::StreamStart {
             message_id: message.id.clone(),
             conversation_id: conversation_id.clone(),

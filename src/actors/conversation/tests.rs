@@ -9,7 +9,8 @@ use tokio::time::Instant;
 use super::ConversationState;
 use super::members::Members;
 use super::reply::{Ending, Reply};
-use crate::actors::tests::{WAIT, context, member, next_event, settings};
+use crate::actors::ConversationKey;
+use crate::actors::tests::{WAIT, ann, context, member, next_event, settings};
 use crate::domain::Conversation;
 use crate::store::MemoryStore;
 
@@ -22,11 +23,11 @@ async fn a_reply_whose_message_is_gone_still_ends_whole() {
         let _alive = alive;
         std::future::pending::<()>().await
     });
-    let id: Arc<str> = "c".into();
+    let key = ConversationKey::new(&ann(), "c");
     let mut state = ConversationState {
-        members: Members::new(id.clone()),
-        conversation: Some(Conversation::new(id.to_string(), "hi")),
-        id,
+        members: Members::new(key.id.clone()),
+        conversation: Some(Conversation::new(key.id.to_string(), "hi")),
+        key,
         reply: None,
         generations: 1,
         idle_timer: false,
