@@ -211,6 +211,16 @@ pub struct Me {
 )]
 struct ApiDoc;
 
+/// The routes that need no token when sign-in is on.
+const OPEN_ROUTES: [&str; 6] = [
+    "/api/health",
+    "/api/auth/register",
+    "/api/auth/login",
+    "/api/openapi.json",
+    "/api/docs",
+    "/api/docs/docs.js",
+];
+
 /// The served document, built once.
 static DOCUMENT: LazyLock<String> = LazyLock::new(|| document().to_string());
 
@@ -340,6 +350,11 @@ fn document() -> Value {
                 .into_iter()
                 .flat_map(|o| o.values_mut());
             for operation in operations {
+                let protected = !OPEN_ROUTES.contains(&path.as_str());
+                if protected {
+                    // A bearer token when sign-in is on; none needed when it is off.
+                    operation["security"] = json!([{ "bearer": [] }, {}]);
+                }
                 let Some(responses) = operation["responses"].as_object_mut() else {
                     continue;
                 };
@@ -354,6 +369,15 @@ fn document() -> Value {
                     "500".into(),
                     error_response("`INTERNAL_ERROR`: the store or a conversation failed"),
                 );
+                if protected {
+                    responses.insert(
+                        "401".into(),
+                        error_response(
+                            "`UNAUTHORIZED`: sign-in is on (`AUTH_MODE` `jwt` or `local`) and \
+                             the bearer token is missing or not good",
+                        ),
+                    );
+                }
                 for response in responses.values_mut() {
                     let answer_headers = response
                         .as_object_mut()
@@ -370,6 +394,16 @@ fn document() -> Value {
         "NotFound": error_response("`NOT_FOUND`: no route has this path"),
         "MethodNotAllowed": error_response(
             "`METHOD_NOT_ALLOWED`: a route has this path, but not for this method"),
+    });
+    document["components"]["securitySchemes"] = json!({
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "With `AUTH_MODE=jwt`, a JWT from the identity provider; with \
+                `AUTH_MODE=local`, the token of `POST /api/auth/login`. On `/ws` it may go in \
+                `?token=` instead; on Socket.IO in the handshake's `auth: {token}`.",
+        }
     });
     document["x-realtime"] = realtime();
     document
