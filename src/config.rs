@@ -110,6 +110,8 @@ pub struct ConversationSettings {
     pub checkpoint_interval: Duration,
     /// `CONVERSATION_IDLE_MS`: an actor with no members and no reply stops after this long.
     pub idle_timeout: Duration,
+    /// `USER_DAILY_TOKENS`: the tokens one user's replies may use per UTC day; 0 is no limit.
+    pub daily_tokens: u64,
     /// A user message that makes the actor panic: a fault tests inject; never set from the
     /// environment.
     pub fault_trigger: Option<String>,
@@ -173,6 +175,7 @@ impl Config {
                 heartbeat_interval: vars.millis("HEARTBEAT_INTERVAL_MS", 15_000)?,
                 checkpoint_interval: vars.millis("CHECKPOINT_INTERVAL_MS", 1_000)?,
                 idle_timeout: vars.millis("CONVERSATION_IDLE_MS", 300_000)?,
+                daily_tokens: vars.parse("USER_DAILY_TOKENS", 0)?,
                 fault_trigger: None,
             },
             body_limit_bytes: vars.positive("BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
@@ -389,6 +392,9 @@ mod tests {
         assert_eq!(c.ws_ping_interval, Duration::from_secs(25));
         assert_eq!(c.ws_ping_timeout, Duration::from_secs(20));
         assert!(c.web_client);
+        assert_eq!(c.conversations.daily_tokens, 0);
+        let c = with(&[("USER_DAILY_TOKENS", "5000")]).unwrap();
+        assert_eq!(c.conversations.daily_tokens, 5000);
     }
 
     #[test]

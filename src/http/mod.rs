@@ -146,8 +146,9 @@ pub fn routes(
         .then(rest::login);
     let me = warp::path!("api" / "me")
         .and(warp::get())
+        .and(state.clone())
         .and(user())
-        .map(rest::me);
+        .then(rest::me);
     let chat = warp::path!("api" / "chat")
         .and(warp::post())
         .and(state.clone())
@@ -193,7 +194,9 @@ pub fn routes(
     let websocket = ws::route(shared.clone());
     let page = crate::web::routes(shared.config.web_client);
 
-    let api = register
+    let api = me
+        .or(register)
+        .unify()
         .or(login)
         .unify()
         .or(chat)
@@ -212,8 +215,6 @@ pub fn routes(
         .unify()
         .map(|result: Result<Response, ApiError>| result.unwrap_or_else(|e| error_response(&e)));
     health
-        .or(me)
-        .unify()
         .or(api)
         .unify()
         .or(metrics)

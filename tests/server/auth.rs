@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ModelServer, RealtimeClient, TestServer, WAIT, call_with_token, config_for, deltas,
+    ModelServer, RealtimeClient, TestServer, WAIT, WsClient, call_with_token, config_for, deltas,
     final_content, over_both_transports, seqs, words,
 };
 
@@ -447,4 +447,84 @@ fn a_host_on_the_network_without_auth_mode_refuses_to_start_naming_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("AUTH_MODE"), "{stderr}");
+}
+
+/// The usage the test model reports for a first reply of five pieces: two prompt messages (the
+/// system prompt and the question) and five pieces.
+const FIRST_REPLY_TOKENS: u64 = 7;
+
+#[tokio::test]
+async fn a_reply_that_reaches_the_daily_budget_is_the_last_of_the_day() {
+    let model = ModelServer::start().await;
+    model.set_reply(words(5), Duration::from_millis(1));
+    let mut config = jwt_config(&model);
+    config.conversations.daily_tokens = FIRST_REPLY_TOKENS;
+    let server = TestServer::start(config).await;
+    let (ann, bob) = (token("ann"), token("bob"));
+
+    let (status, first) = call_as(
+        &server,
+        &ann,
+        "POST",
+        "/api/chat",
+        Some(json!({"message": "hi"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(
+        first["message"]["usage"],
+        json!({"promptTokens": 2, "completionTokens": 5})
+    );
+    let (_, me) = call_as(&server, &ann, "GET", "/api/me", None).await;
+    assert_eq!(me["usage"], json!({"tokensToday": 7, "dailyTokenLimit": 7}));
+
+    let asked = model.received().len();
+    let over = json!({"message": "The daily token budget is used up", "code": "QUOTA_EXCEEDED"});
+    let id = first["conversation"]["id"].as_str().unwrap();
+    for (path, body) in [
+        ("/api/chat".to_owned(), json!({"message": "again"})),
+        (
+            "/api/chat".to_owned(),
+            json!({"message": "again", "conversationId": id}),
+        ),
+        (format!("/api/conversations/{id}/regenerate"), json!({})),
+    ] {
+        let (status, refused) = call_as(&server, &ann, "POST", &path, Some(body)).await;
+        assert_eq!(
+            (status, refused),
+            (StatusCode::TOO_MANY_REQUESTS, over.clone()),
+            "{path}"
+        );
+    }
+    let mut client = WsClient::connect_as(server.addr(), &ann).await.unwrap();
+    for (event, data) in [
+        (
+            "stream_chat",
+            json!({"message": "again", "conversationId": id}),
+        ),
+        ("regenerate", json!({"conversationId": id})),
+    ] {
+        let ack = client.emit_with_ack(event, data).await;
+        assert_eq!(ack, json!({"error": over}), "{event}");
+        assert_eq!(client.next().await, ("error".to_owned(), over.clone()));
+    }
+    assert_eq!(
+        model.received().len(),
+        asked,
+        "refused before any model call"
+    );
+
+    // Another user has a budget of their own; a streamed reply counts as a whole one does.
+    let mut client = WsClient::connect_as(server.addr(), &bob).await.unwrap();
+    let events = client.chat("bobs", "hi").await;
+    assert_eq!(events.last().unwrap().0, "stream_complete");
+    let stored = call_as(&server, &bob, "GET", "/api/conversations/bobs", None)
+        .await
+        .1;
+    assert_eq!(
+        stored["messages"][1]["usage"],
+        json!({"promptTokens": 2, "completionTokens": 5})
+    );
+    let (_, me) = call_as(&server, &bob, "GET", "/api/me", None).await;
+    assert_eq!(me["usage"]["tokensToday"], 7);
 }
