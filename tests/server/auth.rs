@@ -528,3 +528,57 @@ async fn a_reply_that_reaches_the_daily_budget_is_the_last_of_the_day() {
     let (_, me) = call_as(&server, &bob, "GET", "/api/me", None).await;
     assert_eq!(me["usage"]["tokensToday"], 7);
 }
+
+#[tokio::test]
+async fn tokens_never_reach_the_log() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ai-chat-server"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("NO_COLOR", "1")
+        .env("DATABASE_URL", "memory")
+        .env("AUTH_MODE", "jwt")
+        .env("JWT_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let (lines, logged) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let line = logged
+            .recv_timeout(WAIT)
+            .expect("the server logs its address");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let good = token("ann");
+    let expired = token_with(|c| c["exp"] = json!(now() - 120));
+    let client = WsClient::connect_as(addr, &good).await.unwrap();
+    client.close().await;
+    assert!(WsClient::connect_as(addr, &expired).await.is_err());
+    let (status, _) = call_with_token(addr, Some(&good), "GET", "/api/me", None).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log: Vec<String> = logged.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("path=/ws")), "{log:#?}");
+    for line in &log {
+        for token in [&good, &expired] {
+            assert!(!line.contains(token.as_str()), "a token in the log: {line}");
+        }
+        assert!(!line.contains(SECRET), "the secret in the log: {line}");
+    }
+}
