@@ -34,14 +34,16 @@ use crate::auth::{Accounts, Authenticator, User, bearer_token};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use error::ApiError;
-use limits::{ConnectionLimit, RateLimitLayer};
+use limits::{ConnectionLimit, RateLimitLayer, UserReplyRate};
 use middleware::AccessLogLayer;
 
 /// What every route and connection shares.
 pub struct Shared {
     pub conversations: Conversations,
     /// Who each request and connection is from.
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
+    /// Replies each signed-in user may ask for per minute, over all their connections.
+    pub user_reply_rate: UserReplyRate,
     /// The server's own accounts, with `AUTH_MODE=local`.
     pub accounts: Option<Accounts>,
     pub config: Arc<Config>,
@@ -269,7 +271,11 @@ fn cors(frontend_url: &str) -> CorsLayer {
 /// ones to finish.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
     let config = &shared.config;
-    let rate_limit = RateLimitLayer::new(config.rate_limit_window, config.rate_limit_max_requests);
+    let rate_limit = RateLimitLayer::new(
+        config.rate_limit_window,
+        config.rate_limit_max_requests,
+        shared.auth.clone(),
+    );
     let routes = rate_limit.layer(warp::service(routes(shared.clone())));
     // One Socket.IO engine for every connection: a polling session spans many of them.
     let app = socketio::layer(shared.clone()).layer(routes);
@@ -278,6 +284,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
     tokio::spawn(middleware::upkeep(
         shared.metrics.clone(),
         rate_limit.clone(),
+        shared.user_reply_rate.clone(),
         shared.stop_accepting.clone(),
     ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

@@ -428,7 +428,34 @@ async fn a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_
     client.close().await;
 }
 
+/// Replies asked for count per user over all their connections, not per connection.
+async fn replies_asked_for_count_per_user_over_all_their_connections<C: RealtimeClient>() {
+    let model = ModelServer::start().await;
+    let mut config = jwt_config(&model);
+    config.rt_messages_per_minute = 2;
+    let server = TestServer::start(config).await;
+    let (ann, bob) = (token("ann"), token("bob"));
+    let mut first = C::connect_as(server.addr(), &ann).await.unwrap();
+    let mut second = C::connect_as(server.addr(), &ann).await.unwrap();
+    first.chat("a", "one").await;
+    second.chat("b", "two").await;
+    let ack = first
+        .emit_with_ack(
+            "stream_chat",
+            json!({"conversationId": "c", "message": "three"}),
+        )
+        .await;
+    assert_eq!(ack["error"]["code"], "RATE_LIMIT_EXCEEDED", "{ack}");
+    let mut other = C::connect_as(server.addr(), &bob).await.unwrap();
+    let events = other.chat("a", "one").await;
+    assert_eq!(events.last().unwrap().0, "stream_complete");
+    for client in [first, second, other] {
+        client.close().await;
+    }
+}
+
 over_both_transports!(
+    replies_asked_for_count_per_user_over_all_their_connections,
     bad_tokens_are_refused_as_the_connection_opens,
     another_users_conversation_does_not_exist_for_them,
     a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_one,
@@ -581,4 +608,39 @@ async fn tokens_never_reach_the_log() {
         }
         assert!(!line.contains(SECRET), "the secret in the log: {line}");
     }
+}
+
+#[tokio::test]
+async fn the_request_rate_counts_per_user_and_per_address_without_one() {
+    let model = ModelServer::start().await;
+    let mut config = jwt_config(&model);
+    config.rate_limit_max_requests = 3;
+    let server = TestServer::start(config).await;
+    let (ann, bob) = (token("ann"), token("bob"));
+    for _ in 0..3 {
+        assert_eq!(
+            call_as(&server, &ann, "GET", "/api/me", None).await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, refused) = call_as(&server, &ann, "GET", "/api/me", None).await;
+    assert_eq!(
+        (status, &refused["code"]),
+        (StatusCode::TOO_MANY_REQUESTS, &json!("RATE_LIMIT_EXCEEDED"))
+    );
+    // Another user at the same address has an allowance of their own, and so has the address.
+    assert_eq!(
+        call_as(&server, &bob, "GET", "/api/me", None).await.0,
+        StatusCode::OK
+    );
+    for _ in 0..3 {
+        assert_eq!(server.get("/api/me").await.0, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(server.get("/api/me").await.0, StatusCode::TOO_MANY_REQUESTS);
+    // A bad token counts against the address, not the user it names.
+    let expired = token_with(|c| c["exp"] = json!(now() - 120));
+    assert_eq!(
+        call_as(&server, &expired, "GET", "/api/me", None).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
