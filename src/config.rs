@@ -128,6 +128,8 @@ pub struct ConversationSettings {
     pub checkpoint_interval: Duration,
     /// `CONVERSATION_IDLE_MS`: an actor with no members and no reply stops after this long.
     pub idle_timeout: Duration,
+    /// `USER_DAILY_TOKENS`: the tokens one user's replies may use per UTC day; 0 is no limit.
+    pub daily_tokens: u64,
     /// A user message that makes the actor panic: a fault tests inject; never set from the
     /// environment.
     pub fault_trigger: Option<String>,
@@ -194,6 +196,7 @@ impl Config {
                 heartbeat_interval: vars.millis("HEARTBEAT_INTERVAL_MS", 15_000)?,
                 checkpoint_interval: vars.millis("CHECKPOINT_INTERVAL_MS", 1_000)?,
                 idle_timeout: vars.millis("CONVERSATION_IDLE_MS", 300_000)?,
+                daily_tokens: vars.parse("USER_DAILY_TOKENS", 0)?,
                 fault_trigger: None,
             },
             body_limit_bytes: vars.positive("BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
@@ -419,6 +422,9 @@ mod tests {
         assert_eq!(c.body_discard_limit_bytes, 64 * 1024 * 1024);
         assert_eq!(c.body_discard_timeout, Duration::from_secs(30));
         assert_eq!(c.send_timeout, Duration::from_secs(30));
+        assert_eq!(c.conversations.daily_tokens, 0);
+        let c = with(&[("USER_DAILY_TOKENS", "5000")]).unwrap();
+        assert_eq!(c.conversations.daily_tokens, 5000);
     }
 
     #[test]

@@ -35,6 +35,11 @@ impl Timestamp {
         self.0.to_rfc3339_opts(SecondsFormat::Millis, true)
     }
 
+    /// The UTC day this time falls on, as `2026-11-29`: what daily token budgets count by.
+    pub fn utc_day(&self) -> String {
+        self.0.format("%Y-%m-%d").to_string()
+    }
+
     /// Milliseconds since the Unix epoch.
     pub fn millis(&self) -> i64 {
         self.0.timestamp_millis()
@@ -149,6 +154,22 @@ impl MessageStatus {
     }
 }
 
+/// The tokens an assistant message cost, as the model reported them or, where it reported
+/// none, estimated from the text (an extension field a client may ignore).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl MessageUsage {
+    /// Both together.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
 /// One message of a conversation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -160,6 +181,8 @@ pub struct Message {
     pub conversation_id: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub status: Option<MessageStatus>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub usage: Option<MessageUsage>,
 }
 
 impl Message {
@@ -172,6 +195,7 @@ impl Message {
             timestamp: Timestamp::now(),
             conversation_id: conversation_id.to_owned(),
             status: None,
+            usage: None,
         }
     }
 }

@@ -15,6 +15,9 @@ pub enum ChatError {
     /// A reply is already being generated in that conversation.
     #[error("a reply is already being generated")]
     Busy,
+    /// The user's replies have used their tokens for the day (`USER_DAILY_TOKENS`).
+    #[error("the daily token budget is used up")]
+    QuotaExceeded,
     /// The model failed to answer.
     #[error("the model failed to answer")]
     Upstream,

@@ -25,7 +25,7 @@ use crate::auth::{Accounts, AuthConfig, AuthMode, Authenticator, TokenSigner};
 use crate::config::Config;
 use crate::error::ChatError;
 use crate::http::Shared;
-use crate::http::limits::ConnectionLimit;
+use crate::http::limits::{ConnectionLimit, UserReplyRate};
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -127,7 +127,8 @@ impl App {
         .await?;
         let shared = Arc::new(Shared {
             conversations,
-            auth: authenticator,
+            auth: Arc::new(authenticator),
+            user_reply_rate: UserReplyRate::new(config.rt_messages_per_minute),
             accounts,
             connection_limit: ConnectionLimit::new(config.max_connections_per_ip),
             config: Arc::new(config),

@@ -16,7 +16,7 @@ use super::conversation::{
 };
 use super::events::Subscriber;
 use super::registry::ConversationKey;
-use crate::domain::{Conversation, UserId, new_id, validate_conversation_id};
+use crate::domain::{Conversation, Timestamp, UserId, new_id, validate_conversation_id};
 use crate::error::ChatError;
 use crate::store::Page;
 
@@ -195,6 +195,27 @@ impl Conversations {
             .ok_or(ChatError::NotFound)
     }
 
+    /// The tokens `user`'s replies have used today (UTC).
+    pub async fn tokens_today(&self, user: &UserId) -> Result<u64, ChatError> {
+        let day = Timestamp::now().utc_day();
+        Ok(self.ctx.store.usage_on(user, &day).await?)
+    }
+
+    /// The tokens one user's replies may use per UTC day; 0 is no limit.
+    pub fn daily_token_limit(&self) -> u64 {
+        self.ctx.settings.daily_tokens
+    }
+
+    /// Refuses a new reply, before any model call, once `user` has used the day's tokens. A reply
+    /// already running finishes, whatever it costs.
+    async fn check_budget(&self, user: &UserId) -> Result<(), ChatError> {
+        let limit = self.daily_token_limit();
+        if limit > 0 && self.tokens_today(user).await? >= limit {
+            return Err(ChatError::QuotaExceeded);
+        }
+        Ok(())
+    }
+
     /// `user`'s conversations, most recently updated first, from the store.
     pub async fn list(&self, user: &UserId, page: Page) -> Result<Vec<Conversation>, ChatError> {
         Ok(self.ctx.store.list_conversations(user, page).await?)
@@ -213,6 +234,7 @@ impl Conversations {
             None => (new_id(), Activation::New),
         };
         let create = activation == Activation::New;
+        self.check_budget(user).await?;
         let key = ConversationKey::new(user, &id);
         self.request(&key, activation, |answer| Request::Chat {
             content,
@@ -238,6 +260,7 @@ impl Conversations {
             }
             None => (new_id(), Activation::New),
         };
+        self.check_budget(user).await?;
         let key = ConversationKey::new(user, &id);
         self.request(&key, activation, |answer| Request::StreamChat {
             content,
@@ -295,6 +318,7 @@ impl Conversations {
         sender: Option<Subscriber>,
     ) -> Result<StreamStarted, ChatError> {
         validate_conversation_id(id)?;
+        self.check_budget(user).await?;
         let key = ConversationKey::new(user, id);
         self.request(&key, Activation::Existing, |answer| Request::Regenerate {
             sender,

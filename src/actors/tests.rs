@@ -169,6 +169,14 @@ impl ConversationStore for SteeredStore {
         self.inner.delete_conversation(owner, id).await
     }
 
+    async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError> {
+        self.inner.add_usage(owner, day, tokens).await
+    }
+
+    async fn usage_on(&self, owner: &UserId, day: &str) -> Result<u64, StoreError> {
+        self.inner.usage_on(owner, day).await
+    }
+
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {
         self.inner.mark_interrupted().await
     }

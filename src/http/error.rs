@@ -47,6 +47,9 @@ pub enum ApiError {
     /// A reply is already being generated in that conversation.
     #[error("A reply is already being generated in this conversation")]
     Conflict,
+    /// The user's replies have used their tokens for the day.
+    #[error("The daily token budget is used up")]
+    QuotaExceeded,
     /// The model provider failed.
     #[error("The model provider failed to answer")]
     Upstream,
@@ -79,6 +82,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ApiError::RateLimited => "RATE_LIMIT_EXCEEDED",
             ApiError::Conflict => "CONFLICT",
+            ApiError::QuotaExceeded => "QUOTA_EXCEEDED",
             ApiError::Upstream => "UPSTREAM_ERROR",
             ApiError::Internal => "INTERNAL_ERROR",
         }
@@ -94,7 +98,7 @@ impl ApiError {
             ApiError::ConversationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited | ApiError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict => StatusCode::CONFLICT,
             ApiError::Upstream => StatusCode::BAD_GATEWAY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -130,6 +134,7 @@ impl From<ChatError> for ApiError {
             ChatError::Invalid(message) => ApiError::InvalidRequest(message),
             ChatError::NotFound => ApiError::ConversationNotFound,
             ChatError::Busy => ApiError::Conflict,
+            ChatError::QuotaExceeded => ApiError::QuotaExceeded,
             ChatError::Upstream => ApiError::Upstream,
             ChatError::Storage(_) | ChatError::Failed(_) => {
                 tracing::error!(error = %error, "request failed");

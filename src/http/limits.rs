@@ -1,7 +1,9 @@
 //! Limits per client: the request rate on `/api/` (a tower layer answering 429 with
 //! express-rate-limit's draft-6 `RateLimit-*` headers), open real-time connections per address,
-//! and replies asked for per real-time connection. The rates use `governor`'s GCRA: a client
-//! may use its whole allowance at once, which then refills evenly over the window.
+//! and replies asked for per real-time connection. The rates count per signed-in user where
+//! there is one (however many addresses and connections they use), per address or connection
+//! otherwise. They use `governor`'s GCRA: a client may use its whole allowance at once, which
+//! then refills evenly over the window.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -21,6 +23,28 @@ use warp::reply::Response;
 
 use super::error::ApiError;
 use super::{ClientAddr, error_response};
+use crate::auth::{Authenticator, bearer_token};
+use crate::domain::UserId;
+
+/// What a request's rate counts against: its signed-in user, or else its client address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum RateKey {
+    User(UserId),
+    Address(IpAddr),
+}
+
+/// The key of a request from `ip` with `authorization`: its user when the header holds a good
+/// token of a signed-in user, its address otherwise (no token, a bad one, or sign-in off).
+async fn rate_key(auth: &Authenticator, authorization: Option<&str>, ip: IpAddr) -> RateKey {
+    let token = authorization.and_then(|header| bearer_token(header).ok());
+    match token {
+        Some(token) => match auth.authenticate(Some(token)).await {
+            Ok(user) if user.id != UserId::anonymous() => RateKey::User(user.id),
+            _ => RateKey::Address(client_key(ip)),
+        },
+        None => RateKey::Address(client_key(ip)),
+    }
+}
 
 /// The key a client is counted under: its address, with IPv4-mapped IPv6 addresses as IPv4
 /// and IPv6 addresses by their /56 network (what one subscriber usually gets, as
@@ -44,11 +68,12 @@ fn seconds(duration: Duration) -> u64 {
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limiter: Option<Arc<ApiRateLimiter>>,
+    auth: Arc<Authenticator>,
 }
 
 /// The shared state of an active [`RateLimitLayer`].
 struct ApiRateLimiter {
-    clients: DefaultKeyedRateLimiter<IpAddr, StateInformationMiddleware>,
+    clients: DefaultKeyedRateLimiter<RateKey, StateInformationMiddleware>,
     limit: u32,
     /// The time one request's allowance takes to come back.
     refill: Duration,
@@ -56,8 +81,9 @@ struct ApiRateLimiter {
 }
 
 impl RateLimitLayer {
-    /// `max_requests` per `window`; 0 requests turns the limit off.
-    pub fn new(window: Duration, max_requests: u32) -> Self {
+    /// `max_requests` per `window`, for each user `auth` recognizes and each address; 0
+    /// requests turns the limit off.
+    pub fn new(window: Duration, max_requests: u32, auth: Arc<Authenticator>) -> Self {
         let limiter = NonZeroU32::new(max_requests).map(|limit| {
             let refill = (window / limit.get()).max(Duration::from_nanos(1));
             let quota = Quota::with_period(refill)
@@ -71,7 +97,7 @@ impl RateLimitLayer {
                     .expect("digits make a header value"),
             })
         });
-        RateLimitLayer { limiter }
+        RateLimitLayer { limiter, auth }
     }
 
     /// Forgets clients whose allowance is whole again, so memory follows the active clients.
@@ -84,9 +110,9 @@ impl RateLimitLayer {
 }
 
 impl ApiRateLimiter {
-    /// Counts one request of `ip`: the headers to answer with, and whether it is over the limit.
-    fn check(&self, ip: IpAddr) -> (HeaderMap, bool) {
-        let (remaining, reset, retry_after) = match self.clients.check_key(&client_key(ip)) {
+    /// Counts one request of `key`: the headers to answer with, and whether it is over the limit.
+    fn check(&self, key: &RateKey) -> (HeaderMap, bool) {
+        let (remaining, reset, retry_after) = match self.clients.check_key(key) {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 (remaining, self.refill * (self.limit - remaining), None)
@@ -115,6 +141,7 @@ impl<S> Layer<S> for RateLimitLayer {
         RateLimit {
             inner,
             limiter: self.limiter.clone(),
+            auth: self.auth.clone(),
         }
     }
 }
@@ -124,12 +151,14 @@ impl<S> Layer<S> for RateLimitLayer {
 pub struct RateLimit<S> {
     inner: S,
     limiter: Option<Arc<ApiRateLimiter>>,
+    auth: Arc<Authenticator>,
 }
 
 impl<S, B> Service<Request<B>> for RateLimit<S>
 where
-    S: Service<Request<B>, Response = Response, Error = Infallible>,
+    S: Service<Request<B>, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: Send + 'static,
 {
     type Response = Response;
     type Error = Infallible;
@@ -141,24 +170,39 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let client = request.extensions().get::<ClientAddr>().map(|c| c.0.ip());
-        let checked = match (&self.limiter, client) {
+        let limited = match (&self.limiter, client) {
             (Some(limiter), Some(ip)) if request.uri().path().starts_with("/api/") => {
-                Some(limiter.check(ip))
+                Some((limiter.clone(), ip))
             }
             _ => None,
         };
-        let answer = match checked {
-            Some((headers, true)) => {
-                let mut response = error_response(&ApiError::RateLimited);
-                response.headers_mut().extend(headers);
-                return Box::pin(async move { Ok(response) });
-            }
-            Some((headers, false)) => Some(headers),
-            None => None,
-        };
-        let future = self.inner.call(request);
+        let authorization = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let auth = self.auth.clone();
+        // The service that was made ready goes with the request; a clone stays for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let mut response = future.await?;
+            let checked = match limited {
+                Some((limiter, ip)) => {
+                    let key = rate_key(&auth, authorization.as_deref(), ip).await;
+                    Some(limiter.check(&key))
+                }
+                None => None,
+            };
+            let answer = match checked {
+                Some((headers, true)) => {
+                    let mut response = error_response(&ApiError::RateLimited);
+                    response.headers_mut().extend(headers);
+                    return Ok(response);
+                }
+                Some((headers, false)) => Some(headers),
+                None => None,
+            };
+            let mut response = inner.call(request).await?;
             if let Some(headers) = answer {
                 response.headers_mut().extend(headers);
             }
@@ -222,13 +266,43 @@ impl Drop for ConnectionPermit {
     }
 }
 
-/// Replies one real-time connection may ask for per minute (`RT_MESSAGES_PER_MINUTE`).
-pub struct ReplyRate(Option<DefaultDirectRateLimiter>);
+/// Replies each signed-in user may ask for per minute over all their real-time connections
+/// (`RT_MESSAGES_PER_MINUTE`), shared by every connection.
+#[derive(Clone)]
+pub struct UserReplyRate(Option<Arc<DefaultKeyedRateLimiter<UserId>>>);
+
+impl UserReplyRate {
+    /// `per_minute` replies a minute for each user; 0 is no limit.
+    pub fn new(per_minute: u32) -> Self {
+        UserReplyRate(
+            NonZeroU32::new(per_minute)
+                .map(|n| Arc::new(DefaultKeyedRateLimiter::keyed(Quota::per_minute(n)))),
+        )
+    }
+
+    /// Forgets users whose allowance is whole again.
+    pub fn forget_quiet_users(&self) {
+        if let Some(limiter) = &self.0 {
+            limiter.retain_recent();
+        }
+    }
+}
+
+/// Replies one real-time connection may ask for per minute (`RT_MESSAGES_PER_MINUTE`): counted
+/// for its signed-in user when there is one, for the connection alone otherwise.
+pub enum ReplyRate {
+    Connection(Option<DefaultDirectRateLimiter>),
+    User(UserReplyRate, UserId),
+}
 
 impl ReplyRate {
-    /// `per_minute` replies a minute; 0 is no limit.
-    pub fn new(per_minute: u32) -> Self {
-        ReplyRate(
+    /// The rate of a connection of `user`: `per_user` when signed in, else `per_minute`
+    /// replies a minute of its own (0 is no limit).
+    pub fn new(per_minute: u32, per_user: &UserReplyRate, user: &UserId) -> Self {
+        if *user != UserId::anonymous() {
+            return ReplyRate::User(per_user.clone(), user.clone());
+        }
+        ReplyRate::Connection(
             NonZeroU32::new(per_minute)
                 .map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n))),
         )
@@ -236,10 +310,12 @@ impl ReplyRate {
 
     /// Counts one reply asked for, or `RATE_LIMIT_EXCEEDED` when over the rate.
     pub fn check(&self) -> Result<(), ApiError> {
-        match &self.0 {
-            Some(limiter) => limiter.check().map_err(|_| ApiError::RateLimited),
-            None => Ok(()),
-        }
+        let checked = match self {
+            ReplyRate::Connection(Some(limiter)) => limiter.check(),
+            ReplyRate::User(UserReplyRate(Some(limiter)), user) => limiter.check_key(user),
+            _ => return Ok(()),
+        };
+        checked.map(drop).map_err(|_| ApiError::RateLimited)
     }
 }
 
@@ -271,18 +347,19 @@ mod tests {
 
     #[test]
     fn the_rate_limit_counts_down_then_refuses() {
-        let limiter = RateLimitLayer::new(Duration::from_secs(60), 2)
+        let no_sign_in = Authenticator::new(&crate::auth::AuthConfig::default()).unwrap();
+        let limiter = RateLimitLayer::new(Duration::from_secs(60), 2, Arc::new(no_sign_in))
             .limiter
             .unwrap();
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let (headers, over) = limiter.check(ip);
+        let ip = RateKey::Address("10.0.0.1".parse().unwrap());
+        let (headers, over) = limiter.check(&ip);
         assert!(!over);
         assert_eq!(headers["ratelimit-limit"], "2");
         assert_eq!(headers["ratelimit-remaining"], "1");
         assert_eq!(headers["ratelimit-reset"], "30");
         assert_eq!(headers["ratelimit-policy"], "2;w=60");
-        assert!(!limiter.check(ip).1);
-        let (headers, over) = limiter.check(ip);
+        assert!(!limiter.check(&ip).1);
+        let (headers, over) = limiter.check(&ip);
         assert!(over);
         assert_eq!(headers["ratelimit-remaining"], "0");
         let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();

@@ -14,7 +14,7 @@ use tower_http::set_header::response::SetMultipleResponseHeadersLayer;
 use warp::http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::ClientAddr;
-use super::limits::RateLimitLayer;
+use super::limits::{RateLimitLayer, UserReplyRate};
 use super::routes::route_of;
 use crate::metrics::Metrics;
 
@@ -169,14 +169,21 @@ fn method_label(method: &Method) -> &'static str {
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Until `stop` is cancelled, every few seconds: folds recorded samples into the metrics'
-/// histograms and forgets the rate-limit state of clients that have been quiet long enough.
-pub async fn upkeep(metrics: Arc<Metrics>, rate_limit: RateLimitLayer, stop: CancellationToken) {
+/// histograms and forgets the rate-limit state of clients and users that have been quiet long
+/// enough.
+pub async fn upkeep(
+    metrics: Arc<Metrics>,
+    rate_limit: RateLimitLayer,
+    user_reply_rate: UserReplyRate,
+    stop: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
     loop {
         tokio::select! {
             _ = ticks.tick() => {
                 metrics.run_upkeep();
                 rate_limit.forget_quiet_clients();
+                user_reply_rate.forget_quiet_users();
             }
             _ = stop.cancelled() => return,
         }

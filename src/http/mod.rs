@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 pub use client::ClientAddr;
 use connection::{Activity, Timeouts, TrackingLayer, Watched};
 use error::ApiError;
-use limits::{ConnectionLimit, RateLimitLayer};
+use limits::{ConnectionLimit, RateLimitLayer, UserReplyRate};
 use middleware::AccessLogLayer;
 
 /// How long a closing real-time connection may take to send its last events.
@@ -50,7 +50,9 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Shared {
     pub conversations: Conversations,
     /// Who each request and connection is from.
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
+    /// Replies each signed-in user may ask for per minute, over all their connections.
+    pub user_reply_rate: UserReplyRate,
     /// The server's own accounts, with `AUTH_MODE=local`.
     pub accounts: Option<Accounts>,
     pub config: Arc<Config>,
@@ -205,8 +207,9 @@ pub fn routes(
         .then(rest::login);
     let me = warp::path!("api" / "me")
         .and(warp::get())
+        .and(state.clone())
         .and(user())
-        .map(rest::me);
+        .then(rest::me);
     let chat = warp::path!("api" / "chat")
         .and(warp::post())
         .and(state.clone())
@@ -253,7 +256,9 @@ pub fn routes(
     let page = web::routes(shared.config.web_client);
     let reference = openapi::routes();
 
-    let api = register
+    let api = me
+        .or(register)
+        .unify()
         .or(login)
         .unify()
         .or(chat)
@@ -272,8 +277,6 @@ pub fn routes(
         .unify()
         .map(|result: Result<Response, ApiError>| result.unwrap_or_else(|e| error_response(&e)));
     health
-        .or(me)
-        .unify()
         .or(api)
         .unify()
         .or(metrics)
@@ -337,7 +340,11 @@ fn cors(frontend_url: &str) -> CorsLayer {
 /// ones to finish.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) {
     let config = &shared.config;
-    let rate_limit = RateLimitLayer::new(config.rate_limit_window, config.rate_limit_max_requests);
+    let rate_limit = RateLimitLayer::new(
+        config.rate_limit_window,
+        config.rate_limit_max_requests,
+        shared.auth.clone(),
+    );
     let routes = rate_limit.layer(warp::service(routes(shared.clone())));
     // One Socket.IO engine for every connection: a polling session spans many of them.
     let app = socketio::layer(shared.clone()).layer(routes);
@@ -346,6 +353,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
     tokio::spawn(middleware::upkeep(
         shared.metrics.clone(),
         rate_limit.clone(),
+        shared.user_reply_rate.clone(),
         shared.stop_accepting.clone(),
     ));
     let timeouts = Timeouts {

@@ -360,7 +360,8 @@ fn document() -> Value {
                 };
                 let mut too_many = error_response(
                     "`RATE_LIMIT_EXCEEDED`: over `RATE_LIMIT_MAX_REQUESTS` per \
-                     `RATE_LIMIT_WINDOW_MS`",
+                     `RATE_LIMIT_WINDOW_MS`; or, where a reply would start, \
+                     `QUOTA_EXCEEDED`: the user's `USER_DAILY_TOKENS` for today are used",
                 );
                 too_many["headers"] = json!({ "Retry-After":
                     integer_header("Seconds until the next request is allowed") });

@@ -163,15 +163,19 @@ fn signed_in_answer(signed_in: SignedIn, status: StatusCode) -> Response {
     responses(
         (status = 200, description = "The caller", body = Me),
     ))]
-pub fn me(user: User) -> Response {
+pub async fn me(shared: Arc<Shared>, user: User) -> Result<Response, ApiError> {
+    let conversations = &shared.conversations;
     let mut body = json!({
         "id": user.id.as_str(),
-        "usage": { "tokensToday": 0, "dailyTokenLimit": 0 },
+        "usage": {
+            "tokensToday": conversations.tokens_today(&user.id).await?,
+            "dailyTokenLimit": conversations.daily_token_limit(),
+        },
     });
     if let Some(username) = user.username {
         body["username"] = username.into();
     }
-    warp::reply::json(&body).into_response()
+    Ok(warp::reply::json(&body).into_response())
 }
 
 /// Sends a user message and answers, once the model is done, with its whole reply.

@@ -59,12 +59,17 @@ impl Session {
         let config = shared.config.clone();
         let (subscriber, inbox) = Subscriber::new(id, config.subscriber_queue);
         shared.metrics.connection_opened();
+        let replies = ReplyRate::new(
+            config.rt_messages_per_minute,
+            &shared.user_reply_rate,
+            &user,
+        );
         let session = Session {
             conversations: shared.conversations.clone(),
             user,
             subscriber,
             joined: HashSet::new(),
-            replies: ReplyRate::new(config.rt_messages_per_minute),
+            replies,
             config,
             metrics: shared.metrics.clone(),
             _open: shared.connections.token(),

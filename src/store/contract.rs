@@ -7,7 +7,7 @@ use super::{
     Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, SqliteStore, Store,
     StoreError,
 };
-use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
+use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 
 /// A fresh, empty store, and what it needs kept while it is used (such as its database folder).
 struct Fresh {
@@ -43,6 +43,8 @@ macro_rules! contract {
                 the_anonymous_user_is_an_owner_like_any_other,
                 an_account_is_found_by_its_username_in_any_case,
                 a_username_taken_in_another_case_is_refused,
+                usage_adds_up_per_owner_and_day,
+                a_reply_keeps_what_it_cost,
             );
         }
     };
@@ -596,6 +598,34 @@ async fn a_username_taken_in_another_case_is_refused(store: &dyn AccountStore) {
     );
     assert_eq!(store.find_account("ann").await, Ok(Some(ann)));
     assert_eq!(store.find_account("someone").await, Ok(None));
+}
+
+async fn usage_adds_up_per_owner_and_day(store: &dyn ConversationStore) {
+    assert_eq!(store.usage_on(&ann(), "2026-11-29").await, Ok(0));
+    store.add_usage(&ann(), "2026-11-29", 120).await.unwrap();
+    store.add_usage(&ann(), "2026-11-29", 30).await.unwrap();
+    store.add_usage(&ann(), "2026-11-30", 7).await.unwrap();
+    store.add_usage(&bob(), "2026-11-29", 1).await.unwrap();
+    assert_eq!(store.usage_on(&ann(), "2026-11-29").await, Ok(150));
+    assert_eq!(store.usage_on(&ann(), "2026-11-30").await, Ok(7));
+    assert_eq!(store.usage_on(&bob(), "2026-11-29").await, Ok(1));
+}
+
+async fn a_reply_keeps_what_it_cost(store: &dyn ConversationStore) {
+    let mut a = conversation("a", "first", 1_000);
+    let mut reply = streaming("a", "par", 1_000);
+    a.messages = vec![message("a", Role::User, "question", 1_000), reply.clone()];
+    store.create_conversation(&ann(), &a).await.unwrap();
+    reply.content = "partial".into();
+    reply.status = Some(MessageStatus::Complete);
+    reply.usage = Some(MessageUsage {
+        prompt_tokens: 12,
+        completion_tokens: 3,
+    });
+    store.save_message(&ann(), &reply, at(2_000)).await.unwrap();
+    a.messages[1] = reply;
+    a.updated_at = at(2_000);
+    assert_eq!(stored(store, "a").await, a);
 }
 
 contract!(memory => fresh_memory);

@@ -18,6 +18,8 @@ pub struct MemoryStore {
     conversations: RwLock<HashMap<Key, Conversation>>,
     /// Accounts by [`username_key`].
     accounts: RwLock<HashMap<String, Account>>,
+    /// Tokens used by owner and day.
+    usage: RwLock<HashMap<(UserId, String), u64>>,
 }
 
 impl MemoryStore {
@@ -122,6 +124,7 @@ impl ConversationStore for MemoryStore {
                     Some(stored) => {
                         stored.content.clone_from(&message.content);
                         stored.status = message.status;
+                        stored.usage = message.usage;
                     }
                     None => c.messages.push(message.clone()),
                 }
@@ -153,6 +156,27 @@ impl ConversationStore for MemoryStore {
 
     async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError> {
         self.write(|map| map.remove(&key(owner, id)).is_some())
+    }
+
+    async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError> {
+        let mut usage = self
+            .usage
+            .write()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        let used = usage.entry((owner.clone(), day.to_owned())).or_default();
+        *used = used.saturating_add(tokens);
+        Ok(())
+    }
+
+    async fn usage_on(&self, owner: &UserId, day: &str) -> Result<u64, StoreError> {
+        let usage = self
+            .usage
+            .read()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        Ok(usage
+            .get(&(owner.clone(), day.to_owned()))
+            .copied()
+            .unwrap_or(0))
     }
 
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {

@@ -35,6 +35,10 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "0003_accounts",
         sql: include_str!("migrations/sqlite/0003_accounts.sql"),
     },
+    Migration {
+        name: "0004_usage",
+        sql: include_str!("migrations/sqlite/0004_usage.sql"),
+    },
 ];
 
 /// Runs the migrations of `migrations` that the database on `connection` has not had yet. A
@@ -218,7 +222,7 @@ mod tests {
              INSERT INTO messages VALUES ('m1', 'c', 'assistant', 'second', 'complete', 2);",
         )
         .unwrap();
-        apply(&mut db, SQLITE).unwrap();
+        apply(&mut db, &SQLITE[..2]).unwrap();
         let owner: String = db
             .query_row(
                 "SELECT owner FROM conversations WHERE id = 'c'",

@@ -87,6 +87,10 @@ pub trait ConversationStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Removes a conversation and its messages; false when there was none.
     async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError>;
+    /// Adds `tokens` to what `owner`'s replies used on `day` (a UTC date, `2026-11-29`).
+    async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError>;
+    /// The tokens `owner`'s replies used on `day`.
+    async fn usage_on(&self, owner: &UserId, day: &str) -> Result<u64, StoreError>;
     /// Marks every reply still `streaming`, whoever's, as `error` (interrupted); run at start-up.
     async fn mark_interrupted(&self) -> Result<u64, StoreError>;
     /// Marks the replies of one conversation still `streaming` as `error`, and nothing else: no

@@ -19,7 +19,7 @@ use rusqlite::{OpenFlags, OptionalExtension, ffi};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Account, AccountStore, ConversationStore, Page, StoreError, migrations, username_key};
-use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
+use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
 /// waiting in one transaction (group commit) and answers each write once it is committed; reads
@@ -107,6 +107,7 @@ enum Write {
     MarkInterrupted,
     MarkInterruptedIn(UserId, String),
     CreateAccount(Account),
+    AddUsage(UserId, String, u64),
 }
 
 impl Write {
@@ -268,8 +269,8 @@ impl SqliteStore {
 }
 
 const CONVERSATION_COLUMNS: &str = "SELECT id, title, created_at, updated_at FROM conversations";
-const MESSAGE_COLUMNS: &str =
-    "SELECT id, conversation_id, role, content, status, timestamp FROM messages";
+const MESSAGE_COLUMNS: &str = "SELECT id, conversation_id, role, content, status, timestamp, \
+     prompt_tokens, completion_tokens FROM messages";
 /// One owner's conversations of one page, most recently updated first.
 const PAGE: &str = "WHERE owner = ?1 ORDER BY updated_at DESC, id DESC LIMIT ?2 OFFSET ?3";
 
@@ -299,6 +300,13 @@ fn message_from(row: &rusqlite::Row) -> rusqlite::Result<Message> {
         content: row.get(3)?,
         status: status.as_deref().and_then(MessageStatus::parse),
         timestamp: Timestamp::from_millis(row.get(5)?),
+        usage: match (row.get::<_, Option<i64>>(6)?, row.get::<_, Option<i64>>(7)?) {
+            (Some(prompt), Some(completion)) => Some(MessageUsage {
+                prompt_tokens: prompt.max(0) as u64,
+                completion_tokens: completion.max(0) as u64,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -447,6 +455,21 @@ impl ConversationStore for SqliteStore {
             .write(Write::DeleteConversation(owner.clone(), id.to_owned()))
             .await?;
         Ok(deleted > 0)
+    }
+
+    async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError> {
+        self.write(Write::AddUsage(owner.clone(), day.to_owned(), tokens))
+            .await
+            .map(drop)
+    }
+
+    async fn usage_on(&self, owner: &UserId, day: &str) -> Result<u64, StoreError> {
+        let tokens: Option<i64> = self.readers.read(|db| {
+            db.prepare_cached("SELECT tokens FROM daily_usage WHERE owner = ?1 AND day = ?2")?
+                .query_row((owner.as_str(), day), |row| row.get(0))
+                .optional()
+        })?;
+        Ok(tokens.map_or(0, |t| t.max(0) as u64))
     }
 
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {
@@ -639,6 +662,16 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
              WHERE owner = ? AND conversation_id = ? AND status = 'streaming'",
             (owner.as_str(), id),
         ),
+        Write::AddUsage(owner, day, tokens) => run(
+            tx,
+            "INSERT INTO daily_usage (owner, day, tokens) VALUES (?, ?, ?) \
+             ON CONFLICT (owner, day) DO UPDATE SET tokens = tokens + excluded.tokens",
+            (
+                owner.as_str(),
+                day,
+                i64::try_from(*tokens).unwrap_or(i64::MAX),
+            ),
+        ),
         Write::CreateAccount(account) => run(
             tx,
             "INSERT INTO accounts (id, username, username_key, password_hash, created_at) \
@@ -672,9 +705,10 @@ fn upsert_message(
 ) -> Result<(), StoreError> {
     run(
         tx,
-        "INSERT INTO messages (id, owner, conversation_id, role, content, status, timestamp) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status \
+        "INSERT INTO messages (id, owner, conversation_id, role, content, status, timestamp, \
+         prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (id) DO UPDATE SET content = excluded.content, status = excluded.status, \
+         prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens \
          WHERE owner = excluded.owner AND conversation_id = excluded.conversation_id",
         (
             &message.id,
@@ -684,6 +718,12 @@ fn upsert_message(
             &message.content,
             message.status.map(MessageStatus::as_str),
             message.timestamp.millis(),
+            message
+                .usage
+                .map(|u| i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX)),
+            message
+                .usage
+                .map(|u| i64::try_from(u.completion_tokens).unwrap_or(i64::MAX)),
         ),
     )
     .map(drop)

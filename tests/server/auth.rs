@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ModelServer, RealtimeClient, TestServer, WAIT, call_with_token, config_for, deltas,
+    ModelServer, RealtimeClient, TestServer, WAIT, WsClient, call_with_token, config_for, deltas,
     final_content, over_both_transports, seqs, words,
 };
 
@@ -428,7 +428,34 @@ async fn a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_
     client.close().await;
 }
 
+/// Replies asked for count per user over all their connections, not per connection.
+async fn replies_asked_for_count_per_user_over_all_their_connections<C: RealtimeClient>() {
+    let model = ModelServer::start().await;
+    let mut config = jwt_config(&model);
+    config.rt_messages_per_minute = 2;
+    let server = TestServer::start(config).await;
+    let (ann, bob) = (token("ann"), token("bob"));
+    let mut first = C::connect_as(server.addr(), &ann).await.unwrap();
+    let mut second = C::connect_as(server.addr(), &ann).await.unwrap();
+    first.chat("a", "one").await;
+    second.chat("b", "two").await;
+    let ack = first
+        .emit_with_ack(
+            "stream_chat",
+            json!({"conversationId": "c", "message": "three"}),
+        )
+        .await;
+    assert_eq!(ack["error"]["code"], "RATE_LIMIT_EXCEEDED", "{ack}");
+    let mut other = C::connect_as(server.addr(), &bob).await.unwrap();
+    let events = other.chat("a", "one").await;
+    assert_eq!(events.last().unwrap().0, "stream_complete");
+    for client in [first, second, other] {
+        client.close().await;
+    }
+}
+
 over_both_transports!(
+    replies_asked_for_count_per_user_over_all_their_connections,
     bad_tokens_are_refused_as_the_connection_opens,
     another_users_conversation_does_not_exist_for_them,
     a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_one,
@@ -447,4 +474,173 @@ fn a_host_on_the_network_without_auth_mode_refuses_to_start_naming_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("AUTH_MODE"), "{stderr}");
+}
+
+/// The usage the test model reports for a first reply of five pieces: two prompt messages (the
+/// system prompt and the question) and five pieces.
+const FIRST_REPLY_TOKENS: u64 = 7;
+
+#[tokio::test]
+async fn a_reply_that_reaches_the_daily_budget_is_the_last_of_the_day() {
+    let model = ModelServer::start().await;
+    model.set_reply(words(5), Duration::from_millis(1));
+    let mut config = jwt_config(&model);
+    config.conversations.daily_tokens = FIRST_REPLY_TOKENS;
+    let server = TestServer::start(config).await;
+    let (ann, bob) = (token("ann"), token("bob"));
+
+    let (status, first) = call_as(
+        &server,
+        &ann,
+        "POST",
+        "/api/chat",
+        Some(json!({"message": "hi"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(
+        first["message"]["usage"],
+        json!({"promptTokens": 2, "completionTokens": 5})
+    );
+    let (_, me) = call_as(&server, &ann, "GET", "/api/me", None).await;
+    assert_eq!(me["usage"], json!({"tokensToday": 7, "dailyTokenLimit": 7}));
+
+    let asked = model.received().len();
+    let over = json!({"message": "The daily token budget is used up", "code": "QUOTA_EXCEEDED"});
+    let id = first["conversation"]["id"].as_str().unwrap();
+    for (path, body) in [
+        ("/api/chat".to_owned(), json!({"message": "again"})),
+        (
+            "/api/chat".to_owned(),
+            json!({"message": "again", "conversationId": id}),
+        ),
+        (format!("/api/conversations/{id}/regenerate"), json!({})),
+    ] {
+        let (status, refused) = call_as(&server, &ann, "POST", &path, Some(body)).await;
+        assert_eq!(
+            (status, refused),
+            (StatusCode::TOO_MANY_REQUESTS, over.clone()),
+            "{path}"
+        );
+    }
+    let mut client = WsClient::connect_as(server.addr(), &ann).await.unwrap();
+    for (event, data) in [
+        (
+            "stream_chat",
+            json!({"message": "again", "conversationId": id}),
+        ),
+        ("regenerate", json!({"conversationId": id})),
+    ] {
+        let ack = client.emit_with_ack(event, data).await;
+        assert_eq!(ack, json!({"error": over}), "{event}");
+        assert_eq!(client.next().await, ("error".to_owned(), over.clone()));
+    }
+    assert_eq!(
+        model.received().len(),
+        asked,
+        "refused before any model call"
+    );
+
+    // Another user has a budget of their own; a streamed reply counts as a whole one does.
+    let mut client = WsClient::connect_as(server.addr(), &bob).await.unwrap();
+    let events = client.chat("bobs", "hi").await;
+    assert_eq!(events.last().unwrap().0, "stream_complete");
+    let stored = call_as(&server, &bob, "GET", "/api/conversations/bobs", None)
+        .await
+        .1;
+    assert_eq!(
+        stored["messages"][1]["usage"],
+        json!({"promptTokens": 2, "completionTokens": 5})
+    );
+    let (_, me) = call_as(&server, &bob, "GET", "/api/me", None).await;
+    assert_eq!(me["usage"]["tokensToday"], 7);
+}
+
+#[tokio::test]
+async fn tokens_never_reach_the_log() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ai-chat-server"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("NO_COLOR", "1")
+        .env("DATABASE_URL", "memory")
+        .env("AUTH_MODE", "jwt")
+        .env("JWT_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let (lines, logged) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let line = logged
+            .recv_timeout(WAIT)
+            .expect("the server logs its address");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let good = token("ann");
+    let expired = token_with(|c| c["exp"] = json!(now() - 120));
+    let client = WsClient::connect_as(addr, &good).await.unwrap();
+    client.close().await;
+    assert!(WsClient::connect_as(addr, &expired).await.is_err());
+    let (status, _) = call_with_token(addr, Some(&good), "GET", "/api/me", None).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log: Vec<String> = logged.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("path=/ws")), "{log:#?}");
+    for line in &log {
+        for token in [&good, &expired] {
+            assert!(!line.contains(token.as_str()), "a token in the log: {line}");
+        }
+        assert!(!line.contains(SECRET), "the secret in the log: {line}");
+    }
+}
+
+#[tokio::test]
+async fn the_request_rate_counts_per_user_and_per_address_without_one() {
+    let model = ModelServer::start().await;
+    let mut config = jwt_config(&model);
+    config.rate_limit_max_requests = 3;
+    let server = TestServer::start(config).await;
+    let (ann, bob) = (token("ann"), token("bob"));
+    for _ in 0..3 {
+        assert_eq!(
+            call_as(&server, &ann, "GET", "/api/me", None).await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, refused) = call_as(&server, &ann, "GET", "/api/me", None).await;
+    assert_eq!(
+        (status, &refused["code"]),
+        (StatusCode::TOO_MANY_REQUESTS, &json!("RATE_LIMIT_EXCEEDED"))
+    );
+    // Another user at the same address has an allowance of their own, and so has the address.
+    assert_eq!(
+        call_as(&server, &bob, "GET", "/api/me", None).await.0,
+        StatusCode::OK
+    );
+    for _ in 0..3 {
+        assert_eq!(server.get("/api/me").await.0, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(server.get("/api/me").await.0, StatusCode::TOO_MANY_REQUESTS);
+    // A bad token counts against the address, not the user it names.
+    let expired = token_with(|c| c["exp"] = json!(now() - 120));
+    assert_eq!(
+        call_as(&server, &expired, "GET", "/api/me", None).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }

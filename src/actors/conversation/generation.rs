@@ -6,12 +6,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt, TryFutureExt, TryStreamExt};
+use futures::{FutureExt, StreamExt};
 use ractor::ActorRef;
 use tokio::task::AbortHandle;
 
 use super::{ConversationContext, ConversationMsg};
-use crate::llm::{ModelProvider, Prompt, ProviderError};
+use crate::llm::{Completion, ModelProvider, Prompt, ProviderError, Streamed, Usage};
 
 /// What a generation task reports.
 pub enum GenerationEvent {
@@ -19,10 +19,10 @@ pub enum GenerationEvent {
     Piece(String),
     /// The model has been silent for the heartbeat interval.
     Silent,
-    /// The streamed reply ended.
-    Finished(Result<(), ProviderError>),
+    /// The streamed reply ended, with what it cost when the model said.
+    Finished(Result<Option<Usage>, ProviderError>),
     /// A reply generated in one piece.
-    Whole(Result<String, ProviderError>),
+    Whole(Result<Completion, ProviderError>),
 }
 
 /// Starts the task that streams reply `generation` from the model into the actor's mailbox.
@@ -54,7 +54,7 @@ pub(super) fn spawn_whole(
     prompt: Prompt,
 ) -> AbortHandle {
     tokio::spawn(async move {
-        let whole = ctx.provider.complete(prompt).map_ok(|reply| reply.text);
+        let whole = ctx.provider.complete(prompt);
         let result = within(&ctx, whole).await;
         let event = GenerationEvent::Whole(result);
         let _ = actor.send_message(ConversationMsg::Generated { generation, event });
@@ -78,37 +78,39 @@ async fn within<T>(
 }
 
 /// Reads the model's stream, merging pieces that are already waiting into one, and reports
-/// silence longer than `heartbeat`. Returns early when the actor is gone.
+/// silence longer than `heartbeat`; the usage the model reports at the end is the result.
+/// Returns early when the actor is gone.
 async fn read_stream(
     provider: &dyn ModelProvider,
     prompt: Prompt,
     heartbeat: Duration,
     report: &impl Fn(GenerationEvent) -> bool,
-) -> Result<(), ProviderError> {
-    let mut stream = with_heartbeat(provider.stream(prompt), heartbeat, report)
-        .await?
-        .try_filter_map(|item| futures::future::ok(item.into_text()));
+) -> Result<Option<Usage>, ProviderError> {
+    let mut stream = with_heartbeat(provider.stream(prompt), heartbeat, report).await?;
+    let mut usage = None;
     loop {
-        let Some(piece) = with_heartbeat(stream.next(), heartbeat, report).await else {
-            return Ok(());
-        };
-        let mut text = piece?;
+        let mut text = String::new();
         let mut end = None;
-        while let Some(next) = stream.next().now_or_never() {
-            match next {
-                Some(Ok(more)) => text.push_str(&more),
+        let first = with_heartbeat(stream.next(), heartbeat, report).await;
+        let mut next = Some(first);
+        // The first item waited for, then every item already waiting, merged into one piece.
+        while let Some(item) = next.take() {
+            match item {
+                Some(Ok(Streamed::Text(more))) => text.push_str(&more),
+                Some(Ok(Streamed::Usage(reported))) => usage = Some(reported),
                 Some(Err(e)) => {
                     end = Some(Err(e));
                     break;
                 }
                 None => {
-                    end = Some(Ok(()));
+                    end = Some(Ok(usage));
                     break;
                 }
             }
+            next = stream.next().now_or_never();
         }
-        if !report(GenerationEvent::Piece(text)) {
-            return Ok(());
+        if !text.is_empty() && !report(GenerationEvent::Piece(text)) {
+            return Ok(usage);
         }
         if let Some(end) = end {
             return end;

@@ -17,9 +17,18 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use super::generation::GenerationEvent;
 use super::{Answer, ChatCompleted, ConversationContext, ConversationState, Resume};
 use crate::actors::events::ChatEvent;
-use crate::domain::{Message, MessageStatus, Role, Timestamp};
+use crate::domain::{Message, MessageStatus, MessageUsage, Role, Timestamp};
 use crate::error::ChatError;
+use crate::llm::Usage;
 use crate::metrics::Metrics;
+
+/// Roughly how many characters make a token, for replies whose model reported no usage.
+const CHARS_PER_TOKEN: usize = 4;
+
+/// The tokens `chars` characters of text are estimated to take.
+fn estimated_tokens(chars: usize) -> u64 {
+    chars.div_ceil(CHARS_PER_TOKEN) as u64
+}
 
 /// The text of a reply whose model failed, as the original server sent it.
 pub const APOLOGY: &str =
@@ -35,6 +44,8 @@ pub(super) struct Reply {
     /// Byte length of the content after each chunk; `offsets[seq]`.
     offsets: Vec<usize>,
     last_checkpoint: Instant,
+    /// What the model said the reply cost, once it has said.
+    reported: Option<Usage>,
     in_progress: InProgress,
 }
 
@@ -85,6 +96,7 @@ impl Reply {
             waiter,
             offsets: vec![0],
             last_checkpoint: Instant::now(),
+            reported: None,
             in_progress: InProgress {
                 task,
                 metrics: ctx.metrics.clone(),
@@ -156,14 +168,60 @@ impl ConversationState {
                 };
                 self.members.broadcast(event);
             }
-            GenerationEvent::Finished(Ok(())) => {
+            GenerationEvent::Finished(Ok(usage)) => {
+                self.note_usage(usage);
                 self.end_reply(Ending::Completed(String::new())).await
             }
-            GenerationEvent::Whole(Ok(text)) => self.end_reply(Ending::Completed(text)).await,
+            GenerationEvent::Whole(Ok(completion)) => {
+                self.note_usage(completion.usage);
+                self.end_reply(Ending::Completed(completion.text)).await
+            }
             GenerationEvent::Finished(Err(e)) | GenerationEvent::Whole(Err(e)) => {
                 tracing::warn!(conversation = %self.key.id, error = %e, "reply failed");
                 self.end_reply(Ending::Failed).await
             }
+        }
+    }
+
+    /// Keeps what the model said the reply in progress cost.
+    fn note_usage(&mut self, usage: Option<Usage>) {
+        if let Some(reply) = self.reply.as_mut() {
+            reply.reported = usage;
+        }
+    }
+
+    /// What reply `message_id`, whose text is `text`, cost: as the model reported, or else
+    /// estimated from the characters of its prompt (the system prompt and the messages before
+    /// it, as far as the context goes) and of its text.
+    fn usage_of(&self, reported: Option<Usage>, message_id: &str, text: &str) -> MessageUsage {
+        if let Some(usage) = reported {
+            return MessageUsage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+            };
+        }
+        let history: usize = self
+            .conversation
+            .iter()
+            .flat_map(|c| c.messages.iter())
+            .take_while(|m| m.id != message_id)
+            .map(|m| m.content.chars().count())
+            .sum();
+        let settings = &self.ctx.settings;
+        let prompt =
+            settings.system_prompt.chars().count() + history.min(settings.context_max_chars);
+        MessageUsage {
+            prompt_tokens: estimated_tokens(prompt),
+            completion_tokens: estimated_tokens(text.chars().count()),
+        }
+    }
+
+    /// Adds a reply's tokens to what its owner used today.
+    async fn record_usage(&self, usage: MessageUsage) {
+        let day = Timestamp::now().utc_day();
+        let store = &self.ctx.store;
+        if let Err(e) = store.add_usage(&self.key.owner, &day, usage.total()).await {
+            tracing::error!(conversation = %self.key.id, error = %e, "could not count a reply's tokens");
         }
     }
 
@@ -237,7 +295,7 @@ impl ConversationState {
         reply.in_progress.task.abort();
         match reply.waiter.take() {
             Some(waiter) => {
-                let outcome = self.end_whole(&reply.message_id, ending).await;
+                let outcome = self.end_whole(&reply, ending).await;
                 let _ = waiter.send(outcome);
             }
             None => self.end_streamed(&mut reply, ending).await,
@@ -269,10 +327,16 @@ impl ConversationState {
             Ending::Failed => format!("\n\n{APOLOGY}"),
             _ => String::new(),
         };
+        let text = message.content.clone();
         message.content.push_str(&tail);
         message.status = Some(status);
         let content = message.content.clone();
+        let usage = self.usage_of(reply.reported, &reply.message_id, &text);
+        if let Some(message) = self.streamed_message(&reply.message_id) {
+            message.usage = Some(usage);
+        }
         self.save_streamed(&reply.message_id).await;
+        self.record_usage(usage).await;
         reply.offsets.push(content.len());
         self.members.broadcast(ChatEvent::StreamChunk {
             message_id: reply.message_id.clone(),
@@ -289,21 +353,21 @@ impl ConversationState {
     /// the model finished or a client stopped it, an error otherwise (nothing is stored).
     async fn end_whole(
         &mut self,
-        message_id: &str,
+        reply: &Reply,
         ending: Ending,
     ) -> Result<ChatCompleted, ChatError> {
-        match ending {
-            Ending::Completed(text) => {
-                self.store_whole(message_id, text, MessageStatus::Complete)
-                    .await
-            }
-            Ending::Stopped => {
-                self.store_whole(message_id, String::new(), MessageStatus::Cancelled)
-                    .await
-            }
-            Ending::Failed | Ending::Interrupted => Err(ChatError::Upstream),
-            Ending::Deleted => Err(ChatError::NotFound),
-        }
+        let (text, status) = match ending {
+            Ending::Completed(text) => (text, MessageStatus::Complete),
+            Ending::Stopped => (String::new(), MessageStatus::Cancelled),
+            Ending::Failed | Ending::Interrupted => return Err(ChatError::Upstream),
+            Ending::Deleted => return Err(ChatError::NotFound),
+        };
+        let usage = self.usage_of(reply.reported, &reply.message_id, &text);
+        let done = self
+            .store_whole(&reply.message_id, text, status, usage)
+            .await?;
+        self.record_usage(usage).await;
+        Ok(done)
     }
 
     /// Stores a reply generated in one piece and shows it to the members as a one-chunk stream.
@@ -312,6 +376,7 @@ impl ConversationState {
         message_id: &str,
         text: String,
         status: MessageStatus,
+        usage: MessageUsage,
     ) -> Result<ChatCompleted, ChatError> {
         let store = self.ctx.store.clone();
         let owner = self.key.owner.clone();
@@ -319,6 +384,7 @@ impl ConversationState {
         let mut message = Message::new(&conversation.id, Role::Assistant, text);
         message.id = message_id.to_owned();
         message.status = Some(status);
+        message.usage = Some(usage);
         store
             .save_message(&owner, &message, message.timestamp)
             .await?;
