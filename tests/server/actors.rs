@@ -15,14 +15,16 @@ async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates<
     C: RealtimeClient,
 >() {
     let model = ModelServer::start().await;
-    model.set_reply(words(5), Duration::from_millis(100));
+    model.set_reply(words(10), Duration::from_millis(100));
     let mut config = config_for(&model);
     config.conversations.idle_timeout = Duration::from_millis(100);
     let server = TestServer::start(config).await;
 
     for (round, refused) in ["stream_chat", "regenerate"].into_iter().enumerate() {
         let id = format!("busy-{round}");
+        // Both tabs connect first: a slow handshake must not outlast the first reply.
         let mut first = C::connect(server.addr()).await;
+        let mut second = C::connect(server.addr()).await;
         first
             .emit(
                 "stream_chat",
@@ -32,7 +34,6 @@ async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates<
         assert_eq!(first.next().await.0, "stream_start");
 
         // Another tab asks for a reply while this one streams, is refused, and goes.
-        let mut second = C::connect(server.addr()).await;
         second
             .emit(refused, json!({"conversationId": id, "message": "me too"}))
             .await;

@@ -374,13 +374,18 @@ async fn another_users_conversation_does_not_exist_for_them<C: RealtimeClient>()
 
 /// A connection whose token expires mid-reply gets an `error` event and is closed; connecting
 /// again with a fresh token, the client catches up from the last chunk it saw.
+/// The pieces of the reply that outlives its connection's token.
+const PIECES: usize = 80;
+
 async fn a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_one<
     C: RealtimeClient,
 >() {
     let (server, model) = jwt_server().await;
-    let pieces = words(40);
+    // Long enough that a busy machine still connects and starts the reply before the token
+    // expires, and the reply still runs when it does.
+    let pieces = words(PIECES);
     model.set_reply(pieces.clone(), Duration::from_millis(100));
-    let short = token_with(|c| c["exp"] = json!(now() + 2));
+    let short = token_with(|c| c["exp"] = json!(now() + 5));
     let mut client = C::connect_as(server.addr(), &short).await.unwrap();
     client
         .emit(
@@ -409,7 +414,7 @@ async fn a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_
         None,
         "the connection is closed"
     );
-    assert!(seq < 40, "the reply was still going: {seq}");
+    assert!(seq < PIECES as u64, "the reply was still going: {seq}");
 
     let mut client = C::connect_as(server.addr(), &token("ann")).await.unwrap();
     client
@@ -422,7 +427,7 @@ async fn a_connection_whose_token_expires_is_closed_and_catches_up_with_a_fresh_
         got[0] > seq && got.windows(2).all(|w| w[0] < w[1]),
         "{got:?}"
     );
-    assert_eq!(got.last(), Some(&41));
+    assert_eq!(got.last(), Some(&(PIECES as u64 + 1)));
     assert_eq!(deltas(&rest), pieces[seq as usize..].concat());
     assert_eq!(final_content(&rest), pieces.concat());
     client.close().await;
