@@ -167,7 +167,7 @@ pub struct Subscriber {
     id: u64,
     outbox: OutboxSender,
     dropped: CancellationToken,
-    lost: mpsc::UnboundedSender<String>,
+    memberships: mpsc::UnboundedSender<MembershipChange>,
 }
 
 /// Why an event could not be queued for a subscriber.
@@ -187,26 +187,26 @@ pub struct SubscriberInbox {
     pub events: Outbox,
     /// Cancelled when the connection was too slow and must close.
     pub dropped: CancellationToken,
-    /// Conversations whose actor lost this subscriber without it asking (the actor failed).
-    pub lost: mpsc::UnboundedReceiver<String>,
+    /// Memberships that changed without the connection asking.
+    pub memberships: mpsc::UnboundedReceiver<MembershipChange>,
 }
 
 impl Subscriber {
     /// A subscriber whose outbox holds `capacity` events, and the connection's side of it.
     pub fn new(id: u64, capacity: usize) -> (Subscriber, SubscriberInbox) {
         let (outbox, events) = outbox::outbox(capacity);
-        let (lost, lost_rx) = mpsc::unbounded_channel();
+        let (memberships, changes) = mpsc::unbounded_channel();
         let dropped = CancellationToken::new();
         let subscriber = Subscriber {
             id,
             outbox,
             dropped: dropped.clone(),
-            lost,
+            memberships,
         };
         let inbox = SubscriberInbox {
             events,
             dropped,
-            lost: lost_rx,
+            memberships: changes,
         };
         (subscriber, inbox)
     }
@@ -233,8 +233,18 @@ impl Subscriber {
     }
 }
 
-/// A subscriber's place in one conversation. Dropped without [`Membership::end`] (the actor
-/// failed), it tells the connection, which joins again.
+/// A membership that changed without the connection asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// The conversation's actor failed and lost the member: the connection joins again.
+    Lost(String),
+    /// The conversation ended the membership (it was deleted, or its actor stopped): the
+    /// connection forgets it.
+    Ended(String),
+}
+
+/// A subscriber's place in one conversation. Dropped without [`Membership::end`] or
+/// [`Membership::close`] (the actor failed), it tells the connection, which joins again.
 #[derive(Debug)]
 pub struct Membership {
     subscriber: Subscriber,
@@ -257,16 +267,29 @@ impl Membership {
         &self.subscriber
     }
 
-    /// Ends the membership on purpose (leave, disconnect, delete): the connection is not told.
+    /// Ends the membership as the connection asked (leave, disconnect): it is not told.
     pub fn end(self) {
         self.ended.store(true, Ordering::Relaxed);
+    }
+
+    /// Ends the membership from the conversation's side (delete, stop): the connection is told,
+    /// and forgets it.
+    pub fn close(self) {
+        self.tell(MembershipChange::Ended(self.conversation_id.to_string()));
+        self.end();
+    }
+
+    fn tell(&self, change: MembershipChange) {
+        if !self.subscriber.is_gone() {
+            let _ = self.subscriber.memberships.send(change);
+        }
     }
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        if !self.ended.load(Ordering::Relaxed) && !self.subscriber.is_gone() {
-            let _ = self.subscriber.lost.send(self.conversation_id.to_string());
+        if !self.ended.load(Ordering::Relaxed) {
+            self.tell(MembershipChange::Lost(self.conversation_id.to_string()));
         }
     }
 }
@@ -353,8 +376,12 @@ mod tests {
     fn a_membership_lost_without_ending_tells_the_connection() {
         let (sub, mut inbox) = Subscriber::new(1, 4);
         drop(Membership::new(sub.clone(), "kept".into()));
-        Membership::new(sub, "left".into()).end();
-        assert_eq!(inbox.lost.try_recv().unwrap(), "kept");
-        assert!(inbox.lost.try_recv().is_err());
+        Membership::new(sub.clone(), "left".into()).end();
+        Membership::new(sub, "deleted".into()).close();
+        let lost = MembershipChange::Lost("kept".into());
+        assert_eq!(inbox.memberships.try_recv().unwrap(), lost);
+        let ended = MembershipChange::Ended("deleted".into());
+        assert_eq!(inbox.memberships.try_recv().unwrap(), ended);
+        assert!(inbox.memberships.try_recv().is_err());
     }
 }

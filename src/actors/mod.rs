@@ -8,7 +8,7 @@ pub mod registry;
 pub mod supervisor;
 
 pub use conversation::{APOLOGY, ChatCompleted, ConversationContext, Resume, StreamStarted};
-pub use events::{ChatEvent, EncodedEvent, Subscriber, SubscriberInbox};
+pub use events::{ChatEvent, EncodedEvent, MembershipChange, Subscriber, SubscriberInbox};
 pub use registry::{ConversationKey, Registry};
 pub use supervisor::Conversations;
 

@@ -12,7 +12,7 @@ use super::Shared;
 use super::error::ApiError;
 use super::limits::ReplyRate;
 use super::payload::Payload;
-use crate::actors::{Conversations, Subscriber, SubscriberInbox};
+use crate::actors::{Conversations, MembershipChange, Subscriber, SubscriberInbox};
 use crate::config::Config;
 use crate::domain::UserId;
 use crate::metrics::Metrics;
@@ -164,8 +164,16 @@ impl Session {
         ))
     }
 
-    /// Joins again a conversation whose actor lost this connection (it failed and restarted).
-    pub async fn rejoin(&mut self, id: String) {
+    /// Follows a membership the conversation changed: joins again a conversation whose actor
+    /// lost this connection (it failed and restarted), forgets one that ended it (deleted).
+    pub async fn membership_changed(&mut self, change: MembershipChange) {
+        let id = match change {
+            MembershipChange::Lost(id) => id,
+            MembershipChange::Ended(id) => {
+                self.joined.remove(&id);
+                return;
+            }
+        };
         if !self.joined.contains(&id) {
             return;
         }

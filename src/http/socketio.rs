@@ -232,8 +232,8 @@ async fn serve(
                 refused.offer(&socket, Outgoing::Event(event))
             }
             Some(()) = retry, if backed_up => refused.retry(&socket),
-            Some(id) = inbox.lost.recv() => {
-                Box::pin(session.rejoin(id)).await;
+            Some(change) = inbox.memberships.recv() => {
+                Box::pin(session.membership_changed(change)).await;
                 Ok(())
             }
             _ = inbox.dropped.cancelled() => break true,

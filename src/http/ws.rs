@@ -208,7 +208,7 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                 if let Some(sent) = ping_sent.take() {
                     heartbeat.as_mut().reset(sent + ping_interval);
                 }
-                // Boxed, like the rejoin: the connection's task stays small while it waits.
+                // Boxed, like a membership change: the connection's task stays small while it waits.
                 let answer = Box::pin(handle_frame(&mut session, frame)).await;
                 if !answer.is_empty()
                     && !write(&mut sink, answer, &inbox.dropped, send_timeout).await
@@ -241,7 +241,9 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                     break;
                 }
             }
-            Some(id) = inbox.lost.recv() => Box::pin(session.rejoin(id)).await,
+            Some(change) = inbox.memberships.recv() => {
+                Box::pin(session.membership_changed(change)).await
+            }
             _ = inbox.dropped.cancelled() => {
                 let farewell = sink.send(close(CLOSE_TOO_SLOW, "too slow"));
                 let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;

@@ -25,6 +25,7 @@ over_both_transports!(
     a_stream_cut_midway_keeps_the_partial_text_and_apologizes,
     a_hanging_model_times_out_with_the_apology,
     a_connection_may_join_only_so_many_conversations,
+    a_deleted_conversation_frees_its_place_among_those_joined,
 );
 
 async fn a_reply_streams_in_order_and_is_stored<C: RealtimeClient>() {
@@ -320,4 +321,22 @@ async fn a_connection_may_join_only_so_many_conversations<C: RealtimeClient>() {
         .await;
     let events = client.chat("j4", "now it fits").await;
     assert_eq!(names(&events)[0], "stream_start");
+}
+
+async fn a_deleted_conversation_frees_its_place_among_those_joined<C: RealtimeClient>() {
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.max_joined_conversations = 1;
+    let server = TestServer::start(config).await;
+    let mut client = C::connect(server.addr()).await;
+    client.chat("gone-soon", "hello").await;
+    let (status, _) = server
+        .call("DELETE", "/api/conversations/gone-soon", None)
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert_eq!(client.next().await.0, "conversation_deleted");
+    let ack = client
+        .emit_with_ack("join_conversation", json!({"conversationId": "next"}))
+        .await;
+    assert_eq!(ack, json!({"conversationId": "next"}));
 }

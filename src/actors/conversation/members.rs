@@ -49,7 +49,7 @@ impl Members {
     /// Ends every membership: the conversation is gone, or its actor stops.
     pub(super) fn remove_all(&mut self) {
         for (_, membership) in self.by_id.drain() {
-            membership.end();
+            membership.close();
         }
     }
 
