@@ -630,7 +630,7 @@ async fn a_sign_in_that_expires_while_the_page_is_open_shows_the_form_again() {
             "message": "Your session has ended. Sign in again.",
             "token": null,
             "chatShown": false,
-            "refused": ["/api/me"],
+            "refused": [],
             "problems": [],
         }),
         "the error event signed out, with no request refused after signing in"

@@ -514,16 +514,16 @@ const scenarios = {
   /** With sign-in on: a token that expires while the page is open signs out, saying so. */
   async expiry(context) {
     const page = await open(context);
-    /** The paths answered 401: the page's first question, and no other. */
+    const form = page.getByRole("form", { name: "Sign in to chat" });
+    await page.getByLabel("Username").fill("ann");
+    await page.getByLabel("Password").fill("correct horse");
+    /** The paths answered 401 once signed in. */
     const refused = [];
     page.on("response", (response) => {
       if (response.status() === 401) {
         refused.push(new URL(response.url()).pathname);
       }
     });
-    const form = page.getByRole("form", { name: "Sign in to chat" });
-    await page.getByLabel("Username").fill("ann");
-    await page.getByLabel("Password").fill("correct horse");
     await form.getByRole("button", { name: "Register" }).click();
     await page.getByRole("button", { name: "Sign out" }).waitFor();
     await form.getByRole("alert").waitFor();
