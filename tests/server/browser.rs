@@ -14,6 +14,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 use crate::support::{Mode, ModelServer, TestServer, config_for, pieces_of, test_config, words};
+use ai_chat_server::auth::{AuthMode, Secret};
 use ai_chat_server::config::Config;
 
 /// The longest one scenario may go without a line: it starts a browser and waits for replies.
@@ -577,6 +578,63 @@ async fn markdown_blocks_and_inlines_become_elements_and_the_rest_text() {
     for ((source, expected), html) in cases.iter().zip(&html) {
         assert_eq!(html, expected, "{source:?}");
     }
+}
+
+/// A server with sign-in on (`AUTH_MODE=local`) whose model is `model`.
+fn signing_in_config(model: &ModelServer) -> Config {
+    let mut config = config_for(model);
+    config.auth.mode = AuthMode::Local;
+    config.auth.jwt_secret = Some(Secret::new("the-test-secret-of-at-least-32-bytes"));
+    config
+}
+
+#[tokio::test]
+async fn with_sign_in_on_the_page_registers_signs_in_and_out_and_keeps_users_apart() {
+    let model = ModelServer::start().await;
+    model.set_reply(words(40), Duration::from_millis(10));
+    let server = TestServer::start(signing_in_config(&model)).await;
+    let result = run(&server, "accounts", json!({})).await;
+
+    let nothing = json!({"conversations": 0, "messages": 0, "token": null, "chatShown": false});
+    assert_eq!(result["atFirst"], nothing, "the form comes first");
+    assert_eq!(result["name"], "ann");
+    assert_grew_into(&texts(&result["seen"]), &shown(&model.reply_text()));
+    assert_eq!(texts(&result["annListed"]), ["hello from ann"]);
+    assert_eq!(
+        result["nameAfterReload"], "ann",
+        "the token lasts the session"
+    );
+    let mut signed_out = nothing.clone();
+    signed_out["path"] = json!("/");
+    assert_eq!(result["afterSignOut"], signed_out);
+    assert_eq!(result["wrongPassword"], "invalid username or password");
+    assert_eq!(result["taken"], "That username is taken");
+    assert_eq!(texts(&result["annAgain"]), ["hello from ann"]);
+    assert_eq!(result["bob"], json!({"name": "bob", "conversations": 0}));
+    let mut ended = nothing;
+    ended["message"] = json!("Your session has ended. Sign in again.");
+    assert_eq!(result["ended"], ended);
+}
+
+#[tokio::test]
+async fn a_sign_in_that_expires_while_the_page_is_open_shows_the_form_again() {
+    let model = ModelServer::start().await;
+    let mut config = signing_in_config(&model);
+    config.auth.token_ttl = Duration::from_secs(2);
+    config.auth.leeway = Duration::ZERO;
+    let server = TestServer::start(config).await;
+    let result = run(&server, "expiry", json!({})).await;
+    assert_eq!(
+        result,
+        json!({
+            "message": "Your session has ended. Sign in again.",
+            "token": null,
+            "chatShown": false,
+            "refused": [],
+            "problems": [],
+        }),
+        "the error event signed out, with no request refused after signing in"
+    );
 }
 
 /// Takes the README's screenshot, `docs/page.png`, and phone and dark ones beside the build:

@@ -429,6 +429,115 @@ const scenarios = {
     };
   },
 
+  /** With sign-in on: register, chat, sign out, a wrong password, sign in again, a second user. */
+  async accounts(context) {
+    const page = await open(context);
+    const form = page.getByRole("form", { name: "Sign in to chat" });
+    const formError = form.getByRole("alert");
+    const account = async (username, password, button) => {
+      await page.getByLabel("Username").fill(username);
+      await page.getByLabel("Password").fill(password);
+      await form.getByRole("button", { name: button, exact: true }).click();
+    };
+    const signOut = async () => {
+      await page.getByRole("button", { name: "Sign out" }).click();
+      await form.waitFor();
+    };
+    /** What of the chat is left in the page, shown or not. */
+    const leftOver = () =>
+      page.evaluate(() => ({
+        conversations: document.querySelectorAll("#conversation-list li").length,
+        messages: document.querySelectorAll("#message-list li").length,
+        token: sessionStorage.getItem("chat.token"),
+        chatShown: document.querySelector(".layout").checkVisibility(),
+      }));
+    const listed = async () => {
+      await sidebar(page).getByRole("link").first().waitFor();
+      return sidebar(page).getByRole("link").allTextContents();
+    };
+    await form.waitFor();
+    const atFirst = await leftOver();
+
+    await account("ann", "correct horse", "Register");
+    await page.getByRole("button", { name: "Sign out" }).waitFor();
+    const name = await page.locator("#account-name").innerText();
+    await send(page, "hello from ann");
+    const seen = await watch(page, 1);
+    const annListed = await listed();
+    await page.reload();
+    await page.locator("li.message.user .body", { hasText: "hello from ann" }).waitFor();
+    const nameAfterReload = await page.locator("#account-name").innerText();
+
+    await signOut();
+    const afterSignOut = { ...(await leftOver()), path: pathOf(page) };
+    await account("ann", "wrong horse", "Sign in");
+    await formError.waitFor();
+    const wrongPassword = await formError.innerText();
+    await account("ANN", "another horse", "Register");
+    await formError.filter({ hasText: "taken" }).waitFor();
+    const taken = await formError.innerText();
+
+    await account("ann", "correct horse", "Sign in");
+    const annAgain = await listed();
+    // A second user has none of the first one's conversations.
+    await signOut();
+    await account("bob", "battery staple", "Register");
+    await sidebar(page).getByText("No conversations yet.").waitFor();
+    const bob = {
+      name: await page.locator("#account-name").innerText(),
+      conversations: await sidebar(page).getByRole("link").count(),
+    };
+
+    // A token the server no longer takes signs out, saying so.
+    await page.evaluate(() => sessionStorage.setItem("chat.token", "not-a-token"));
+    await page.reload();
+    await formError.waitFor();
+    const ended = { message: await formError.innerText(), ...(await leftOver()) };
+    // The refused requests were answered 401 and 409, as they should be.
+    const kept = problems.filter((problem) => !/status of 40[19]/.test(problem));
+    problems.splice(0, problems.length, ...kept);
+    return {
+      atFirst,
+      name,
+      seen,
+      annListed,
+      nameAfterReload,
+      afterSignOut,
+      wrongPassword,
+      taken,
+      annAgain,
+      bob,
+      ended,
+    };
+  },
+
+  /** With sign-in on: a token that expires while the page is open signs out, saying so. */
+  async expiry(context) {
+    const page = await open(context);
+    const form = page.getByRole("form", { name: "Sign in to chat" });
+    await page.getByLabel("Username").fill("ann");
+    await page.getByLabel("Password").fill("correct horse");
+    /** The paths answered 401 once signed in. */
+    const refused = [];
+    page.on("response", (response) => {
+      if (response.status() === 401) {
+        refused.push(new URL(response.url()).pathname);
+      }
+    });
+    await form.getByRole("button", { name: "Register" }).click();
+    await page.getByRole("button", { name: "Sign out" }).waitFor();
+    await form.getByRole("alert").waitFor();
+    // Asking who the page is for before signing in was answered 401, as it should be.
+    const kept = problems.filter((problem) => !problem.includes("status of 401"));
+    problems.splice(0, problems.length, ...kept);
+    return {
+      message: await form.getByRole("alert").innerText(),
+      token: await page.evaluate(() => sessionStorage.getItem("chat.token")),
+      chatShown: await page.locator(".layout").isVisible(),
+      refused,
+    };
+  },
+
   /** Screenshots of a conversation: `shots` is a list of {path, width, height, dark}. */
   async screenshot(_context, browser) {
     const taken = [];

@@ -7,6 +7,11 @@
 // instead of adding to it, and a chunk whose `seq` is not newer than the last one applied is
 // ignored. Opening a conversation joins it and then reads it; a reconnect joins again with the
 // last `messageId` and `seq` seen, so the server sends only what was missed.
+//
+// Sign-in: the page asks `GET /api/me` first. A 401 means the server wants a token
+// (AUTH_MODE=local): the page shows the sign-in form, keeps the token it gets in sessionStorage
+// and sends it on every request (`credentials()`) and on /ws (`?token=`). A 401 later, or an
+// `error` event UNAUTHORIZED, signs out: the token is forgotten and the form is back.
 
 import { renderMarkdown } from "/markdown.js";
 
@@ -20,6 +25,10 @@ const RETRY_MAX_MS = 8000;
 const STALL_MS = 30000;
 /** Conversations listed in the sidebar. */
 const LIST_LIMIT = 100;
+/** Where the sign-in token is kept, for this tab's session. */
+const TOKEN_KEY = "chat.token";
+/** What a sign-out the user did not ask for says. */
+const SESSION_ENDED = "Your session has ended. Sign in again.";
 
 const ui = Object.fromEntries(
   [
@@ -42,6 +51,18 @@ const ui = Object.fromEntries(
     "message",
     "send",
     "stop",
+    "skip-link",
+    "layout",
+    "sign-in",
+    "sign-in-form",
+    "username",
+    "password",
+    "sign-in-error",
+    "sign-in-button",
+    "register",
+    "account",
+    "account-name",
+    "sign-out",
   ].map((id) => [id.replace(/-(\w)/g, (_, c) => c.toUpperCase()), document.getElementById(id)]),
 );
 
@@ -71,12 +92,17 @@ class RequestError extends Error {
   }
 }
 
-/** Headers that say who is asking: none until the server has sign-in; a token goes here. */
+/** Who is signed in: the token (null without sign-in) and the user `GET /api/me` named. */
+const session = { token: sessionStorage.getItem(TOKEN_KEY), user: null };
+
+/** Headers that say who is asking: the sign-in token, if there is one. */
 function credentials() {
-  return {};
+  return session.token ? { authorization: `Bearer ${session.token}` } : {};
 }
 
+/** A REST call; a 401 outside the sign-in routes ends the session it was made with. */
 async function api(method, path, body) {
+  const token = session.token;
   const init = { method, headers: credentials() };
   if (body !== undefined) {
     init.headers = { ...init.headers, "content-type": "application/json" };
@@ -89,6 +115,9 @@ async function api(method, path, body) {
     throw new RequestError("The server cannot be reached.", "NETWORK_ERROR", 0);
   }
   const data = await response.json().catch(() => null);
+  if (response.status === 401 && !path.startsWith("/api/auth/") && session.token === token) {
+    signOut(token ? SESSION_ENDED : "");
+  }
   if (!response.ok) {
     const message = data?.message ?? `The server answered ${response.status}.`;
     throw new RequestError(message, data?.code ?? "HTTP_ERROR", response.status);
@@ -109,6 +138,8 @@ class Live {
     this.socket = null;
     this.retries = 0;
     this.timer = null;
+    /** Whether the page wants a connection: from `connect` until `stop`. */
+    this.wanted = false;
   }
 
   get isOpen() {
@@ -121,8 +152,10 @@ class Live {
 
   connect() {
     clearTimeout(this.timer);
+    this.wanted = true;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(`${scheme}//${location.host}/ws`);
+    const query = session.token ? `?token=${encodeURIComponent(session.token)}` : "";
+    const socket = new WebSocket(`${scheme}//${location.host}/ws${query}`);
     this.socket = socket;
     socket.onopen = () => {
       this.retries = 0;
@@ -151,9 +184,19 @@ class Live {
     };
   }
 
+  /** Closes the connection for good, until `connect` is called again. */
+  stop() {
+    clearTimeout(this.timer);
+    const socket = this.socket;
+    this.socket = null;
+    this.retries = 0;
+    this.wanted = false;
+    socket?.close();
+  }
+
   /** Reconnects at once if the connection is down (the network is back). */
   wake() {
-    if (!this.socket) {
+    if (this.wanted && !this.socket) {
       this.connect();
     }
   }
@@ -185,6 +228,11 @@ function onConnected() {
 }
 
 function onDisconnected() {
+  if (session.token) {
+    // A refused upgrade looks like any lost connection: asking who the token is for tells a
+    // token the server no longer takes (the 401 signs out) from a network that is down.
+    api("GET", "/api/me").catch(() => {});
+  }
   ui.connection.textContent = navigator.onLine ? "Reconnecting…" : "Offline: waiting for the network…";
   if (state.asked) {
     // Whether the server got the request is unknown: the read after reconnecting shows it.
@@ -233,7 +281,11 @@ function onEvent(name, data) {
       deleted(data.conversationId);
       return;
     case "error":
-      failed(data);
+      if (data.code === "UNAUTHORIZED") {
+        signOut(SESSION_ENDED);
+      } else {
+        failed(data);
+      }
       return;
     default:
   }
@@ -935,11 +987,94 @@ document.addEventListener("keydown", (event) => {
     ui.openSidebar.focus();
   }
 });
-window.addEventListener("popstate", openRoute);
+window.addEventListener("popstate", () => {
+  if (session.user) {
+    openRoute();
+  }
+});
 window.addEventListener("online", () => live.wake());
-window.addEventListener("offline", onDisconnected);
+window.addEventListener("offline", () => {
+  if (session.user) {
+    onDisconnected();
+  }
+});
 
-live.connect();
-openRoute();
-loadConversations();
-ui.message.focus();
+// ---- Signing in and out --------------------------------------------------------------------
+
+/** Shows the chat as `user` (`GET /api/me`'s or the sign-in's answer), named if signed in. */
+function enter(user) {
+  session.user = user;
+  ui.signIn.hidden = true;
+  ui.layout.hidden = false;
+  ui.skipLink.hidden = false;
+  ui.account.hidden = !session.token;
+  ui.accountName.textContent = user.username ?? "";
+  live.connect();
+  openRoute();
+  loadConversations();
+  ui.message.focus();
+}
+
+/** Forgets the token and everything it showed, and shows the sign-in form saying `message`. */
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  session.token = null;
+  session.user = null;
+  live.stop();
+  connectedBefore = false;
+  Object.assign(state, { conversations: [], current: null, reply: null, asked: null, renaming: null });
+  hideNotice();
+  ui.listStatus.textContent = "";
+  ui.connection.textContent = "";
+  renderSidebar();
+  draw(); // At once: nothing of the session is left in the page.
+  ui.layout.hidden = true;
+  ui.skipLink.hidden = true;
+  ui.account.hidden = true;
+  ui.signIn.hidden = false;
+  showSignInError(message);
+  ui.password.value = "";
+  ui.username.focus();
+}
+
+function showSignInError(text) {
+  ui.signInError.textContent = text;
+  ui.signInError.hidden = !text;
+}
+
+/** Signs in or registers, as the button pressed says; a refusal shows in the form. */
+async function signIn(event) {
+  event.preventDefault();
+  const path = event.submitter === ui.register ? "/api/auth/register" : "/api/auth/login";
+  const account = { username: ui.username.value, password: ui.password.value };
+  ui.signInButton.disabled = true;
+  ui.register.disabled = true;
+  try {
+    const { token, user } = await api("POST", path, account);
+    session.token = token;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    ui.password.value = "";
+    showSignInError("");
+    enter(user);
+  } catch (error) {
+    showSignInError(error.status === 0 ? describeError(error.code, error.message) : error.message);
+  } finally {
+    ui.signInButton.disabled = false;
+    ui.register.disabled = false;
+  }
+}
+
+ui.signInForm.addEventListener("submit", signIn);
+ui.signOut.addEventListener("click", () => {
+  history.replaceState(null, "", "/");
+  signOut("");
+});
+
+// The server says whether a token is needed: a 401 here has shown the sign-in form.
+try {
+  enter(await api("GET", "/api/me"));
+} catch (error) {
+  if (error.status !== 401) {
+    enter({}); // The server is out of reach: the page shows that as it connects.
+  }
+}
