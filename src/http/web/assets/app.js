@@ -294,7 +294,9 @@ function onEvent(name, data) {
     return;
   }
   state.lastNews = Date.now();
-  if (name !== "stream_heartbeat" && live.isOpen) {
+  // News clears a connection notice, but not "Offline" while the browser says it is: events
+  // already on their way still arrive after the network went.
+  if (name !== "stream_heartbeat" && live.isOpen && navigator.onLine) {
     ui.connection.textContent = "";
   }
   switch (name) {
