@@ -33,6 +33,7 @@ impl From<StoreError> for ChatError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound => ChatError::NotFound,
+            StoreError::Storage(detail) => ChatError::Storage(detail),
             other => ChatError::Storage(other.to_string()),
         }
     }

@@ -2,7 +2,6 @@
 //! subscriber handle a conversation actor keeps for each connection that joined it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -249,7 +248,7 @@ pub enum MembershipChange {
 pub struct Membership {
     subscriber: Subscriber,
     conversation_id: Arc<str>,
-    ended: AtomicBool,
+    ended: bool,
 }
 
 impl Membership {
@@ -258,7 +257,7 @@ impl Membership {
         Membership {
             subscriber,
             conversation_id,
-            ended: AtomicBool::new(false),
+            ended: false,
         }
     }
 
@@ -268,8 +267,8 @@ impl Membership {
     }
 
     /// Ends the membership as the connection asked (leave, disconnect): it is not told.
-    pub fn end(self) {
-        self.ended.store(true, Ordering::Relaxed);
+    pub fn end(mut self) {
+        self.ended = true;
     }
 
     /// Ends the membership from the conversation's side (delete, stop): the connection is told,
@@ -288,7 +287,7 @@ impl Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        if !self.ended.load(Ordering::Relaxed) {
+        if !self.ended {
             self.tell(MembershipChange::Lost(self.conversation_id.to_string()));
         }
     }

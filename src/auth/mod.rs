@@ -58,6 +58,13 @@ impl Authenticator {
             Some(verifier) => verifier.verify(token.ok_or(AuthError::Missing)?).await,
         }
     }
+
+    /// The user of a request whose `Authorization` header is `header`: [`bearer_token`], then
+    /// [`Authenticator::authenticate`].
+    pub async fn authenticate_header(&self, header: Option<&str>) -> Result<User, AuthError> {
+        let token = header.map(bearer_token).transpose()?;
+        self.authenticate(token).await
+    }
 }
 
 /// The token of an `Authorization` header's value: `Bearer <token>`, the scheme in any case.

@@ -2,11 +2,13 @@
 //! status and `{message, code}` body, for REST answers, real-time `error` events and
 //! acknowledgements alike.
 
+use std::sync::Arc;
+
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use warp::http::StatusCode;
 
-use crate::actors::ChatEvent;
+use crate::actors::{ChatEvent, EncodedEvent};
 use crate::auth::{AccountError, AuthError};
 use crate::error::ChatError;
 
@@ -113,9 +115,16 @@ impl ApiError {
         }
     }
 
-    /// The body as a JSON value, for acknowledgements.
-    pub fn to_json(&self) -> Value {
-        serde_json::to_value(self.body()).unwrap_or(Value::Null)
+    /// What answers a real-time client event: on failure the `error` event for its sender, and
+    /// the acknowledgement, the handler's value or `{error: {message, code}}`.
+    pub fn outcome(result: Result<Value, ApiError>) -> (Option<Arc<EncodedEvent>>, Value) {
+        match result {
+            Ok(value) => (None, value),
+            Err(error) => (
+                Some(error.event().encode()),
+                json!({ "error": error.body() }),
+            ),
+        }
     }
 
     /// The real-time `error` event telling one connection about this failure.

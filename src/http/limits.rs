@@ -21,9 +21,10 @@ use tower::{Layer, Service};
 use warp::http::{HeaderMap, HeaderValue, Request};
 use warp::reply::Response;
 
+use super::Caller;
 use super::error::ApiError;
 use super::{ClientAddr, error_response};
-use crate::auth::{Authenticator, bearer_token};
+use crate::auth::{AuthError, Authenticator, User};
 use crate::domain::UserId;
 
 /// What a request's rate counts against: its signed-in user, or else its client address.
@@ -33,16 +34,12 @@ enum RateKey {
     Address(IpAddr),
 }
 
-/// The key of a request from `ip` with `authorization`: its user when the header holds a good
-/// token of a signed-in user, its address otherwise (no token, a bad one, or sign-in off).
-async fn rate_key(auth: &Authenticator, authorization: Option<&str>, ip: IpAddr) -> RateKey {
-    let token = authorization.and_then(|header| bearer_token(header).ok());
-    match token {
-        Some(token) => match auth.authenticate(Some(token)).await {
-            Ok(user) if user.id != UserId::anonymous() => RateKey::User(user.id),
-            _ => RateKey::Address(client_key(ip)),
-        },
-        None => RateKey::Address(client_key(ip)),
+/// The key of a request from `ip` made by `caller`: its user when it is a signed-in one, its
+/// address otherwise (no token, a bad one, or sign-in off).
+fn rate_key(caller: &Result<User, AuthError>, ip: IpAddr) -> RateKey {
+    match caller {
+        Ok(user) if user.id != UserId::anonymous() => RateKey::User(user.id.clone()),
+        _ => RateKey::Address(client_key(ip)),
     }
 }
 
@@ -168,7 +165,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let client = request.extensions().get::<ClientAddr>().map(|c| c.0.ip());
         let limited = match (&self.limiter, client) {
             (Some(limiter), Some(ip)) if request.uri().path().starts_with("/api/") => {
@@ -176,22 +173,28 @@ where
             }
             _ => None,
         };
-        let authorization = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned);
+        // A header that is not text is left to the route, which refuses it.
+        let authorization = match request.headers().get(http::header::AUTHORIZATION) {
+            None => Some(None),
+            Some(value) => value.to_str().ok().map(|text| Some(text.to_owned())),
+        };
         let auth = self.auth.clone();
         // The service that was made ready goes with the request; a clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let checked = match limited {
-                Some((limiter, ip)) => {
-                    let key = rate_key(&auth, authorization.as_deref(), ip).await;
+            let checked = match (limited, authorization) {
+                (Some((limiter, ip)), Some(header)) => {
+                    let caller = auth.authenticate_header(header.as_deref()).await;
+                    let key = rate_key(&caller, ip);
+                    // The route takes the caller from here instead of verifying the token again.
+                    request.extensions_mut().insert(Caller(caller));
                     Some(limiter.check(&key))
                 }
-                None => None,
+                (Some((limiter, ip)), None) => {
+                    Some(limiter.check(&RateKey::Address(client_key(ip))))
+                }
+                (None, _) => None,
             };
             let answer = match checked {
                 Some((headers, true)) => {

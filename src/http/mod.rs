@@ -34,7 +34,7 @@ use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
 use crate::actors::Conversations;
-use crate::auth::{Accounts, Authenticator, User, bearer_token};
+use crate::auth::{Accounts, AuthError, Authenticator, User};
 use crate::config::Config;
 use crate::metrics::Metrics;
 pub use client::ClientAddr;
@@ -121,18 +121,25 @@ impl BodyLimits {
     }
 }
 
+/// Who a request is from, as the rate limit verified it, so that the route need not again.
+#[derive(Clone)]
+pub struct Caller(pub Result<User, AuthError>);
+
 /// The user a request is made by, from its `Authorization: Bearer` token: 401 when sign-in is on
 /// and the token is missing or not good; with sign-in off, the anonymous user.
 fn user(shared: Arc<Shared>) -> impl Filter<Extract = (User,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {
-        let shared = shared.clone();
-        async move {
-            let reject = |e| warp::reject::custom(ApiError::from(e));
-            let token = header.as_deref().map(bearer_token).transpose();
-            let token = token.map_err(reject)?;
-            shared.auth.authenticate(token).await.map_err(reject)
-        }
-    })
+    warp::ext::optional::<Caller>()
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(move |caller: Option<Caller>, header: Option<String>| {
+            let shared = shared.clone();
+            async move {
+                let caller = match caller {
+                    Some(Caller(caller)) => caller,
+                    None => shared.auth.authenticate_header(header.as_deref()).await,
+                };
+                caller.map_err(|e| warp::reject::custom(ApiError::from(e)))
+            }
+        })
 }
 
 /// A JSON body within the [`BodyLimits`]: 413 above them, 400 when it is not JSON.

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::OptionFuture;
-use serde_json::json;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, Event, TryData};
 use socketioxide::handler::{
@@ -368,15 +367,9 @@ fn replies(
     result: Result<serde_json::Value, ApiError>,
     ack: Option<i64>,
 ) -> impl Iterator<Item = Outgoing> {
-    let (error, acknowledgement) = match result {
-        Ok(value) => (None, value),
-        Err(error) => {
-            let event = Outgoing::Event(error.event().encode());
-            (Some(event), json!({ "error": error.body() }))
-        }
-    };
+    let (error, acknowledgement) = ApiError::outcome(result);
     let ack = ack.map(|id| Outgoing::Ack(id, acknowledgement));
-    error.into_iter().chain(ack)
+    error.map(Outgoing::Event).into_iter().chain(ack)
 }
 
 /// Answers a client event at once, for a socket the task does not serve; what a full buffer

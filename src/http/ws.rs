@@ -30,7 +30,7 @@ use super::payload::parse_json;
 use super::session::{Session, token_expired, token_expiry};
 use super::{ClientAddr, FAREWELL_TIMEOUT, Shared, error_response};
 use crate::actors::EncodedEvent;
-use crate::auth::{AuthError, User, bearer_token};
+use crate::auth::{AuthError, User};
 
 /// Close code for a client that could not keep up with its events.
 const CLOSE_TOO_SLOW: u16 = 1008;
@@ -107,15 +107,14 @@ async fn handshake_user(
     headers: &HeaderMap,
     query_token: Option<String>,
 ) -> Result<User, ApiError> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .map(|value| value.to_str().map_err(|_| AuthError::Malformed))
-        .transpose()?;
-    let token = match header {
-        Some(header) => Some(bearer_token(header)?),
-        None => query_token.as_deref(),
+    let user = match headers.get(header::AUTHORIZATION) {
+        Some(value) => {
+            let header = value.to_str().map_err(|_| AuthError::Malformed)?;
+            shared.auth.authenticate_header(Some(header)).await
+        }
+        None => shared.auth.authenticate(query_token.as_deref()).await,
     };
-    Ok(shared.auth.authenticate(token).await?)
+    Ok(user?)
 }
 
 async fn upgrade(
@@ -308,14 +307,8 @@ async fn handle_frame(session: &mut Session, frame: Message) -> Vec<Message> {
         Ok(request) => dispatch(session, request).await,
         Err(error) => (None, Err(error)),
     };
-    let mut answer = Vec::new();
-    let acknowledgement = match result {
-        Ok(value) => value,
-        Err(error) => {
-            answer.push(text(&error.event().encode()));
-            json!({ "error": error.body() })
-        }
-    };
+    let (error, acknowledgement) = ApiError::outcome(result);
+    let mut answer: Vec<Message> = error.iter().map(|event| text(event)).collect();
     if let Some(id) = ack_id {
         let ack = json!({ "event": "ack", "id": id, "data": acknowledgement });
         answer.push(Message::text(ack.to_string()));

@@ -203,10 +203,13 @@ impl ConversationState {
             .rposition(|m| m.role == Role::User)
             .ok_or_else(|| ChatError::Invalid("There is no message to reply to".into()))?;
         let now = Timestamp::now();
-        for message in conversation.messages.drain(last_user + 1..) {
+        // Each reply leaves memory once it has left the store, so a failed write leaves the two
+        // alike.
+        while let Some(message) = conversation.messages.get(last_user + 1) {
             store
                 .delete_message(&owner, &message.conversation_id, &message.id, now)
                 .await?;
+            conversation.messages.remove(last_user + 1);
         }
         conversation.updated_at = now;
         self.start_streamed(myself, Vec::new(), sender).await
