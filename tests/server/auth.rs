@@ -1,7 +1,7 @@
 //! Sign-in with `AUTH_MODE=jwt`: tokens are checked at the edge of every transport, and a user
 //! reaches only their own conversations; another user's behave exactly as if they did not exist.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use ai_chat_server::auth::{AuthMode, Secret};
@@ -12,6 +12,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use crate::support::process::{self, ServerProcess};
 use crate::support::{
     ModelServer, RealtimeClient, TestServer, WAIT, WsClient, call_with_token, config_for, deltas,
     final_content, over_both_transports, seqs, words,
@@ -468,10 +469,7 @@ over_both_transports!(
 
 #[test]
 fn a_host_on_the_network_without_auth_mode_refuses_to_start_naming_it() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ai-chat-server"))
-        .env_clear()
-        .env("HOST", "0.0.0.0")
-        .env("PORT", "0")
+    let output = process::command(&[("HOST", "0.0.0.0".into())])
         .stdin(Stdio::null())
         .output()
         .expect("the binary runs");
@@ -563,38 +561,12 @@ async fn a_reply_that_reaches_the_daily_budget_is_the_last_of_the_day() {
 
 #[tokio::test]
 async fn tokens_never_reach_the_log() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ai-chat-server"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PORT", "0")
-        .env("NO_COLOR", "1")
-        .env("DATABASE_URL", "memory")
-        .env("AUTH_MODE", "jwt")
-        .env("JWT_SECRET", SECRET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    let (lines, logged) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines.send(line);
-        }
-    });
-    let addr: std::net::SocketAddr = loop {
-        let line = logged
-            .recv_timeout(WAIT)
-            .expect("the server logs its address");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let mut server = ServerProcess::spawn(&[
+        ("DATABASE_URL", "memory".into()),
+        ("AUTH_MODE", "jwt".into()),
+        ("JWT_SECRET", SECRET.into()),
+    ]);
+    let addr = server.addr;
     let good = token("ann");
     let expired = token_with(|c| c["exp"] = json!(now() - 120));
     let client = WsClient::connect_as(addr, &good).await.unwrap();
@@ -603,9 +575,9 @@ async fn tokens_never_reach_the_log() {
     let (status, _) = call_with_token(addr, Some(&good), "GET", "/api/me", None).await;
     assert_eq!(status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let log: Vec<String> = logged.try_iter().collect();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let log: Vec<String> = server.logged.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("path=/ws")), "{log:#?}");
     for line in &log {
         for token in [&good, &expired] {

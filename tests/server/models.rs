@@ -3,10 +3,11 @@
 //! settings left unsent, and a provider that cannot be set up. Black-box: the real server (or
 //! the provider through the library's API), the test model server, real clients.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::support::model_server::{OLDER_SERVER, REASONING_MODEL, Refusal};
+use crate::support::process;
 use crate::support::{ModelServer, RealtimeClient, TestServer, WAIT, config_for, final_content};
 use ai_chat_server::config::Config;
 use ai_chat_server::domain::{Message, Role};
@@ -234,19 +235,16 @@ async fn usage_ends_a_stream_and_comes_with_a_whole_reply() {
 async fn a_model_client_that_cannot_be_built_stops_start_up() {
     let nowhere = tempfile::tempdir().unwrap();
     let no_certificates = nowhere.path().join("none.pem");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ai-chat-server"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PORT", "0")
-        .env("NO_COLOR", "1")
-        .env("DATABASE_URL", "memory")
-        .env("OPENAI_API_KEY", "test-key")
-        .env("SSL_CERT_FILE", &no_certificates)
-        .env("SSL_CERT_DIR", nowhere.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("server binary starts");
+    let mut child = process::command(&[
+        ("DATABASE_URL", "memory".into()),
+        ("OPENAI_API_KEY", "test-key".into()),
+        ("SSL_CERT_FILE", no_certificates.display().to_string()),
+        ("SSL_CERT_DIR", nowhere.path().display().to_string()),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("server binary starts");
     let deadline = std::time::Instant::now() + WAIT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

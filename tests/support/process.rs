@@ -10,26 +10,36 @@ use std::time::Duration;
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every line it has written to standard output, as it writes them.
+    pub logged: mpsc::Receiver<String>,
+}
+
+/// The server binary with no environment but `PATH`, `env`, a free port and plain logs.
+pub fn command(env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ai-chat-server"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("NO_COLOR", "1");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
 }
 
 impl ServerProcess {
-    /// Starts the binary with `env` on a free port and waits until it listens.
+    /// Starts the binary with `env` (and no rate limit) and waits until it listens.
     pub fn spawn(env: &[(&str, String)]) -> ServerProcess {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ai-chat-server"));
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PORT", "0")
-            .env("NO_COLOR", "1")
-            .env("RATE_LIMIT_MAX_REQUESTS", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        let mut command = command(&[("RATE_LIMIT_MAX_REQUESTS", "0".into())]);
         for (name, value) in env {
             command.env(name, value);
         }
+        command.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = command.spawn().expect("server binary starts");
         let stdout = child.stdout.take().unwrap();
         let (found, address) = mpsc::channel();
+        let (lines, logged) = mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -38,6 +48,7 @@ impl ServerProcess {
                     let _ = found.send(addr);
                     sent = true;
                 }
+                let _ = lines.send(line);
             }
         });
         let addr = address
@@ -45,7 +56,11 @@ impl ServerProcess {
             .expect("server logs its address")
             .parse()
             .expect("a socket address");
-        ServerProcess { child, addr }
+        ServerProcess {
+            child,
+            addr,
+            logged,
+        }
     }
 
     /// SIGKILL: no chance to clean up.
