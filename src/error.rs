@@ -21,6 +21,10 @@ pub enum ChatError {
     /// The model failed to answer.
     #[error("the model failed to answer")]
     Upstream,
+    /// The conversation cannot be served now: its owner is another node that cannot be reached,
+    /// or the cluster's coordination (Redis) is down; the text is for logs only.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The store failed; the text is for logs only.
     #[error("storage failed: {0}")]
     Storage(String),
@@ -33,6 +37,9 @@ impl From<StoreError> for ChatError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound => ChatError::NotFound,
+            StoreError::Fenced => {
+                ChatError::Unavailable("the conversation moved to another node".into())
+            }
             StoreError::Storage(detail) => ChatError::Storage(detail),
             other => ChatError::Storage(other.to_string()),
         }

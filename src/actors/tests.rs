@@ -17,7 +17,7 @@ use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserI
 use crate::error::ChatError;
 use crate::llm::{Completion, ModelProvider, Prompt, ProviderError, Streamed, TokenStream};
 use crate::metrics::Metrics;
-use crate::store::{ConversationStore, MemoryStore, Page, StoreError};
+use crate::store::{ConversationStore, MemoryStore, Page, StoreError, Writer};
 
 /// How long a test waits for any one thing before it fails.
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
@@ -99,12 +99,16 @@ impl SteeredStore {
 
 #[async_trait]
 impl ConversationStore for SteeredStore {
+    async fn claim(&self, owner: &UserId, id: &str) -> Result<u64, StoreError> {
+        self.inner.claim(owner, id).await
+    }
+
     async fn create_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation: &Conversation,
     ) -> Result<(), StoreError> {
-        self.inner.create_conversation(owner, conversation).await
+        self.inner.create_conversation(writer, conversation).await
     }
 
     async fn load_conversation(
@@ -134,39 +138,39 @@ impl ConversationStore for SteeredStore {
 
     async fn save_messages(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.inner.save_messages(owner, messages, updated_at).await
+        self.inner.save_messages(writer, messages, updated_at).await
     }
 
     async fn delete_message(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.inner
-            .delete_message(owner, conversation_id, message_id, updated_at)
+            .delete_message(writer, conversation_id, message_id, updated_at)
             .await
     }
 
     async fn rename_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.inner
-            .rename_conversation(owner, id, title, updated_at)
+            .rename_conversation(writer, id, title, updated_at)
             .await
     }
 
-    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError> {
-        self.inner.delete_conversation(owner, id).await
+    async fn delete_conversation(&self, writer: &Writer, id: &str) -> Result<bool, StoreError> {
+        self.inner.delete_conversation(writer, id).await
     }
 
     async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError> {
@@ -183,13 +187,15 @@ impl ConversationStore for SteeredStore {
 
     async fn mark_interrupted_in(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
     ) -> Result<u64, StoreError> {
         if self.fail_next_mark.swap(false, Ordering::SeqCst) {
             return Err(StoreError::storage("the disk is unwell"));
         }
-        self.inner.mark_interrupted_in(owner, conversation_id).await
+        self.inner
+            .mark_interrupted_in(writer, conversation_id)
+            .await
     }
 }
 
@@ -571,7 +577,7 @@ async fn a_failed_activation_answers_an_error_and_the_next_one_works() {
     cut_off.status = Some(MessageStatus::Streaming);
     conversation.messages.push(cut_off);
     h.store
-        .create_conversation(&ann(), &conversation)
+        .create_conversation(&Writer::unfenced(&ann()), &conversation)
         .await
         .unwrap();
 
@@ -604,7 +610,7 @@ async fn the_loser_of_an_activation_race_writes_nothing() {
     cut_off.status = Some(MessageStatus::Streaming);
     conversation.messages.push(cut_off);
     h.store
-        .create_conversation(&ann(), &conversation)
+        .create_conversation(&Writer::unfenced(&ann()), &conversation)
         .await
         .unwrap();
 

@@ -55,6 +55,9 @@ pub enum ApiError {
     /// The model provider failed.
     #[error("The model provider failed to answer")]
     Upstream,
+    /// The conversation cannot be served now (its node is out of reach); a client may retry.
+    #[error("The service is unavailable, please retry")]
+    Unavailable,
     /// Anything else; what happened is logged where it is mapped, never sent.
     #[error("Internal server error")]
     Internal,
@@ -86,6 +89,7 @@ impl ApiError {
             ApiError::Conflict => "CONFLICT",
             ApiError::QuotaExceeded => "QUOTA_EXCEEDED",
             ApiError::Upstream => "UPSTREAM_ERROR",
+            ApiError::Unavailable => "UNAVAILABLE",
             ApiError::Internal => "INTERNAL_ERROR",
         }
     }
@@ -103,6 +107,7 @@ impl ApiError {
             ApiError::RateLimited | ApiError::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict => StatusCode::CONFLICT,
             ApiError::Upstream => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -145,6 +150,10 @@ impl From<ChatError> for ApiError {
             ChatError::Busy => ApiError::Conflict,
             ChatError::QuotaExceeded => ApiError::QuotaExceeded,
             ChatError::Upstream => ApiError::Upstream,
+            ChatError::Unavailable(_) => {
+                tracing::warn!(error = %error, "request refused");
+                ApiError::Unavailable
+            }
             ChatError::Storage(_) | ChatError::Failed(_) => {
                 tracing::error!(error = %error, "request failed");
                 ApiError::Internal
@@ -197,6 +206,7 @@ mod tests {
             (ChatError::Busy, 409, "CONFLICT"),
             (ChatError::Upstream, 502, "UPSTREAM_ERROR"),
             (ChatError::Invalid("bad".into()), 400, "INVALID_REQUEST"),
+            (ChatError::Unavailable("redis".into()), 503, "UNAVAILABLE"),
         ];
         for (error, status, code) in cases {
             let error = ApiError::from(error);

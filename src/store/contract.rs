@@ -5,7 +5,7 @@
 
 use super::{
     Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, SqliteStore, Store,
-    StoreError,
+    StoreError, Writer,
 };
 use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 
@@ -45,6 +45,9 @@ macro_rules! contract {
                 a_username_taken_in_another_case_is_refused,
                 usage_adds_up_per_owner_and_day,
                 a_reply_keeps_what_it_cost,
+                claims_give_ever_greater_tokens,
+                a_writer_whose_claim_was_superseded_is_refused,
+                a_claim_outlives_its_conversation,
             );
         }
     };
@@ -135,13 +138,19 @@ async fn a_created_conversation_loads_as_it_was(store: &dyn ConversationStore) {
         },
         streaming("a", "", 1_000),
     ];
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
     assert_eq!(stored(store, "a").await, a);
 }
 
 async fn an_unknown_conversation_loads_as_none(store: &dyn ConversationStore) {
     store
-        .create_conversation(&ann(), &conversation("a", "first", 1_000))
+        .create_conversation(
+            &Writer::unfenced(&ann()),
+            &conversation("a", "first", 1_000),
+        )
         .await
         .unwrap();
     assert_eq!(store.load_conversation(&ann(), "b").await, Ok(None));
@@ -150,14 +159,19 @@ async fn an_unknown_conversation_loads_as_none(store: &dyn ConversationStore) {
 async fn a_conversation_id_already_stored_is_refused(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     a.messages.push(message("a", Role::User, "question", 1_000));
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
 
     let mut again = conversation("a", "second", 2_000);
     again
         .messages
         .push(message("a", Role::User, "another", 2_000));
     assert_eq!(
-        store.create_conversation(&ann(), &again).await,
+        store
+            .create_conversation(&Writer::unfenced(&ann()), &again)
+            .await,
         Err(StoreError::AlreadyExists)
     );
     assert_eq!(stored(store, "a").await, a);
@@ -171,13 +185,13 @@ async fn a_conversation_id_already_stored_is_refused(store: &dyn ConversationSto
 async fn conversations_are_listed_most_recently_updated_first(store: &dyn ConversationStore) {
     for (id, updated_at) in [("a", 1_000), ("b", 3_000), ("c", 2_000), ("d", 2_000)] {
         store
-            .create_conversation(&ann(), &conversation(id, id, updated_at))
+            .create_conversation(&Writer::unfenced(&ann()), &conversation(id, id, updated_at))
             .await
             .unwrap();
     }
     let question = message("a", Role::User, "question", 4_000);
     store
-        .save_message(&ann(), &question, at(4_000))
+        .save_message(&Writer::unfenced(&ann()), &question, at(4_000))
         .await
         .unwrap();
     // Ties go to the greater id first.
@@ -198,7 +212,10 @@ async fn a_page_is_a_slice_of_the_listing(store: &dyn ConversationStore) {
     for (id, updated_at) in [("a", 1_000), ("b", 2_000), ("c", 3_000)] {
         let mut c = conversation(id, id, updated_at);
         c.messages.push(message(id, Role::User, id, updated_at));
-        store.create_conversation(&ann(), &c).await.unwrap();
+        store
+            .create_conversation(&Writer::unfenced(&ann()), &c)
+            .await
+            .unwrap();
     }
     let page = |limit, offset| Page { limit, offset };
     assert_eq!(listed_ids(store, page(Some(2), 0)).await, ["c", "b"]);
@@ -221,19 +238,25 @@ async fn a_page_is_a_slice_of_the_listing(store: &dyn ConversationStore) {
 
 async fn saved_messages_are_added_in_order_and_move_updated_at(store: &dyn ConversationStore) {
     store
-        .create_conversation(&ann(), &conversation("a", "first", 1_000))
+        .create_conversation(
+            &Writer::unfenced(&ann()),
+            &conversation("a", "first", 1_000),
+        )
         .await
         .unwrap();
     let question = message("a", Role::User, "question", 2_000);
     store
-        .save_message(&ann(), &question, at(2_000))
+        .save_message(&Writer::unfenced(&ann()), &question, at(2_000))
         .await
         .unwrap();
     let pair = [
         message("a", Role::User, "again", 3_000),
         streaming("a", "", 3_000),
     ];
-    store.save_messages(&ann(), &pair, at(3_001)).await.unwrap();
+    store
+        .save_messages(&Writer::unfenced(&ann()), &pair, at(3_001))
+        .await
+        .unwrap();
 
     let a = stored(store, "a").await;
     assert_eq!(a.messages, [question, pair[0].clone(), pair[1].clone()]);
@@ -245,17 +268,27 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
     store: &dyn ConversationStore,
 ) {
     store
-        .create_conversation(&ann(), &conversation("a", "first", 1_000))
+        .create_conversation(
+            &Writer::unfenced(&ann()),
+            &conversation("a", "first", 1_000),
+        )
         .await
         .unwrap();
     let question = message("a", Role::User, "question", 2_000);
     let mut reply = streaming("a", "par", 2_000);
     store
-        .save_messages(&ann(), &[question.clone(), reply.clone()], at(2_000))
+        .save_messages(
+            &Writer::unfenced(&ann()),
+            &[question.clone(), reply.clone()],
+            at(2_000),
+        )
         .await
         .unwrap();
     let later = message("a", Role::User, "later", 2_500);
-    store.save_message(&ann(), &later, at(2_500)).await.unwrap();
+    store
+        .save_message(&Writer::unfenced(&ann()), &later, at(2_500))
+        .await
+        .unwrap();
 
     // Only the content and status change: the message keeps its place, role and time.
     let saved = Message {
@@ -265,7 +298,10 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
         role: Role::User,
         ..reply.clone()
     };
-    store.save_message(&ann(), &saved, at(3_000)).await.unwrap();
+    store
+        .save_message(&Writer::unfenced(&ann()), &saved, at(3_000))
+        .await
+        .unwrap();
     reply.content = saved.content;
     reply.status = saved.status;
 
@@ -276,8 +312,14 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
 
 async fn nothing_to_save_changes_nothing(store: &dyn ConversationStore) {
     let a = conversation("a", "first", 1_000);
-    store.create_conversation(&ann(), &a).await.unwrap();
-    store.save_messages(&ann(), &[], at(2_000)).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
+    store
+        .save_messages(&Writer::unfenced(&ann()), &[], at(2_000))
+        .await
+        .unwrap();
     assert_eq!(stored(store, "a").await, a);
 }
 
@@ -285,10 +327,15 @@ async fn messages_for_an_unknown_conversation_are_refused_and_not_stored(
     store: &dyn ConversationStore,
 ) {
     let a = conversation("a", "first", 1_000);
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
     let orphan = message("b", Role::User, "lost", 2_000);
     assert_eq!(
-        store.save_message(&ann(), &orphan, at(2_000)).await,
+        store
+            .save_message(&Writer::unfenced(&ann()), &orphan, at(2_000))
+            .await,
         Err(StoreError::NotFound)
     );
     let orphans = [
@@ -296,7 +343,9 @@ async fn messages_for_an_unknown_conversation_are_refused_and_not_stored(
         streaming("b", "", 2_000),
     ];
     assert_eq!(
-        store.save_messages(&ann(), &orphans, at(2_000)).await,
+        store
+            .save_messages(&Writer::unfenced(&ann()), &orphans, at(2_000))
+            .await,
         Err(StoreError::NotFound)
     );
     assert_eq!(store.load_conversation(&ann(), "b").await, Ok(None));
@@ -313,11 +362,14 @@ async fn a_deleted_message_is_gone_and_moves_updated_at(store: &dyn Conversation
         message("a", Role::User, "question", 1_000),
         streaming("a", "", 1_000),
     ];
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
     let reply = &a.messages[1].id;
 
     store
-        .delete_message(&ann(), "a", reply, at(2_000))
+        .delete_message(&Writer::unfenced(&ann()), "a", reply, at(2_000))
         .await
         .unwrap();
     let loaded = stored(store, "a").await;
@@ -326,7 +378,7 @@ async fn a_deleted_message_is_gone_and_moves_updated_at(store: &dyn Conversation
 
     // A message that is not there: nothing to remove, and the time still moves.
     store
-        .delete_message(&ann(), "a", reply, at(3_000))
+        .delete_message(&Writer::unfenced(&ann()), "a", reply, at(3_000))
         .await
         .unwrap();
     let loaded = stored(store, "a").await;
@@ -338,10 +390,13 @@ async fn deleting_a_message_of_an_unknown_conversation_is_not_found(store: &dyn 
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages.push(question.clone());
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
     assert_eq!(
         store
-            .delete_message(&ann(), "b", &question.id, at(2_000))
+            .delete_message(&Writer::unfenced(&ann()), "b", &question.id, at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
@@ -351,9 +406,12 @@ async fn deleting_a_message_of_an_unknown_conversation_is_not_found(store: &dyn 
 async fn a_renamed_conversation_keeps_its_messages(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     a.messages.push(message("a", Role::User, "question", 1_000));
-    store.create_conversation(&ann(), &a).await.unwrap();
     store
-        .rename_conversation(&ann(), "a", "renamed", at(2_000))
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
+    store
+        .rename_conversation(&Writer::unfenced(&ann()), "a", "renamed", at(2_000))
         .await
         .unwrap();
     a.title = "renamed".into();
@@ -364,7 +422,7 @@ async fn a_renamed_conversation_keeps_its_messages(store: &dyn ConversationStore
 async fn renaming_an_unknown_conversation_is_not_found(store: &dyn ConversationStore) {
     assert_eq!(
         store
-            .rename_conversation(&ann(), "a", "renamed", at(2_000))
+            .rename_conversation(&Writer::unfenced(&ann()), "a", "renamed", at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
@@ -375,22 +433,43 @@ async fn a_deleted_conversation_is_gone_with_its_messages(store: &dyn Conversati
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages.push(question.clone());
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
     let b = conversation("b", "second", 1_000);
-    store.create_conversation(&ann(), &b).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &b)
+        .await
+        .unwrap();
 
-    assert_eq!(store.delete_conversation(&ann(), "a").await, Ok(true));
-    assert_eq!(store.delete_conversation(&ann(), "a").await, Ok(false));
+    assert_eq!(
+        store
+            .delete_conversation(&Writer::unfenced(&ann()), "a")
+            .await,
+        Ok(true)
+    );
+    assert_eq!(
+        store
+            .delete_conversation(&Writer::unfenced(&ann()), "a")
+            .await,
+        Ok(false)
+    );
     assert_eq!(store.load_conversation(&ann(), "a").await, Ok(None));
     assert_eq!(listed_ids(store, Page::default()).await, ["b"]);
     assert_eq!(
-        store.save_message(&ann(), &question, at(2_000)).await,
+        store
+            .save_message(&Writer::unfenced(&ann()), &question, at(2_000))
+            .await,
         Err(StoreError::NotFound)
     );
 
     // The id is free again, and its messages went with it.
     let again = conversation("a", "again", 3_000);
-    store.create_conversation(&ann(), &again).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &again)
+        .await
+        .unwrap();
     assert_eq!(stored(store, "a").await, again);
 }
 
@@ -401,7 +480,10 @@ async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore)
         message("a", Role::User, "question", 1_000),
         streaming("a", "partial", 1_000),
     ];
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
     let mut b = conversation("b", "second", 2_000);
     b.messages = vec![
         Message {
@@ -410,7 +492,10 @@ async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore)
         },
         streaming("b", "", 2_000),
     ];
-    store.create_conversation(&ann(), &b).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &b)
+        .await
+        .unwrap();
 
     assert_eq!(store.mark_interrupted().await, Ok(2));
     for mut expected in [a, b] {
@@ -435,12 +520,30 @@ async fn marking_one_conversation_interrupted_changes_only_its_streaming_replies
                 ..message(id, Role::Assistant, "done", at)
             },
         ];
-        store.create_conversation(&ann(), &c).await.unwrap();
+        store
+            .create_conversation(&Writer::unfenced(&ann()), &c)
+            .await
+            .unwrap();
         expected.push(c);
     }
-    assert_eq!(store.mark_interrupted_in(&ann(), "a").await, Ok(1));
-    assert_eq!(store.mark_interrupted_in(&ann(), "a").await, Ok(0));
-    assert_eq!(store.mark_interrupted_in(&ann(), "unknown").await, Ok(0));
+    assert_eq!(
+        store
+            .mark_interrupted_in(&Writer::unfenced(&ann()), "a")
+            .await,
+        Ok(1)
+    );
+    assert_eq!(
+        store
+            .mark_interrupted_in(&Writer::unfenced(&ann()), "a")
+            .await,
+        Ok(0)
+    );
+    assert_eq!(
+        store
+            .mark_interrupted_in(&Writer::unfenced(&ann()), "unknown")
+            .await,
+        Ok(0)
+    );
     expected[0].messages[0].status = Some(MessageStatus::Error);
     for c in expected {
         assert_eq!(stored(store, &c.id).await, c);
@@ -452,15 +555,24 @@ async fn two_owners_may_use_the_same_id_without_meeting(store: &dyn Conversation
     ann_c
         .messages
         .push(message("c", Role::User, "from ann", 1_000));
-    store.create_conversation(&ann(), &ann_c).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &ann_c)
+        .await
+        .unwrap();
     let mut bob_c = conversation("c", "bob's", 2_000);
     bob_c
         .messages
         .push(message("c", Role::User, "from bob", 2_000));
-    store.create_conversation(&bob(), &bob_c).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&bob()), &bob_c)
+        .await
+        .unwrap();
 
     let reply = streaming("c", "", 3_000);
-    store.save_message(&bob(), &reply, at(3_000)).await.unwrap();
+    store
+        .save_message(&Writer::unfenced(&bob()), &reply, at(3_000))
+        .await
+        .unwrap();
     bob_c.messages.push(reply);
     bob_c.updated_at = at(3_000);
     assert_eq!(stored(store, "c").await, ann_c);
@@ -469,8 +581,18 @@ async fn two_owners_may_use_the_same_id_without_meeting(store: &dyn Conversation
         Ok(Some(bob_c.clone()))
     );
 
-    assert_eq!(store.mark_interrupted_in(&ann(), "c").await, Ok(0));
-    assert_eq!(store.delete_conversation(&ann(), "c").await, Ok(true));
+    assert_eq!(
+        store
+            .mark_interrupted_in(&Writer::unfenced(&ann()), "c")
+            .await,
+        Ok(0)
+    );
+    assert_eq!(
+        store
+            .delete_conversation(&Writer::unfenced(&ann()), "c")
+            .await,
+        Ok(true)
+    );
     assert_eq!(store.load_conversation(&ann(), "c").await, Ok(None));
     assert_eq!(store.load_conversation(&bob(), "c").await, Ok(Some(bob_c)));
 }
@@ -484,7 +606,10 @@ async fn an_owner_lists_only_its_own_conversations(store: &dyn ConversationStore
     ] {
         let mut c = conversation(id, id, updated_at);
         c.messages.push(message(id, Role::User, id, updated_at));
-        store.create_conversation(&owner, &c).await.unwrap();
+        store
+            .create_conversation(&Writer::unfenced(&owner), &c)
+            .await
+            .unwrap();
     }
     assert_eq!(listed_ids(store, Page::default()).await, ["a2", "a1"]);
     let page = Page {
@@ -518,28 +643,43 @@ async fn an_owner_cannot_change_another_owners_conversation(store: &dyn Conversa
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages = vec![question.clone(), streaming("a", "partial", 1_000)];
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
 
     let bob = bob();
     let intruder = message("a", Role::User, "hello", 2_000);
     assert_eq!(
-        store.save_message(&bob, &intruder, at(2_000)).await,
-        Err(StoreError::NotFound)
-    );
-    assert_eq!(
         store
-            .rename_conversation(&bob, "a", "mine", at(2_000))
+            .save_message(&Writer::unfenced(&bob), &intruder, at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
     assert_eq!(
         store
-            .delete_message(&bob, "a", &question.id, at(2_000))
+            .rename_conversation(&Writer::unfenced(&bob), "a", "mine", at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
-    assert_eq!(store.mark_interrupted_in(&bob, "a").await, Ok(0));
-    assert_eq!(store.delete_conversation(&bob, "a").await, Ok(false));
+    assert_eq!(
+        store
+            .delete_message(&Writer::unfenced(&bob), "a", &question.id, at(2_000))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(
+        store
+            .mark_interrupted_in(&Writer::unfenced(&bob), "a")
+            .await,
+        Ok(0)
+    );
+    assert_eq!(
+        store
+            .delete_conversation(&Writer::unfenced(&bob), "a")
+            .await,
+        Ok(false)
+    );
     assert_eq!(store.load_conversation(&bob, "a").await, Ok(None));
     assert_eq!(stored(store, "a").await, a);
 }
@@ -547,7 +687,10 @@ async fn an_owner_cannot_change_another_owners_conversation(store: &dyn Conversa
 async fn the_anonymous_user_is_an_owner_like_any_other(store: &dyn ConversationStore) {
     let anonymous = UserId::anonymous();
     let a = conversation("a", "anonymous", 1_000);
-    store.create_conversation(&anonymous, &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&anonymous), &a)
+        .await
+        .unwrap();
     assert_eq!(
         store.load_conversation(&anonymous, "a").await,
         Ok(Some(a.clone()))
@@ -615,17 +758,117 @@ async fn a_reply_keeps_what_it_cost(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     let mut reply = streaming("a", "par", 1_000);
     a.messages = vec![message("a", Role::User, "question", 1_000), reply.clone()];
-    store.create_conversation(&ann(), &a).await.unwrap();
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
     reply.content = "partial".into();
     reply.status = Some(MessageStatus::Complete);
     reply.usage = Some(MessageUsage {
         prompt_tokens: 12,
         completion_tokens: 3,
     });
-    store.save_message(&ann(), &reply, at(2_000)).await.unwrap();
+    store
+        .save_message(&Writer::unfenced(&ann()), &reply, at(2_000))
+        .await
+        .unwrap();
     a.messages[1] = reply;
     a.updated_at = at(2_000);
     assert_eq!(stored(store, "a").await, a);
+}
+
+/// `owner`'s writer holding the claim `fence`.
+fn fenced(owner: UserId, fence: u64) -> Writer {
+    Writer {
+        owner,
+        fence: Some(fence),
+    }
+}
+
+async fn claims_give_ever_greater_tokens(store: &dyn ConversationStore) {
+    let first = store.claim(&ann(), "a").await.unwrap();
+    let again = store.claim(&ann(), "a").await.unwrap();
+    let other = store.claim(&ann(), "b").await.unwrap();
+    let bobs = store.claim(&bob(), "a").await.unwrap();
+    assert!(first < again && again < other && other < bobs);
+    // A claim needs no stored conversation, and creates none.
+    assert_eq!(store.load_conversation(&ann(), "a").await, Ok(None));
+}
+
+async fn a_writer_whose_claim_was_superseded_is_refused(store: &dyn ConversationStore) {
+    let old = fenced(ann(), store.claim(&ann(), "a").await.unwrap());
+    let mut a = conversation("a", "first", 1_000);
+    a.messages = vec![
+        message("a", Role::User, "question", 1_000),
+        streaming("a", "partial", 1_000),
+    ];
+    store.create_conversation(&old, &a).await.unwrap();
+    let new = fenced(ann(), store.claim(&ann(), "a").await.unwrap());
+
+    let late = message("a", Role::User, "late", 2_000);
+    let refused = [
+        store.save_message(&old, &late, at(2_000)).await,
+        store
+            .delete_message(&old, "a", &a.messages[0].id, at(2_000))
+            .await,
+        store
+            .rename_conversation(&old, "a", "stale", at(2_000))
+            .await,
+        store.mark_interrupted_in(&old, "a").await.map(drop),
+        store.delete_conversation(&old, "a").await.map(drop),
+        store
+            .create_conversation(&old, &conversation("a", "again", 2_000))
+            .await,
+    ];
+    for outcome in refused {
+        assert_eq!(outcome, Err(StoreError::Fenced));
+    }
+    // A writer of another owner's claim, or one with no claim on the conversation, is refused.
+    let bobs = fenced(bob(), new.fence.unwrap());
+    assert_eq!(
+        store
+            .create_conversation(&bobs, &conversation("a", "bob's", 2_000))
+            .await,
+        Err(StoreError::Fenced)
+    );
+    assert_eq!(stored(store, "a").await, a);
+
+    let reply = Message {
+        content: "partial, then more".into(),
+        ..a.messages[1].clone()
+    };
+    store.save_message(&new, &reply, at(3_000)).await.unwrap();
+    a.messages[1] = reply;
+    a.updated_at = at(3_000);
+    assert_eq!(stored(store, "a").await, a);
+    // Writers without a token are not checked: one process alone writes.
+    store
+        .rename_conversation(&Writer::unfenced(&ann()), "a", "renamed", at(4_000))
+        .await
+        .unwrap();
+    assert_eq!(stored(store, "a").await.title, "renamed");
+}
+
+async fn a_claim_outlives_its_conversation(store: &dyn ConversationStore) {
+    let old = fenced(ann(), store.claim(&ann(), "a").await.unwrap());
+    store
+        .create_conversation(&old, &conversation("a", "first", 1_000))
+        .await
+        .unwrap();
+    let new = fenced(ann(), store.claim(&ann(), "a").await.unwrap());
+    assert_eq!(store.delete_conversation(&new, "a").await, Ok(true));
+    // Deleted and made again by its latest writer; the older one stays fenced.
+    store
+        .create_conversation(&new, &conversation("a", "second", 2_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .rename_conversation(&old, "a", "stale", at(3_000))
+            .await,
+        Err(StoreError::Fenced)
+    );
+    assert_eq!(stored(store, "a").await.title, "second");
 }
 
 contract!(memory => fresh_memory);

@@ -9,6 +9,9 @@ pub enum StoreError {
     /// A conversation or message with that id is already stored.
     #[error("already stored")]
     AlreadyExists,
+    /// A newer claim on the conversation stands: this writer is not its writer any more.
+    #[error("the conversation was claimed by a newer writer")]
+    Fenced,
     /// The database failed or is unreachable; the text says how, for logs only.
     #[error("storage failed: {0}")]
     Storage(String),

@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use async_trait::async_trait;
 
-use super::{Account, AccountStore, ConversationStore, Page, StoreError, username_key};
+use super::{Account, AccountStore, ConversationStore, Page, StoreError, Writer, username_key};
 use crate::domain::{Conversation, Message, MessageStatus, Timestamp, UserId};
 
 /// A conversation's place in the map: its owner and its id.
@@ -20,6 +20,8 @@ pub struct MemoryStore {
     accounts: RwLock<HashMap<String, Account>>,
     /// Tokens used by owner and day.
     usage: RwLock<HashMap<(UserId, String), u64>>,
+    /// The fencing token of each claimed conversation, and the last token given.
+    claims: Mutex<(u64, HashMap<Key, u64>)>,
 }
 
 impl MemoryStore {
@@ -28,14 +30,26 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
+    /// Changes the conversations as `writer`, once its claim on conversation `id` is checked.
     fn write<T>(
         &self,
+        writer: &Writer,
+        id: &str,
         f: impl FnOnce(&mut HashMap<Key, Conversation>) -> T,
     ) -> Result<T, StoreError> {
         let mut map = self
             .conversations
             .write()
             .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        if let Some(fence) = writer.fence {
+            let claims = self
+                .claims
+                .lock()
+                .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+            if claims.1.get(&key(&writer.owner, id)) != Some(&fence) {
+                return Err(StoreError::Fenced);
+            }
+        }
         Ok(f(&mut map))
     }
 
@@ -49,30 +63,44 @@ impl MemoryStore {
 
     fn update(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         id: &str,
         updated_at: Timestamp,
         change: impl FnOnce(&mut Conversation),
     ) -> Result<(), StoreError> {
-        self.write(|map| match map.get_mut(&key(owner, id)) {
-            Some(conversation) => {
-                change(conversation);
-                conversation.updated_at = updated_at;
-                Ok(())
+        self.write(writer, id, |map| {
+            match map.get_mut(&key(&writer.owner, id)) {
+                Some(conversation) => {
+                    change(conversation);
+                    conversation.updated_at = updated_at;
+                    Ok(())
+                }
+                None => Err(StoreError::NotFound),
             }
-            None => Err(StoreError::NotFound),
         })?
     }
 }
 
 #[async_trait]
 impl ConversationStore for MemoryStore {
+    async fn claim(&self, owner: &UserId, id: &str) -> Result<u64, StoreError> {
+        let mut claims = self
+            .claims
+            .lock()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        let (last, by_key) = &mut *claims;
+        *last += 1;
+        by_key.insert(key(owner, id), *last);
+        Ok(*last)
+    }
+
     async fn create_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation: &Conversation,
     ) -> Result<(), StoreError> {
-        self.write(|map| match map.entry(key(owner, &conversation.id)) {
+        let id = &conversation.id;
+        self.write(writer, id, |map| match map.entry(key(&writer.owner, id)) {
             Entry::Occupied(_) => Err(StoreError::AlreadyExists),
             Entry::Vacant(slot) => {
                 slot.insert(conversation.clone());
@@ -111,14 +139,14 @@ impl ConversationStore for MemoryStore {
 
     async fn save_messages(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         let Some(first) = messages.first() else {
             return Ok(());
         };
-        self.update(owner, &first.conversation_id, updated_at, |c| {
+        self.update(writer, &first.conversation_id, updated_at, |c| {
             for message in messages {
                 match c.messages.iter_mut().find(|m| m.id == message.id) {
                     Some(stored) => {
@@ -134,28 +162,30 @@ impl ConversationStore for MemoryStore {
 
     async fn delete_message(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.update(owner, conversation_id, updated_at, |c| {
+        self.update(writer, conversation_id, updated_at, |c| {
             c.messages.retain(|m| m.id != message_id)
         })
     }
 
     async fn rename_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.update(owner, id, updated_at, |c| c.title = title.to_owned())
+        self.update(writer, id, updated_at, |c| c.title = title.to_owned())
     }
 
-    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError> {
-        self.write(|map| map.remove(&key(owner, id)).is_some())
+    async fn delete_conversation(&self, writer: &Writer, id: &str) -> Result<bool, StoreError> {
+        self.write(writer, id, |map| {
+            map.remove(&key(&writer.owner, id)).is_some()
+        })
     }
 
     async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError> {
@@ -180,15 +210,21 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn mark_interrupted(&self) -> Result<u64, StoreError> {
-        self.write(|map| mark_streaming_as_error(map.values_mut()))
+        let mut map = self
+            .conversations
+            .write()
+            .map_err(|_| StoreError::storage("memory store lock poisoned"))?;
+        Ok(mark_streaming_as_error(map.values_mut()))
     }
 
     async fn mark_interrupted_in(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
     ) -> Result<u64, StoreError> {
-        self.write(|map| mark_streaming_as_error(map.get_mut(&key(owner, conversation_id))))
+        self.write(writer, conversation_id, |map| {
+            mark_streaming_as_error(map.get_mut(&key(&writer.owner, conversation_id)))
+        })
     }
 }
 

@@ -39,6 +39,10 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "0004_usage",
         sql: include_str!("migrations/sqlite/0004_usage.sql"),
     },
+    Migration {
+        name: "0005_claims",
+        sql: include_str!("migrations/sqlite/0005_claims.sql"),
+    },
 ];
 
 /// Runs the migrations of `migrations` that the database on `connection` has not had yet. A

@@ -28,15 +28,43 @@ pub struct Page {
     pub offset: usize,
 }
 
+/// Who writes a conversation: its owner, and the fencing token of the writer's claim on it
+/// ([`ConversationStore::claim`]). Without a token no claim is checked, as on a single node where
+/// one process is the only writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writer {
+    pub owner: UserId,
+    pub fence: Option<u64>,
+}
+
+impl Writer {
+    /// A writer of `owner`'s conversations that holds no claim.
+    pub fn unfenced(owner: &UserId) -> Self {
+        Writer {
+            owner: owner.clone(),
+            fence: None,
+        }
+    }
+}
+
 /// Where conversations live, each under its owner: every read and write names the owner, and a
 /// conversation of another owner is not there. Every write returns once it is durable for that
 /// store.
+///
+/// Where several processes may write one conversation (a cluster), each new writer first
+/// claims it; a write carrying the token of an older claim is refused with
+/// [`StoreError::Fenced`], so a process that lost the conversation without knowing it yet can
+/// never overwrite its successor's work.
 #[async_trait]
 pub trait ConversationStore: Send + Sync {
-    /// Stores a new conversation of `owner` with the messages it already has, in one write.
+    /// Claims `owner`'s conversation `id`, stored or not, for a new writer: a fencing token
+    /// greater than every token given before, for any conversation. From then on, writes to it
+    /// carrying another token are refused.
+    async fn claim(&self, owner: &UserId, id: &str) -> Result<u64, StoreError>;
+    /// Stores a new conversation with the messages it already has, in one write.
     async fn create_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation: &Conversation,
     ) -> Result<(), StoreError>;
     /// One conversation of `owner` with its messages in order, if it exists.
@@ -51,28 +79,28 @@ pub trait ConversationStore: Send + Sync {
         owner: &UserId,
         page: Page,
     ) -> Result<Vec<Conversation>, StoreError>;
-    /// Inserts messages of one conversation of `owner`, or replaces the content and status of
-    /// those already stored, and moves the conversation's `updatedAt`, in one write.
+    /// Inserts messages of one conversation, or replaces the content and status of those
+    /// already stored, and moves the conversation's `updatedAt`, in one write.
     async fn save_messages(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError>;
     /// [`ConversationStore::save_messages`] for one message.
     async fn save_message(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         message: &Message,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.save_messages(owner, std::slice::from_ref(message), updated_at)
+        self.save_messages(writer, std::slice::from_ref(message), updated_at)
             .await
     }
     /// Removes one message and moves the conversation's `updatedAt`.
     async fn delete_message(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
@@ -80,13 +108,13 @@ pub trait ConversationStore: Send + Sync {
     /// Changes a conversation's title.
     async fn rename_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError>;
     /// Removes a conversation and its messages; false when there was none.
-    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError>;
+    async fn delete_conversation(&self, writer: &Writer, id: &str) -> Result<bool, StoreError>;
     /// Adds `tokens` to what `owner`'s replies used on `day` (a UTC date, `2026-11-29`).
     async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError>;
     /// The tokens `owner`'s replies used on `day`.
@@ -97,7 +125,7 @@ pub trait ConversationStore: Send + Sync {
     /// other field and no reply that has left `streaming` meanwhile.
     async fn mark_interrupted_in(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
     ) -> Result<u64, StoreError>;
 }

@@ -18,7 +18,9 @@ use percent_encoding::percent_decode_str;
 use rusqlite::{OpenFlags, OptionalExtension, ffi};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Account, AccountStore, ConversationStore, Page, StoreError, migrations, username_key};
+use super::{
+    Account, AccountStore, ConversationStore, Page, StoreError, Writer, migrations, username_key,
+};
 use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
@@ -85,38 +87,56 @@ const CHECKPOINT_PAUSE: Duration = Duration::from_millis(100);
 /// Writes committed together at most.
 const MAX_BATCH: usize = 256;
 
-/// One change to the database; all but [`Write::MarkInterrupted`] touch one owner's
-/// conversations.
+/// One change to the database; those made by a [`Writer`] touch one conversation, once the
+/// writer's claim on it is checked.
 #[derive(Debug)]
 enum Write {
-    Create(UserId, Conversation),
-    Save(UserId, Vec<Message>, Timestamp),
+    Claim(UserId, String),
+    Create(Writer, Conversation),
+    Save(Writer, Vec<Message>, Timestamp),
     DeleteMessage {
-        owner: UserId,
+        writer: Writer,
         conversation_id: String,
         message_id: String,
         updated_at: Timestamp,
     },
     Rename {
-        owner: UserId,
+        writer: Writer,
         id: String,
         title: String,
         updated_at: Timestamp,
     },
-    DeleteConversation(UserId, String),
+    DeleteConversation(Writer, String),
     MarkInterrupted,
-    MarkInterruptedIn(UserId, String),
+    MarkInterruptedIn(Writer, String),
     CreateAccount(Account),
     AddUsage(UserId, String, u64),
 }
 
 impl Write {
-    /// Whether the write inserts several rows that must stand or fall together.
+    /// Whether the write runs several statements that must stand or fall together.
     fn is_several_rows(&self) -> bool {
         match self {
-            Write::Create(..) => true,
+            Write::Claim(..) | Write::Create(..) => true,
             Write::Save(_, messages, _) => messages.len() > 1,
             _ => false,
+        }
+    }
+
+    /// The writer and the conversation a fenced write touches.
+    fn fenced(&self) -> Option<(&Writer, &str)> {
+        match self {
+            Write::Create(writer, conversation) => Some((writer, &conversation.id)),
+            Write::Save(writer, messages, _) => Some((writer, &messages[0].conversation_id)),
+            Write::DeleteMessage {
+                writer,
+                conversation_id: id,
+                ..
+            }
+            | Write::Rename { writer, id, .. }
+            | Write::DeleteConversation(writer, id)
+            | Write::MarkInterruptedIn(writer, id) => Some((writer, id)),
+            _ => None,
         }
     }
 }
@@ -369,12 +389,19 @@ fn list(
 
 #[async_trait]
 impl ConversationStore for SqliteStore {
+    async fn claim(&self, owner: &UserId, id: &str) -> Result<u64, StoreError> {
+        let fence = self
+            .write(Write::Claim(owner.clone(), id.to_owned()))
+            .await?;
+        Ok(fence)
+    }
+
     async fn create_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation: &Conversation,
     ) -> Result<(), StoreError> {
-        self.write(Write::Create(owner.clone(), conversation.clone()))
+        self.write(Write::Create(writer.clone(), conversation.clone()))
             .await
             .map(drop)
     }
@@ -404,27 +431,27 @@ impl ConversationStore for SqliteStore {
 
     async fn save_messages(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         messages: &[Message],
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         if messages.is_empty() {
             return Ok(());
         }
-        self.write(Write::Save(owner.clone(), messages.to_vec(), updated_at))
+        self.write(Write::Save(writer.clone(), messages.to_vec(), updated_at))
             .await
             .map(drop)
     }
 
     async fn delete_message(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
         message_id: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.write(Write::DeleteMessage {
-            owner: owner.clone(),
+            writer: writer.clone(),
             conversation_id: conversation_id.to_owned(),
             message_id: message_id.to_owned(),
             updated_at,
@@ -435,13 +462,13 @@ impl ConversationStore for SqliteStore {
 
     async fn rename_conversation(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         id: &str,
         title: &str,
         updated_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.write(Write::Rename {
-            owner: owner.clone(),
+            writer: writer.clone(),
             id: id.to_owned(),
             title: title.to_owned(),
             updated_at,
@@ -450,9 +477,9 @@ impl ConversationStore for SqliteStore {
         .map(drop)
     }
 
-    async fn delete_conversation(&self, owner: &UserId, id: &str) -> Result<bool, StoreError> {
+    async fn delete_conversation(&self, writer: &Writer, id: &str) -> Result<bool, StoreError> {
         let deleted = self
-            .write(Write::DeleteConversation(owner.clone(), id.to_owned()))
+            .write(Write::DeleteConversation(writer.clone(), id.to_owned()))
             .await?;
         Ok(deleted > 0)
     }
@@ -478,11 +505,11 @@ impl ConversationStore for SqliteStore {
 
     async fn mark_interrupted_in(
         &self,
-        owner: &UserId,
+        writer: &Writer,
         conversation_id: &str,
     ) -> Result<u64, StoreError> {
         self.write(Write::MarkInterruptedIn(
-            owner.clone(),
+            writer.clone(),
             conversation_id.to_owned(),
         ))
         .await
@@ -596,10 +623,28 @@ fn run(
     Ok(rows as u64)
 }
 
-/// Runs one write inside the batch's transaction; the number is the rows it changed.
+/// Runs one write inside the batch's transaction, once its writer's claim is checked; the number
+/// is the rows it changed (for a claim, its fencing token).
 fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
+    if let Some((writer, id)) = write.fenced() {
+        check_claim(tx, writer, id)?;
+    }
     match write {
-        Write::Create(owner, conversation) => {
+        Write::Claim(owner, id) => {
+            let fence: i64 = tx
+                .prepare_cached("UPDATE fence_sequence SET last = last + 1 RETURNING last")
+                .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+                .map_err(db_error)?;
+            run(
+                tx,
+                "INSERT INTO claims (owner, id, fence) VALUES (?, ?, ?) \
+                 ON CONFLICT (owner, id) DO UPDATE SET fence = excluded.fence",
+                (owner.as_str(), id, fence),
+            )?;
+            Ok(fence.max(0) as u64)
+        }
+        Write::Create(writer, conversation) => {
+            let owner = &writer.owner;
             run(
                 tx,
                 "INSERT INTO conversations (owner, id, title, created_at, updated_at) \
@@ -617,14 +662,14 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
             }
             Ok(1)
         }
-        Write::Save(owner, messages, updated_at) => {
+        Write::Save(writer, messages, updated_at) => {
             for message in messages {
-                upsert_message(tx, owner, message)?;
+                upsert_message(tx, &writer.owner, message)?;
             }
-            touch(tx, owner, &messages[0].conversation_id, *updated_at)
+            touch(tx, &writer.owner, &messages[0].conversation_id, *updated_at)
         }
         Write::DeleteMessage {
-            owner,
+            writer,
             conversation_id,
             message_id,
             updated_at,
@@ -632,35 +677,35 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
             run(
                 tx,
                 "DELETE FROM messages WHERE id = ? AND owner = ? AND conversation_id = ?",
-                (message_id, owner.as_str(), conversation_id),
+                (message_id, writer.owner.as_str(), conversation_id),
             )?;
-            touch(tx, owner, conversation_id, *updated_at)
+            touch(tx, &writer.owner, conversation_id, *updated_at)
         }
         Write::Rename {
-            owner,
+            writer,
             id,
             title,
             updated_at,
         } => found(run(
             tx,
             "UPDATE conversations SET title = ?, updated_at = ? WHERE owner = ? AND id = ?",
-            (title, updated_at.millis(), owner.as_str(), id),
+            (title, updated_at.millis(), writer.owner.as_str(), id),
         )?),
-        Write::DeleteConversation(owner, id) => run(
+        Write::DeleteConversation(writer, id) => run(
             tx,
             "DELETE FROM conversations WHERE owner = ? AND id = ?",
-            (owner.as_str(), id),
+            (writer.owner.as_str(), id),
         ),
         Write::MarkInterrupted => run(
             tx,
             "UPDATE messages SET status = 'error' WHERE status = 'streaming'",
             [],
         ),
-        Write::MarkInterruptedIn(owner, id) => run(
+        Write::MarkInterruptedIn(writer, id) => run(
             tx,
             "UPDATE messages SET status = 'error' \
              WHERE owner = ? AND conversation_id = ? AND status = 'streaming'",
-            (owner.as_str(), id),
+            (writer.owner.as_str(), id),
         ),
         Write::AddUsage(owner, day, tokens) => run(
             tx,
@@ -684,6 +729,26 @@ fn apply(tx: &rusqlite::Connection, write: &Write) -> Result<u64, StoreError> {
                 account.created_at.millis(),
             ),
         ),
+    }
+}
+
+/// Refuses a write whose writer holds a claim on conversation `id` that is not the latest one.
+fn check_claim(tx: &rusqlite::Connection, writer: &Writer, id: &str) -> Result<(), StoreError> {
+    let Some(fence) = writer.fence else {
+        return Ok(());
+    };
+    let claimed: Option<i64> = tx
+        .prepare_cached("SELECT fence FROM claims WHERE owner = ?1 AND id = ?2")
+        .and_then(|mut statement| {
+            statement
+                .query_row((writer.owner.as_str(), id), |row| row.get(0))
+                .optional()
+        })
+        .map_err(db_error)?;
+    if claimed.is_some_and(|claimed| claimed as u64 == fence) {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced)
     }
 }
 
@@ -809,7 +874,7 @@ mod tests {
                 "y".repeat(1000),
             ));
             store
-                .create_conversation(&UserId::anonymous(), &conversation)
+                .create_conversation(&Writer::unfenced(&UserId::anonymous()), &conversation)
                 .await
                 .unwrap();
         }

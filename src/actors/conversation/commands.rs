@@ -51,7 +51,7 @@ impl ConversationState {
         match self.conversation.as_mut() {
             Some(conversation) => {
                 store
-                    .save_messages(&self.key.owner, &added, updated_at)
+                    .save_messages(&self.writer, &added, updated_at)
                     .await?;
                 conversation.updated_at = updated_at;
                 conversation.messages.extend(added);
@@ -62,7 +62,7 @@ impl ConversationState {
                 conversation.messages.extend(added);
                 conversation.updated_at = updated_at;
                 store
-                    .create_conversation(&self.key.owner, &conversation)
+                    .create_conversation(&self.writer, &conversation)
                     .await?;
                 self.conversation = Some(conversation);
             }
@@ -195,7 +195,7 @@ impl ConversationState {
             return Err(ChatError::Busy);
         }
         let store = self.ctx.store.clone();
-        let owner = self.key.owner.clone();
+        let writer = self.writer.clone();
         let conversation = self.existing()?;
         let last_user = conversation
             .messages
@@ -207,7 +207,7 @@ impl ConversationState {
         // alike.
         while let Some(message) = conversation.messages.get(last_user + 1) {
             store
-                .delete_message(&owner, &message.conversation_id, &message.id, now)
+                .delete_message(&writer, &message.conversation_id, &message.id, now)
                 .await?;
             conversation.messages.remove(last_user + 1);
         }
@@ -225,11 +225,11 @@ impl ConversationState {
             )));
         }
         let store = self.ctx.store.clone();
-        let owner = self.key.owner.clone();
+        let writer = self.writer.clone();
         let conversation = self.existing()?;
         let now = Timestamp::now();
         store
-            .rename_conversation(&owner, &conversation.id, &title, now)
+            .rename_conversation(&writer, &conversation.id, &title, now)
             .await?;
         conversation.title = title.clone();
         conversation.updated_at = now;
@@ -247,7 +247,7 @@ impl ConversationState {
         self.existing()?;
         self.ctx
             .store
-            .delete_conversation(&self.key.owner, &self.key.id)
+            .delete_conversation(&self.writer, &self.key.id)
             .await?;
         self.end_reply(Ending::Deleted).await;
         self.conversation = None;

@@ -24,11 +24,11 @@ use tokio_util::task::TaskTracker;
 use super::events::Subscriber;
 use super::registry::{ConversationKey, Registry};
 use crate::config::ConversationSettings;
-use crate::domain::{Conversation, Message, MessageStatus, UserId};
+use crate::domain::{Conversation, Message, MessageStatus};
 use crate::error::ChatError;
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
-use crate::store::ConversationStore;
+use crate::store::{ConversationStore, Writer};
 
 pub use generation::GenerationEvent;
 use members::Members;
@@ -152,6 +152,8 @@ pub struct ConversationActor;
 /// A conversation actor's data.
 pub struct ConversationState {
     key: ConversationKey,
+    /// Who writes the conversation to the store: its owner, with this actor's claim on it.
+    writer: Writer,
     conversation: Option<Conversation>,
     members: Members,
     reply: Option<Reply>,
@@ -187,8 +189,9 @@ impl Actor for ConversationActor {
         {
             return Err(Box::new(AlreadyRunning));
         }
+        let writer = Writer::unfenced(&key.owner);
         if let Some(conversation) = conversation.as_mut()
-            && let Err(e) = Box::pin(mark_interrupted(&*ctx.store, &key.owner, conversation)).await
+            && let Err(e) = Box::pin(mark_interrupted(&*ctx.store, &writer, conversation)).await
         {
             ctx.registry.remove(&key, myself.get_id());
             return Err(Box::new(e));
@@ -197,6 +200,7 @@ impl Actor for ConversationActor {
         Ok(ConversationState {
             members: Members::new(key.id.clone()),
             key,
+            writer,
             conversation,
             reply: None,
             generations: 0,
@@ -269,14 +273,14 @@ impl Actor for ConversationActor {
 /// there) and in the loaded copy.
 async fn mark_interrupted(
     store: &dyn ConversationStore,
-    owner: &UserId,
+    writer: &Writer,
     conversation: &mut Conversation,
 ) -> Result<(), ChatError> {
     let streaming = |m: &Message| m.status == Some(MessageStatus::Streaming);
     if !conversation.messages.iter().any(streaming) {
         return Ok(());
     }
-    store.mark_interrupted_in(owner, &conversation.id).await?;
+    store.mark_interrupted_in(writer, &conversation.id).await?;
     for message in conversation.messages.iter_mut().filter(|m| streaming(m)) {
         message.status = Some(MessageStatus::Error);
     }

@@ -282,7 +282,7 @@ impl ConversationState {
         if let Some(conversation) = self.conversation.as_mut() {
             conversation.updated_at = now;
         }
-        if let Err(e) = store.save_message(&self.key.owner, &message, now).await {
+        if let Err(e) = store.save_message(&self.writer, &message, now).await {
             tracing::error!(conversation = %self.key.id, error = %e, "could not save reply");
         }
     }
@@ -379,14 +379,14 @@ impl ConversationState {
         usage: MessageUsage,
     ) -> Result<ChatCompleted, ChatError> {
         let store = self.ctx.store.clone();
-        let owner = self.key.owner.clone();
+        let writer = self.writer.clone();
         let conversation = self.existing()?;
         let mut message = Message::new(&conversation.id, Role::Assistant, text);
         message.id = message_id.to_owned();
         message.status = Some(status);
         message.usage = Some(usage);
         store
-            .save_message(&owner, &message, message.timestamp)
+            .save_message(&writer, &message, message.timestamp)
             .await?;
         conversation.updated_at = message.timestamp;
         conversation.messages.push(message.clone());

@@ -27,6 +27,7 @@ async fn a_reply_whose_message_is_gone_still_ends_whole() {
     let mut state = ConversationState {
         members: Members::new(key.id.clone()),
         conversation: Some(Conversation::new(key.id.to_string(), "hi")),
+        writer: crate::store::Writer::unfenced(&key.owner),
         key,
         reply: None,
         generations: 1,
