@@ -94,6 +94,22 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Sign-in: `AUTH_MODE` and what it needs.
     pub auth: AuthConfig,
+    /// Cluster mode (`REDIS_URL`): nodes sharing the database and Redis; `None` for one node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// How a node works with the others of its cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `REDIS_URL`, where the nodes meet (`redis://host:6379/0`); it may hold a password, so it
+    /// is never logged.
+    pub redis_url: String,
+    /// `CLUSTER_NAME`: the prefix of every Redis key and channel, so that several clusters (or
+    /// test runs) can share one Redis without hearing each other.
+    pub name: String,
+    /// `CLUSTER_LEASE_MS`: how long a node's leases on its conversations last unless renewed; a
+    /// node that stops renewing them (killed, paused, cut off) loses them after this long.
+    pub lease: Duration,
 }
 
 /// Which model answers and how.
@@ -214,8 +230,42 @@ impl Config {
             database_url: vars.text("DATABASE_URL", "sqlite://data/chat.db"),
             sqlite_durability: vars.parse("SQLITE_SYNCHRONOUS", Durability::Normal)?,
             web_client: vars.parse("WEB_CLIENT", true)?,
+            cluster: cluster_config(&vars)?,
         })
     }
+}
+
+/// Cluster mode, when `REDIS_URL` names a Redis server.
+fn cluster_config<F: Fn(&str) -> Option<String>>(
+    vars: &Vars<'_, F>,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(redis_url) = vars.optional("REDIS_URL") else {
+        return Ok(None);
+    };
+    let redis_url = redis_url.trim().to_owned();
+    let scheme = redis_url.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("redis" | "rediss" | "unix" | "redis+unix")) {
+        return Err(ConfigError {
+            variable: "REDIS_URL",
+            // Only the scheme is shown: the rest may hold a password.
+            value: format!("{}://(hidden)", scheme.unwrap_or("")),
+            reason: "expected a redis:// URL".into(),
+        });
+    }
+    let name = vars.text("CLUSTER_NAME", "chat");
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.len() > 64 || !name.chars().all(valid) {
+        return Err(ConfigError {
+            variable: "CLUSTER_NAME",
+            value: name,
+            reason: "expected 1 to 64 letters, digits, '-', '_' or '.'".into(),
+        });
+    }
+    Ok(Some(ClusterConfig {
+        redis_url,
+        name,
+        lease: vars.millis("CLUSTER_LEASE_MS", 5_000)?,
+    }))
 }
 
 /// The sign-in settings. `AUTH_MODE` defaults to `none` only on a loopback `HOST`: a server
@@ -628,6 +678,33 @@ mod tests {
         assert_eq!(c.auth.login_attempts_per_minute, 0);
         for (name, bad) in [("REGISTRATION", "maybe"), ("TOKEN_TTL_SECONDS", "0")] {
             let err = with(&[(name, bad)]).unwrap_err();
+            assert_eq!(err.variable, name);
+        }
+    }
+
+    #[test]
+    fn redis_url_turns_cluster_mode_on_and_its_password_is_never_shown() {
+        assert!(with(&[]).unwrap().cluster.is_none());
+        let c = with(&[("REDIS_URL", "redis://127.0.0.1:6379/0")]).unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.name, "chat");
+        assert_eq!(cluster.lease, Duration::from_secs(5));
+        let c = with(&[
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("CLUSTER_NAME", "eu-1"),
+            ("CLUSTER_LEASE_MS", "1500"),
+        ])
+        .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(
+            (cluster.name.as_str(), cluster.lease),
+            ("eu-1", Duration::from_millis(1500))
+        );
+        let err = with(&[("REDIS_URL", "http://user:hunter2@cache")]).unwrap_err();
+        assert_eq!(err.variable, "REDIS_URL");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        for (name, bad) in [("CLUSTER_NAME", "a:b"), ("CLUSTER_LEASE_MS", "0")] {
+            let err = with(&[("REDIS_URL", "redis://r"), (name, bad)]).unwrap_err();
             assert_eq!(err.variable, name);
         }
     }
