@@ -4,7 +4,8 @@
 use crate::store::StoreError;
 
 /// Why a request to a conversation failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum ChatError {
     /// The request itself is wrong: a bad id, an empty or overlong title, nothing to reply to.
     #[error("{0}")]

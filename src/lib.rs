@@ -3,6 +3,7 @@
 
 pub mod actors;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -22,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::actors::{ConversationContext, Conversations, Registry};
 use crate::auth::{Accounts, AuthConfig, AuthMode, Authenticator, TokenSigner};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::ChatError;
 use crate::http::Shared;
@@ -53,6 +55,8 @@ pub enum StartError {
     Auth(#[from] auth::SetupError),
     #[error("cannot set up local accounts: {0}")]
     Accounts(#[from] auth::AccountError),
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[from] cluster::JoinError),
 }
 
 /// The server's own accounts, when `AUTH_MODE=local`.
@@ -99,13 +103,29 @@ impl App {
         store: Arc<dyn Store>,
         provider: Arc<dyn ModelProvider>,
     ) -> Result<App, StartError> {
-        let interrupted = store.mark_interrupted().await?;
-        if interrupted > 0 {
-            tracing::warn!(
-                count = interrupted,
-                "replies interrupted by the last stop marked as errors"
-            );
-        }
+        let metrics = Arc::new(Metrics::default());
+        let cluster = match &config.cluster {
+            Some(cluster) => Some(
+                Cluster::join(
+                    cluster,
+                    config.conversations.upstream_timeout,
+                    metrics.clone(),
+                )
+                .await?,
+            ),
+            // One node alone: every reply still `streaming` was cut off by its last stop. In a
+            // cluster, other nodes' replies are, and an owner ends a dead node's on activation.
+            None => {
+                let interrupted = store.mark_interrupted().await?;
+                if interrupted > 0 {
+                    tracing::warn!(
+                        count = interrupted,
+                        "replies interrupted by the last stop marked as errors"
+                    );
+                }
+                None
+            }
+        };
         let authenticator = Authenticator::new(&config.auth)?;
         let accounts = local_accounts(&config.auth, store.clone())?;
         let addr = SocketAddr::new(config.host, config.port);
@@ -115,7 +135,6 @@ impl App {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let metrics = Arc::new(Metrics::default());
         let conversations = Conversations::start(ConversationContext {
             store,
             provider,
@@ -123,8 +142,12 @@ impl App {
             registry: Registry::default(),
             metrics: metrics.clone(),
             replies: TaskTracker::new(),
+            cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
         })
         .await?;
+        if let Some((cluster, hearing)) = cluster {
+            cluster.run(conversations.clone(), hearing);
+        }
         let shared = Arc::new(Shared {
             conversations,
             auth: Arc::new(authenticator),

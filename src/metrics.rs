@@ -22,6 +22,13 @@ const REPLIES_IN_PROGRESS: &str = "chat_replies_in_progress";
 const TOKENS_STREAMED: &str = "chat_tokens_streamed_total";
 const UPSTREAM_ERRORS: &str = "chat_upstream_errors_total";
 const UPSTREAM_DURATION: &str = "chat_upstream_duration_seconds";
+const LEASES_TAKEN: &str = "chat_cluster_leases_taken_total";
+const LEASES_LOST: &str = "chat_cluster_leases_lost_total";
+const CALLS_FORWARDED: &str = "chat_cluster_calls_forwarded_total";
+const EVENTS_PUBLISHED: &str = "chat_cluster_events_published_total";
+const NODE: &str = "chat_cluster_node";
+const LIVE_NODES: &str = "chat_cluster_live_nodes";
+const RELAYED: &str = "chat_cluster_relayed_conversations";
 
 /// Counters shared by the actors and the transports.
 #[derive(Debug)]
@@ -33,6 +40,19 @@ pub struct Metrics {
     tokens: Counter,
     upstream_errors: Counter,
     upstream_latency: Histogram,
+    leases_taken: Counter,
+    leases_lost: Counter,
+    calls_forwarded: Counter,
+    events_published: Counter,
+}
+
+/// What a node of a cluster reports beside its own measures.
+#[derive(Debug, Clone)]
+pub struct ClusterGauges {
+    pub cluster: String,
+    pub node: String,
+    pub live_nodes: usize,
+    pub relayed: usize,
 }
 
 /// A copy of the gauges at one moment.
@@ -74,6 +94,33 @@ impl Default for Metrics {
                 Unit::Seconds,
                 "Time the model took for a whole reply",
             ),
+            (
+                LEASES_TAKEN,
+                Unit::Count,
+                "Conversation leases this node took or renewed on activation",
+            ),
+            (
+                LEASES_LOST,
+                Unit::Count,
+                "Conversation leases another node took from this one",
+            ),
+            (
+                CALLS_FORWARDED,
+                Unit::Count,
+                "Requests sent to the node that owns their conversation",
+            ),
+            (
+                EVENTS_PUBLISHED,
+                Unit::Count,
+                "Conversation events published once for the nodes relaying them",
+            ),
+            (NODE, Unit::Count, "This node, by cluster and node name"),
+            (LIVE_NODES, Unit::Count, "Nodes alive in the cluster"),
+            (
+                RELAYED,
+                Unit::Count,
+                "Conversations owned elsewhere whose events this node relays",
+            ),
         ];
         // The exporter keeps one description per name, whatever the kind of series.
         for (name, unit, help) in descriptions {
@@ -88,6 +135,10 @@ impl Default for Metrics {
             upstream_errors: counter(UPSTREAM_ERRORS),
             upstream_latency: recorder
                 .register_histogram(&Key::from_static_name(UPSTREAM_DURATION), &METADATA),
+            leases_taken: counter(LEASES_TAKEN),
+            leases_lost: counter(LEASES_LOST),
+            calls_forwarded: counter(CALLS_FORWARDED),
+            events_published: counter(EVENTS_PUBLISHED),
             recorder,
         }
     }
@@ -137,6 +188,26 @@ impl Metrics {
         }
     }
 
+    /// This node took a conversation's lease.
+    pub fn lease_taken(&self) {
+        self.leases_taken.increment(1);
+    }
+
+    /// Another node took a lease this node held.
+    pub fn lease_lost(&self) {
+        self.leases_lost.increment(1);
+    }
+
+    /// A request went to the node that owns its conversation.
+    pub fn call_forwarded(&self) {
+        self.calls_forwarded.increment(1);
+    }
+
+    /// An event was published for the nodes relaying its conversation.
+    pub fn event_published(&self) {
+        self.events_published.increment(1);
+    }
+
     /// An HTTP request was answered; `route` is its template, e.g. `/api/conversations/:id`.
     pub fn request_answered(
         &self,
@@ -167,8 +238,22 @@ impl Metrics {
         }
     }
 
-    /// Every series in Prometheus's text format.
-    pub fn render(&self) -> String {
+    /// Every series in Prometheus's text format, with the cluster's gauges on a node of one.
+    pub fn render(&self, cluster: Option<ClusterGauges>) -> String {
+        if let Some(cluster) = cluster {
+            let labels = vec![
+                Label::new("cluster", cluster.cluster),
+                Label::new("node", cluster.node),
+            ];
+            self.recorder
+                .register_gauge(&Key::from_parts(NODE, labels), &METADATA)
+                .set(1.0);
+            for (name, value) in [(LIVE_NODES, cluster.live_nodes), (RELAYED, cluster.relayed)] {
+                self.recorder
+                    .register_gauge(&Key::from_static_name(name), &METADATA)
+                    .set(value as f64);
+            }
+        }
         let now = self.snapshot();
         for (name, value) in [
             (OPEN_CONNECTIONS, now.open_connections),

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
+use super::conversation::Resume;
 use super::outbox::{self, Outbox, OutboxSender};
 use crate::domain::Timestamp;
 
@@ -59,6 +60,17 @@ pub enum ChatEvent {
 }
 
 impl ChatEvent {
+    /// Every event's name on the wire.
+    const NAMES: [&'static str; 7] = [
+        "stream_start",
+        "stream_chunk",
+        "stream_complete",
+        "stream_heartbeat",
+        "conversation_updated",
+        "conversation_deleted",
+        "error",
+    ];
+
     /// The event's name on the wire.
     pub fn name(&self) -> &'static str {
         match self {
@@ -93,11 +105,7 @@ impl ChatEvent {
                 content,
                 delta,
                 ..
-            } if content.ends_with(delta.as_str()) => Some(ChunkSpan {
-                message_id: message_id.as_str().into(),
-                start: content.len() - delta.len(),
-                end: content.len(),
-            }),
+            } => ChunkSpan::of(message_id, content, delta),
             _ => None,
         }
     }
@@ -128,7 +136,72 @@ struct ChunkSpan {
     end: usize,
 }
 
+impl ChunkSpan {
+    /// The span of a chunk, unless its `delta` does not end its `content` (it never merges).
+    fn of(message_id: &str, content: &str, delta: &str) -> Option<ChunkSpan> {
+        content.ends_with(delta).then(|| ChunkSpan {
+            message_id: message_id.into(),
+            start: content.len() - delta.len(),
+            end: content.len(),
+        })
+    }
+}
+
+/// The fields of a reply's events that a relay follows it by.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct ReplyFields {
+    message_id: Option<String>,
+    content: Option<String>,
+    delta: Option<String>,
+}
+
 impl EncodedEvent {
+    /// An event as another node encoded it: its `/ws` frame. `None` when the frame is not one
+    /// of the server's events.
+    pub fn decode(frame: String) -> Option<Arc<EncodedEvent>> {
+        #[derive(Deserialize)]
+        struct Frame<'a> {
+            #[serde(borrow)]
+            event: &'a str,
+            #[serde(borrow)]
+            data: &'a RawValue,
+        }
+        let parsed: Frame = serde_json::from_str(&frame).ok()?;
+        let name = ChatEvent::NAMES.into_iter().find(|n| *n == parsed.event)?;
+        let data = parsed.data.to_owned();
+        let chunk = if name == "stream_chunk" {
+            let fields: ReplyFields = serde_json::from_str(data.get()).ok()?;
+            ChunkSpan::of(
+                fields.message_id.as_deref()?,
+                fields.content.as_deref()?,
+                fields.delta.as_deref()?,
+            )
+        } else {
+            None
+        };
+        Some(Arc::new(EncodedEvent {
+            name,
+            data,
+            frame: frame.into(),
+            chunk,
+        }))
+    }
+
+    fn reply_fields(&self) -> ReplyFields {
+        serde_json::from_str(self.data.get()).unwrap_or_default()
+    }
+
+    /// The reply's message id, for the events of a reply.
+    pub fn message_id(&self) -> Option<String> {
+        self.reply_fields().message_id
+    }
+
+    /// A chunk's `content`: its reply's whole text so far.
+    pub fn chunk_content(&self) -> Option<String> {
+        self.reply_fields().content
+    }
+
     /// Whether `next` is a chunk of the same reply as this chunk, and its text starts where
     /// this one's ends: then one chunk can stand for both.
     pub(super) fn continued_by(&self, next: &EncodedEvent) -> bool {
@@ -235,8 +308,9 @@ impl Subscriber {
 /// A membership that changed without the connection asking.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MembershipChange {
-    /// The conversation's actor failed and lost the member: the connection joins again.
-    Lost(String),
+    /// The conversation's actor failed or moved and lost the member: the connection joins
+    /// again, from where it stood in the reply in progress when that is known.
+    Lost(String, Option<Resume>),
     /// The conversation ended the membership (it was deleted, or its actor stopped): the
     /// connection forgets it.
     Ended(String),
@@ -271,6 +345,13 @@ impl Membership {
         self.ended = true;
     }
 
+    /// Ends the membership without telling the connection, which is handed to another actor of
+    /// the same conversation: its subscriber.
+    pub fn end_quietly(mut self) -> Subscriber {
+        self.ended = true;
+        self.subscriber.clone()
+    }
+
     /// Ends the membership from the conversation's side (delete, stop): the connection is told,
     /// and forgets it.
     pub fn close(self) {
@@ -285,10 +366,25 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// Loses the member, which stood at `resume` in the reply in progress: the connection joins
+    /// again, wherever the conversation runs now.
+    pub fn lose(mut self, resume: Option<Resume>) {
+        self.tell(MembershipChange::Lost(
+            self.conversation_id.to_string(),
+            resume,
+        ));
+        self.ended = true;
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         if !self.ended {
-            self.tell(MembershipChange::Lost(self.conversation_id.to_string()));
+            self.tell(MembershipChange::Lost(
+                self.conversation_id.to_string(),
+                None,
+            ));
         }
     }
 }
@@ -372,12 +468,47 @@ mod tests {
     }
 
     #[test]
+    fn an_event_encoded_on_another_node_decodes_as_it_was() {
+        let chunk = ChatEvent::StreamChunk {
+            message_id: "m".into(),
+            conversation_id: "c".into(),
+            content: "Hello wörld".into(),
+            delta: "wörld".into(),
+            is_complete: false,
+            seq: 2,
+        }
+        .encode();
+        let decoded = EncodedEvent::decode(chunk.frame.to_string()).unwrap();
+        assert_eq!(decoded.name, "stream_chunk");
+        assert_eq!(decoded.data.get(), chunk.data.get());
+        assert_eq!(decoded.frame, chunk.frame);
+        assert_eq!(decoded.delta_start(), Some(6));
+        assert_eq!(decoded.message_id().as_deref(), Some("m"));
+        assert_eq!(decoded.chunk_content().as_deref(), Some("Hello wörld"));
+        let start = ChatEvent::StreamStart {
+            message_id: "m".into(),
+            conversation_id: "c".into(),
+        }
+        .encode();
+        let decoded = EncodedEvent::decode(start.frame.to_string()).unwrap();
+        assert!(!decoded.is_chunk() && decoded.message_id().as_deref() == Some("m"));
+        for bad in [
+            "",
+            "{}",
+            r#"{"event":"nope","data":{}}"#,
+            r#"{"event":"error"}"#,
+        ] {
+            assert!(EncodedEvent::decode(bad.into()).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_membership_lost_without_ending_tells_the_connection() {
         let (sub, mut inbox) = Subscriber::new(1, 4);
         drop(Membership::new(sub.clone(), "kept".into()));
         Membership::new(sub.clone(), "left".into()).end();
         Membership::new(sub, "deleted".into()).close();
-        let lost = MembershipChange::Lost("kept".into());
+        let lost = MembershipChange::Lost("kept".into(), None);
         assert_eq!(inbox.memberships.try_recv().unwrap(), lost);
         let ended = MembershipChange::Ended("deleted".into());
         assert_eq!(inbox.memberships.try_recv().unwrap(), ended);

@@ -3,14 +3,17 @@
 
 pub mod conversation;
 pub mod events;
+pub mod members;
 pub mod outbox;
+pub mod progress;
 pub mod registry;
+mod remote;
 pub mod supervisor;
 
 pub use conversation::{APOLOGY, ChatCompleted, ConversationContext, Resume, StreamStarted};
 pub use events::{ChatEvent, EncodedEvent, MembershipChange, Subscriber, SubscriberInbox};
 pub use registry::{ConversationKey, Registry};
-pub use supervisor::Conversations;
+pub use supervisor::{Activation, Conversations};
 
 #[cfg(test)]
 mod tests;

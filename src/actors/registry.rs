@@ -66,6 +66,14 @@ impl Registry {
         Err(request)
     }
 
+    /// Tells the running actor of `key`, if any, something that is not a client's request.
+    pub(super) fn tell(&self, key: &ConversationKey, message: ConversationMsg) {
+        let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = actors.get(key) {
+            let _ = entry.actor.send_message(message);
+        }
+    }
+
     /// Whether an actor runs for `key`.
     pub(super) fn contains(&self, key: &ConversationKey) -> bool {
         let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());

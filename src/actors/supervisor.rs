@@ -4,27 +4,33 @@
 //!
 //! Every request names the user asking, and reaches only that user's conversations: a
 //! conversation is keyed by (owner, id), so another user's is simply not found.
+//!
+//! In a cluster, a conversation is activated only on the node that holds its lease; a request
+//! for one another node owns goes there (see [`super::remote`]).
 
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::conversation::{
     AlreadyRunning, Answer, ChatCompleted, ConversationActor, ConversationArgs,
-    ConversationContext, Request, Resume, StreamStarted,
+    ConversationContext, ConversationMsg, Request, Resume, StreamStarted,
 };
 use super::events::Subscriber;
 use super::registry::ConversationKey;
+use crate::cluster::{Cluster, NodeId};
 use crate::domain::{Conversation, Timestamp, UserId, new_id, validate_conversation_id};
 use crate::error::ChatError;
 use crate::store::Page;
 
 /// How many times a request follows a conversation whose actor has just stopped.
-const ROUTE_ATTEMPTS: usize = 4;
+pub(super) const ROUTE_ATTEMPTS: usize = 4;
 
 /// Whether a request may bring a conversation that is not stored yet into being.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Activation {
     /// Only a stored conversation.
     Existing,
@@ -67,10 +73,18 @@ impl Actor for ConversationSupervisor {
     }
 }
 
+/// Where a conversation's actor runs.
+pub(super) enum Placement {
+    /// On this node.
+    Here,
+    /// On another node of the cluster.
+    There(NodeId),
+}
+
 /// The front door to all conversations, used by every transport.
 #[derive(Clone)]
 pub struct Conversations {
-    ctx: Arc<ConversationContext>,
+    pub(super) ctx: Arc<ConversationContext>,
     supervisor: ActorRef<()>,
 }
 
@@ -85,7 +99,7 @@ impl Conversations {
     }
 
     /// Lets replies in progress finish for up to `grace`, then ends the rest as interrupted
-    /// (stored with status `error`, members told), and stops every actor.
+    /// (stored with status `error`, members told), leaves the cluster, and stops every actor.
     pub async fn shutdown(&self, grace: std::time::Duration) {
         let replies = &self.ctx.replies;
         replies.close();
@@ -102,6 +116,9 @@ impl Conversations {
                     .await;
             }
         }
+        if let Some(cluster) = &self.ctx.cluster {
+            cluster.leave().await;
+        }
         self.supervisor.stop(None);
     }
 
@@ -110,8 +127,23 @@ impl Conversations {
         self.ctx.registry.len()
     }
 
-    /// Sends a request to the conversation's actor, activating it first when needed, and waits
-    /// for the answer.
+    /// The cluster this node belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.ctx.cluster.as_ref()
+    }
+
+    /// The conversations whose actors run on this node.
+    pub(crate) fn running(&self) -> Vec<ConversationKey> {
+        self.ctx.registry.keys()
+    }
+
+    /// Another node holds the lease of `key` now: its actor here stops.
+    pub(crate) fn lease_lost(&self, key: &ConversationKey) {
+        self.ctx.registry.tell(key, ConversationMsg::LeaseLost);
+    }
+
+    /// Sends a request to the conversation's actor, wherever it runs, activating it first when
+    /// needed, and waits for the answer.
     async fn request<T>(
         &self,
         key: &ConversationKey,
@@ -119,18 +151,30 @@ impl Conversations {
         build: impl FnOnce(Answer<T>) -> Request,
     ) -> Result<T, ChatError> {
         let (answer, receiver) = oneshot::channel();
-        let mut request = build(answer);
+        if let Err((request, owner)) = self.deliver(key, activation, build(answer)).await? {
+            self.forward(owner, key, request).await;
+        }
+        receiver
+            .await
+            .unwrap_or_else(|_| Err(ChatError::Failed(format!("conversation {} failed", key.id))))
+    }
+
+    /// Hands a request to the conversation's actor on this node, activating it first when
+    /// needed; gives the request back, with the owner, when another node owns the
+    /// conversation.
+    pub(super) async fn deliver(
+        &self,
+        key: &ConversationKey,
+        activation: Activation,
+        mut request: Request,
+    ) -> Result<Result<(), (Request, NodeId)>, ChatError> {
         for _ in 0..ROUTE_ATTEMPTS {
             match self.ctx.registry.send(key, request) {
-                Ok(()) => {
-                    return receiver.await.unwrap_or_else(|_| {
-                        Err(ChatError::Failed(format!("conversation {} failed", key.id)))
-                    });
-                }
-                Err(returned) => {
-                    request = returned;
-                    self.activate(key, activation).await?;
-                }
+                Ok(()) => return Ok(Ok(())),
+                Err(returned) => request = returned,
+            }
+            if let Placement::There(owner) = self.activate(key, activation).await? {
+                return Ok(Err((request, owner)));
             }
         }
         Err(ChatError::Failed(format!(
@@ -139,40 +183,33 @@ impl Conversations {
         )))
     }
 
-    /// Starts the actor of `key`, loaded from the store, unless one runs already. Activations of
-    /// different conversations run in parallel; of the same one, the first to register wins and
-    /// the others stop before writing anything.
-    async fn activate(
+    /// Starts the actor of `key` on this node unless one runs already, or, in a cluster, finds
+    /// the node that owns it. Activations of different conversations run in parallel; of the
+    /// same one, the first to register wins and the others stop before writing anything.
+    pub(super) async fn activate(
         &self,
         key: &ConversationKey,
         activation: Activation,
-    ) -> Result<(), ChatError> {
+    ) -> Result<Placement, ChatError> {
         if self.ctx.registry.contains(key) {
-            return Ok(());
+            return Ok(Placement::Here);
         }
-        let conversation = match activation {
-            Activation::New => None,
-            _ => {
-                self.ctx
-                    .store
-                    .load_conversation(&key.owner, &key.id)
-                    .await?
-            }
-        };
-        if conversation.is_none() && activation == Activation::Existing {
-            return Err(ChatError::NotFound);
+        if let Some(cluster) = &self.ctx.cluster
+            && let Some(owner) = cluster.acquire(key).await?
+        {
+            return Ok(Placement::There(owner));
         }
         let args = ConversationArgs {
             key: key.clone(),
-            conversation,
+            activation,
             ctx: self.ctx.clone(),
         };
         let supervisor = self.supervisor.get_cell();
         match Actor::spawn_linked(None, ConversationActor, args, supervisor).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(Placement::Here),
             Err(SpawnErr::StartupFailed(error)) => match error.downcast::<ChatError>() {
                 Ok(error) => Err(*error),
-                Err(error) if error.is::<AlreadyRunning>() => Ok(()),
+                Err(error) if error.is::<AlreadyRunning>() => Ok(Placement::Here),
                 Err(error) => Err(ChatError::Failed(error.to_string())),
             },
             Err(error) => Err(ChatError::Failed(error.to_string())),
@@ -187,6 +224,9 @@ impl Conversations {
             return self
                 .request(&key, Activation::Existing, Request::Snapshot)
                 .await;
+        }
+        if let Some(owner) = self.owner_elsewhere(&key).await {
+            return self.snapshot_from(owner, &key).await;
         }
         self.ctx
             .store
@@ -291,6 +331,7 @@ impl Conversations {
     /// Ends `subscriber_id`'s membership; nothing to do when the actor is not running.
     pub async fn leave(&self, user: &UserId, id: &str, subscriber_id: u64) {
         let key = ConversationKey::new(user, id);
+        self.leave_relay(&key, subscriber_id);
         if !self.ctx.registry.contains(&key) {
             return;
         }

@@ -226,6 +226,7 @@ pub(crate) fn context(
         registry: Registry::default(),
         metrics: Arc::new(Metrics::default()),
         replies: TaskTracker::new(),
+        cluster: None,
     };
     (ctx, scripts)
 }
@@ -601,7 +602,7 @@ async fn a_failed_activation_answers_an_error_and_the_next_one_works() {
 }
 
 #[tokio::test]
-async fn the_loser_of_an_activation_race_writes_nothing() {
+async fn requests_racing_an_activation_reach_the_one_actor_it_starts() {
     let mut h = Harness::start(settings()).await;
     let mut conversation = Conversation::new("c".into(), "hi");
     let question = Message::new("c", Role::User, "hi".into());
@@ -614,30 +615,37 @@ async fn the_loser_of_an_activation_race_writes_nothing() {
         .await
         .unwrap();
 
-    // The loser loads the conversation as it is now, then waits while the winner activates,
-    // replaces the cut-off reply and completes the new one.
+    // The first activation registers its actor, then reads the conversation and waits; a
+    // second request meanwhile finds that actor and waits in its mailbox.
     let (has_read, release) = h.store.hold_next_load();
     let conversations = h.conversations.clone();
     let (late, mut late_inbox) = member();
-    let loser = tokio::spawn(async move { conversations.join(&ann(), "c", late, None).await });
+    let joining = tokio::spawn(async move { conversations.join(&ann(), "c", late, None).await });
     tokio::time::timeout(WAIT, has_read).await.unwrap().unwrap();
+    let conversations = h.conversations.clone();
     let (sender, mut inbox) = member();
-    let started = h
-        .conversations
-        .regenerate(&ann(), "c", Some(sender))
+    let regenerating =
+        tokio::spawn(async move { conversations.regenerate(&ann(), "c", Some(sender)).await });
+    tokio::task::yield_now().await;
+    let _ = release.send(());
+    tokio::time::timeout(WAIT, joining)
         .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let started = tokio::time::timeout(WAIT, regenerating)
+        .await
+        .unwrap()
+        .unwrap()
         .unwrap();
     let script = h.next_script().await;
     script.piece("fresh");
     drop(script);
     until_complete(&mut inbox).await;
+    // The joiner is a member of the same actor, and saw the reply too.
+    let seen = until_complete(&mut late_inbox).await;
+    assert_eq!(seen[0].1["messageId"], started.message_id.as_str());
 
-    let _ = release.send(());
-    tokio::time::timeout(WAIT, loser)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
     let stored = h.stored("c").await;
     assert_eq!(stored.messages.len(), 2, "{:?}", stored.messages);
     assert_eq!(stored.messages[0], question);
@@ -645,12 +653,6 @@ async fn the_loser_of_an_activation_race_writes_nothing() {
     assert_eq!(stored.messages[1].content, "fresh");
     assert_eq!(stored.messages[1].status, Some(MessageStatus::Complete));
     assert_eq!(h.conversations.get(&ann(), "c").await.unwrap(), stored);
-    // The late joiner is a member of the winner.
-    h.conversations
-        .rename(&ann(), "c", "renamed".into())
-        .await
-        .unwrap();
-    assert_eq!(next_event(&mut late_inbox).await.0, "conversation_updated");
     assert_eq!(h.metrics.snapshot().active_conversations, 1);
 }
 

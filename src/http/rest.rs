@@ -16,7 +16,9 @@ use super::openapi::{
 use super::payload::Payload;
 use super::{ClientAddr, Shared};
 use crate::auth::{SignedIn, User};
+use crate::cluster::Cluster;
 use crate::domain::{Conversation, Timestamp, validate_conversation_id};
+use crate::metrics::ClusterGauges;
 use crate::store::Page;
 
 // The answers' fields are in alphabetical order, the order these answers have always had.
@@ -29,6 +31,9 @@ pub struct Health {
     active_connections: i64,
     /// Conversations held in memory (extension).
     active_conversations: usize,
+    /// This node and the live nodes of its cluster, in cluster mode (extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterHealth>,
     memory: Memory,
     /// Replies being generated (extension).
     replies_in_progress: i64,
@@ -41,6 +46,31 @@ pub struct Health {
     /// The server's version.
     #[schema(value_type = String, example = "0.1.0")]
     version: &'static str,
+}
+
+/// A node of a cluster, as its health route tells.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterHealth {
+    /// `CLUSTER_NAME`.
+    name: String,
+    /// This node's name, unique to one run of its process.
+    node: String,
+    /// The nodes alive at the last heartbeat, this one among them.
+    nodes: Vec<String>,
+    /// Conversations owned by other nodes whose events this node relays to its members.
+    relayed_conversations: usize,
+}
+
+impl ClusterHealth {
+    fn of(cluster: &Cluster) -> Self {
+        ClusterHealth {
+            name: cluster.name().to_owned(),
+            node: cluster.node().to_string(),
+            nodes: cluster.live_nodes().iter().map(|n| n.to_string()).collect(),
+            relayed_conversations: cluster.relayed(),
+        }
+    }
 }
 
 /// The server's memory use.
@@ -84,6 +114,7 @@ pub fn health(shared: &Shared) -> Response {
     let body = Health {
         active_connections: metrics.open_connections,
         active_conversations: shared.conversations.active(),
+        cluster: shared.conversations.cluster().map(|c| ClusterHealth::of(c)),
         memory: Memory {
             rss: crate::metrics::resident_bytes(),
         },
@@ -101,8 +132,14 @@ pub fn health(shared: &Shared) -> Response {
     responses((status = 200, description = "The metrics", body = String,
         content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 pub fn metrics(shared: &Shared) -> Response {
+    let cluster = shared.conversations.cluster().map(|c| ClusterGauges {
+        cluster: c.name().to_owned(),
+        node: c.node().to_string(),
+        live_nodes: c.live_nodes().len(),
+        relayed: c.relayed(),
+    });
     warp::reply::with_header(
-        shared.metrics.render(),
+        shared.metrics.render(cluster),
         "content-type",
         "text/plain; version=0.0.4; charset=utf-8",
     )

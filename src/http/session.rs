@@ -165,10 +165,11 @@ impl Session {
     }
 
     /// Follows a membership the conversation changed: joins again a conversation whose actor
-    /// lost this connection (it failed and restarted), forgets one that ended it (deleted).
+    /// lost this connection (it failed, or moved to another node), from where the connection
+    /// stood in its reply; forgets one that ended it (deleted).
     pub async fn membership_changed(&mut self, change: MembershipChange) {
-        let id = match change {
-            MembershipChange::Lost(id) => id,
+        let (id, resume) = match change {
+            MembershipChange::Lost(id, resume) => (id, resume),
             MembershipChange::Ended(id) => {
                 self.joined.remove(&id);
                 return;
@@ -180,7 +181,7 @@ impl Session {
         let subscriber = self.subscriber.clone();
         if let Err(e) = self
             .conversations
-            .join(&self.user, &id, subscriber, None)
+            .join(&self.user, &id, subscriber, resume)
             .await
         {
             tracing::warn!(connection = self.id(), conversation = %id, error = %e, "rejoin failed");

@@ -114,9 +114,11 @@ impl ConversationState {
             message_id: message_id.clone(),
             conversation_id: self.key.id.to_string(),
         });
+        let published = self.members.publication().map(|p| p.position());
         Ok(StreamStarted {
             conversation_id: self.key.id.to_string(),
             message_id,
+            published,
         })
     }
 

@@ -5,7 +5,13 @@
 //! - [`commands`]: what clients ask (chat, stop, regenerate, rename, delete…);
 //! - [`reply`]: the reply in progress, and the one way it ends;
 //! - [`generation`]: the tasks that ask the model and report back to the mailbox;
-//! - [`members`]: the connections that joined, the fan-out and the catch-up of a late joiner.
+//! - [`members`]: what a connection joining late missed, and the nodes relaying the
+//!   conversation in a cluster.
+//!
+//! In a cluster, an actor runs only on the node that holds the conversation's lease. It claims
+//! the conversation in the store before it reads it, so that a node that lost the lease without
+//! knowing it cannot write any more; a reply left streaming by an earlier owner that died is
+//! ended as failed, and members that saw part of it get its end when they join again.
 
 mod commands;
 mod generation;
@@ -21,8 +27,13 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use serde::{Deserialize, Serialize};
+
 use super::events::Subscriber;
+use super::members::Members;
 use super::registry::{ConversationKey, Registry};
+use super::supervisor::Activation;
+use crate::cluster::{Cluster, NodeId, Relayed};
 use crate::config::ConversationSettings;
 use crate::domain::{Conversation, Message, MessageStatus};
 use crate::error::ChatError;
@@ -31,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::store::{ConversationStore, Writer};
 
 pub use generation::GenerationEvent;
-use members::Members;
+use members::Orphan;
 pub use reply::APOLOGY;
 use reply::Reply;
 
@@ -48,24 +59,33 @@ pub struct ConversationContext {
     /// Every reply in progress holds a token of it until it has ended, stored and told; shutdown
     /// waits for it to empty.
     pub replies: TaskTracker,
+    /// The other nodes, in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// The last chunk a reconnecting client saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Resume {
     pub message_id: String,
     pub seq: u64,
 }
 
 /// A reply that has started streaming.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StreamStarted {
     pub conversation_id: String,
     pub message_id: String,
+    /// In a cluster, the owner's epoch and the number its `stream_start` was published under,
+    /// from which a relaying node's sender gets the reply's events.
+    #[serde(default)]
+    pub published: Option<(u64, u64)>,
 }
 
 /// A reply generated in one piece, with the whole conversation after it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ChatCompleted {
     pub message: Message,
     pub conversation: Conversation,
@@ -117,6 +137,21 @@ pub enum Request {
     Delete(Answer<()>),
     /// The server is stopping: end the reply in progress as interrupted.
     Interrupt(Answer<()>),
+    /// Another node relays the conversation from now on: what it needs to start, and what a
+    /// member that saw up to `resume` missed.
+    Relay {
+        node: NodeId,
+        resume: Option<Resume>,
+        answer: Answer<Relayed>,
+    },
+    /// A node relays it no more.
+    Unrelay { node: NodeId, answer: Answer<()> },
+    /// The events published after `after` in `epoch`, for a relaying node that missed some.
+    Since {
+        epoch: u64,
+        after: u64,
+        answer: Answer<Option<Vec<String>>>,
+    },
 }
 
 /// The conversation actor's mailbox.
@@ -130,13 +165,15 @@ pub enum ConversationMsg {
     },
     /// The idle timer fired.
     IdleCheck,
+    /// Another node holds the conversation's lease now: stop, without writing.
+    LeaseLost,
 }
 
 /// Starts a conversation actor.
 pub struct ConversationArgs {
     pub key: ConversationKey,
-    /// `None`: the conversation does not exist yet; it is created by its first message.
-    pub conversation: Option<Conversation>,
+    /// Whether the conversation must be stored already, may be new, or is new.
+    pub activation: Activation,
     pub ctx: Arc<ConversationContext>,
 }
 
@@ -157,6 +194,8 @@ pub struct ConversationState {
     conversation: Option<Conversation>,
     members: Members,
     reply: Option<Reply>,
+    /// A reply an earlier owner left unfinished, ended by this actor.
+    orphan: Option<Orphan>,
     generations: u64,
     idle_timer: bool,
     last_activity: Instant,
@@ -170,8 +209,9 @@ impl Actor for ConversationActor {
     type State = ConversationState;
     type Arguments = ConversationArgs;
 
-    /// Registers the actor, then (only if it is the registered one) marks the replies a crash or
-    /// a failed actor left `streaming` as interrupted.
+    /// Registers the actor; then, only if it is the registered one, claims the conversation (in
+    /// a cluster), loads it, and ends the replies a crash, a failed actor or a dead node left
+    /// `streaming`.
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -179,7 +219,7 @@ impl Actor for ConversationActor {
     ) -> Result<ConversationState, ActorProcessingErr> {
         let ConversationArgs {
             key,
-            mut conversation,
+            activation,
             ctx,
         } = args;
         let pending = Arc::new(AtomicUsize::new(0));
@@ -189,26 +229,22 @@ impl Actor for ConversationActor {
         {
             return Err(Box::new(AlreadyRunning));
         }
-        let writer = Writer::unfenced(&key.owner);
-        if let Some(conversation) = conversation.as_mut()
-            && let Err(e) = Box::pin(mark_interrupted(&*ctx.store, &writer, conversation)).await
-        {
-            ctx.registry.remove(&key, myself.get_id());
-            return Err(Box::new(e));
+        let started = Box::pin(ConversationState::start(
+            key.clone(),
+            activation,
+            ctx.clone(),
+        ));
+        match started.await {
+            Ok(mut state) => {
+                state.pending = pending;
+                ctx.metrics.actor_started();
+                Ok(state)
+            }
+            Err(error) => {
+                ctx.registry.remove(&key, myself.get_id());
+                Err(Box::new(error))
+            }
         }
-        ctx.metrics.actor_started();
-        Ok(ConversationState {
-            members: Members::new(key.id.clone()),
-            key,
-            writer,
-            conversation,
-            reply: None,
-            generations: 0,
-            idle_timer: false,
-            last_activity: Instant::now(),
-            ctx,
-            pending,
-        })
     }
 
     async fn post_stop(
@@ -240,8 +276,15 @@ impl Actor for ConversationActor {
             ConversationMsg::Generated { generation, event } => {
                 Box::pin(state.handle_generated(generation, event)).await;
             }
+            ConversationMsg::LeaseLost => {
+                Box::pin(state.lose(&myself)).await;
+                return Ok(());
+            }
             ConversationMsg::IdleCheck => {
                 state.idle_timer = false;
+                if let Some(publication) = state.members.publication() {
+                    publication.forget_dead_relays();
+                }
                 if state.is_idle() {
                     let idle_for = state.last_activity.elapsed();
                     let limit = state.idle_limit();
@@ -261,7 +304,7 @@ impl Actor for ConversationActor {
                 }
             }
         }
-        if state.is_idle() && !state.idle_timer {
+        if state.is_quiet() && !state.idle_timer {
             let after = state.idle_limit();
             state.arm_idle_timer(&myself, after);
         }
@@ -288,19 +331,93 @@ async fn mark_interrupted(
 }
 
 impl ConversationState {
+    /// The state of a registered actor: the conversation claimed (in a cluster) and loaded, as
+    /// `activation` allows.
+    async fn start(
+        key: ConversationKey,
+        activation: Activation,
+        ctx: Arc<ConversationContext>,
+    ) -> Result<ConversationState, ChatError> {
+        let store = &ctx.store;
+        let fence = match &ctx.cluster {
+            Some(_) => Some(store.claim(&key.owner, &key.id).await?),
+            None => None,
+        };
+        let writer = Writer {
+            owner: key.owner.clone(),
+            fence,
+        };
+        let mut conversation = match activation {
+            Activation::New => None,
+            _ => store.load_conversation(&key.owner, &key.id).await?,
+        };
+        if conversation.is_none() && activation == Activation::Existing {
+            return Err(ChatError::NotFound);
+        }
+        let mut orphan = None;
+        if let Some(conversation) = conversation.as_mut() {
+            match fence {
+                Some(_) => orphan = Orphan::end(&**store, &writer, conversation).await?,
+                None => mark_interrupted(&**store, &writer, conversation).await?,
+            }
+        }
+        let publication = ctx
+            .cluster
+            .as_ref()
+            .zip(fence)
+            .map(|(cluster, epoch)| cluster.publication(&key, epoch));
+        Ok(ConversationState {
+            members: Members::new(key.id.clone(), publication),
+            key,
+            writer,
+            conversation,
+            reply: None,
+            orphan,
+            generations: 0,
+            idle_timer: false,
+            last_activity: Instant::now(),
+            ctx,
+            pending: Arc::default(),
+        })
+    }
+
     /// No members and no reply: the actor may passivate.
     fn is_idle(&self) -> bool {
         self.members.is_empty() && self.reply.is_none()
     }
 
+    /// No member on this node and no reply: the actor may passivate once the nodes relaying
+    /// it are gone, which the idle timer checks.
+    fn is_quiet(&self) -> bool {
+        self.members.is_empty_here() && self.reply.is_none()
+    }
+
     /// How long the actor stays without members or reply: a conversation that does not exist
-    /// (yet, or any more) goes after a second at most.
+    /// (yet, or any more) goes after a second at most; with relaying nodes, it looks again
+    /// whether they are alive after a lease.
     fn idle_limit(&self) -> Duration {
-        let limit = self.ctx.settings.idle_timeout;
-        match self.conversation {
-            Some(_) => limit,
-            None => limit.min(Duration::from_secs(1)),
+        let mut limit = self.ctx.settings.idle_timeout;
+        if self.conversation.is_none() {
+            limit = limit.min(Duration::from_secs(1));
         }
+        if !self.is_idle()
+            && let Some(cluster) = &self.ctx.cluster
+        {
+            limit = limit.min(cluster.lease());
+        }
+        limit
+    }
+
+    /// Stops after another node took the conversation's lease: the reply in progress is dropped
+    /// unwritten (the store would refuse it), and the members join again wherever it runs now,
+    /// from where they stood in that reply.
+    async fn lose(&mut self, myself: &ActorRef<ConversationMsg>) {
+        tracing::warn!(conversation = %self.key.id, "another node owns the conversation now; stopping here");
+        self.ctx.registry.remove(&self.key, myself.get_id());
+        let resume = self.position();
+        self.end_reply(reply::Ending::Lost).await;
+        self.members.lose_all(resume);
+        myself.stop(None);
     }
 
     fn arm_idle_timer(&mut self, myself: &ActorRef<ConversationMsg>, after: Duration) {
@@ -363,6 +480,30 @@ impl ConversationState {
             Request::Interrupt(answer) => {
                 self.interrupt().await;
                 let _ = answer.send(Ok(()));
+            }
+            Request::Relay {
+                node,
+                resume,
+                answer,
+            } => {
+                let _ = answer.send(self.relayed_by(node, resume.as_ref()));
+            }
+            Request::Unrelay { node, answer } => {
+                if let Some(publication) = self.members.publication() {
+                    publication.remove(&node);
+                }
+                let _ = answer.send(Ok(()));
+            }
+            Request::Since {
+                epoch,
+                after,
+                answer,
+            } => {
+                let events = self
+                    .members
+                    .publication()
+                    .and_then(|p| p.since(epoch, after));
+                let _ = answer.send(Ok(events));
             }
         }
     }

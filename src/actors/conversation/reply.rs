@@ -15,8 +15,9 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::generation::GenerationEvent;
-use super::{Answer, ChatCompleted, ConversationContext, ConversationState, Resume};
+use super::{Answer, ChatCompleted, ConversationContext, ConversationState};
 use crate::actors::events::ChatEvent;
+use crate::actors::progress::Progress;
 use crate::domain::{Message, MessageStatus, MessageUsage, Role, Timestamp};
 use crate::error::ChatError;
 use crate::llm::Usage;
@@ -41,8 +42,8 @@ pub(super) struct Reply {
     message_id: String,
     /// The REST caller waiting for a reply generated in one piece; `None` when streamed.
     waiter: Option<Answer<ChatCompleted>>,
-    /// Byte length of the content after each chunk; `offsets[seq]`.
-    offsets: Vec<usize>,
+    /// How far the streamed reply has gone.
+    progress: Progress,
     last_checkpoint: Instant,
     /// What the model said the reply cost, once it has said.
     reported: Option<Usage>,
@@ -77,6 +78,8 @@ pub(super) enum Ending {
     Interrupted,
     /// The conversation was deleted: nothing is left to store.
     Deleted,
+    /// Another node owns the conversation now: nothing may be stored, nobody here is told.
+    Lost,
 }
 
 impl Reply {
@@ -92,9 +95,9 @@ impl Reply {
         ctx.metrics.reply_started();
         Reply {
             generation,
+            progress: Progress::new(message_id.clone()),
             message_id,
             waiter,
-            offsets: vec![0],
             last_checkpoint: Instant::now(),
             reported: None,
             in_progress: InProgress {
@@ -105,50 +108,10 @@ impl Reply {
         }
     }
 
-    /// Whether the reply is stored as message `id`.
-    pub(super) fn is(&self, id: &str) -> bool {
-        self.message_id == id
-    }
-
-    /// The sequence number of the last chunk sent.
-    fn seq(&self) -> u64 {
-        (self.offsets.len() - 1) as u64
-    }
-
-    /// What a connection joining now missed of this reply, whose text so far is `content`:
-    /// `stream_start` unless it resumes this reply, then one chunk with all the text it has not
-    /// seen. A reply generated in one piece is shown only once complete.
-    pub(super) fn missed(
-        &self,
-        conversation_id: &str,
-        content: &str,
-        resume: Option<Resume>,
-    ) -> Vec<ChatEvent> {
-        if self.waiter.is_some() {
-            return Vec::new();
-        }
-        let seen = resume
-            .filter(|r| r.message_id == self.message_id)
-            .map(|r| r.seq.min(self.seq()) as usize);
-        let mut events = Vec::new();
-        if seen.is_none() {
-            events.push(ChatEvent::StreamStart {
-                message_id: self.message_id.clone(),
-                conversation_id: conversation_id.to_owned(),
-            });
-        }
-        let from = self.offsets[seen.unwrap_or(0)];
-        if let Some(delta) = content.get(from..).filter(|d| !d.is_empty()) {
-            events.push(ChatEvent::StreamChunk {
-                message_id: self.message_id.clone(),
-                conversation_id: conversation_id.to_owned(),
-                content: content.to_owned(),
-                delta: delta.to_owned(),
-                is_complete: false,
-                seq: self.seq(),
-            });
-        }
-        events
+    /// How far the reply has gone, if it is streamed: a reply generated in one piece is shown
+    /// only once complete.
+    pub(super) fn progress(&self) -> Option<&Progress> {
+        self.waiter.is_none().then_some(&self.progress)
     }
 }
 
@@ -241,13 +204,12 @@ impl ConversationState {
         };
         message.content.push_str(&text);
         let content = message.content.clone();
-        reply.offsets.push(content.len());
+        let seq = reply.progress.advance(content.len());
         let checkpoint = reply.last_checkpoint.elapsed() >= self.ctx.settings.checkpoint_interval;
         if checkpoint {
             reply.last_checkpoint = Instant::now();
         }
         let message_id = reply.message_id.clone();
-        let seq = reply.seq();
         self.ctx.metrics.tokens_streamed(1);
         self.members.broadcast(ChatEvent::StreamChunk {
             message_id: message_id.clone(),
@@ -311,7 +273,7 @@ impl ConversationState {
             Ending::Completed(_) => MessageStatus::Complete,
             Ending::Failed | Ending::Interrupted => MessageStatus::Error,
             Ending::Stopped => MessageStatus::Cancelled,
-            Ending::Deleted => return,
+            Ending::Deleted | Ending::Lost => return,
         };
         let complete = ChatEvent::StreamComplete {
             message_id: reply.message_id.clone(),
@@ -337,14 +299,14 @@ impl ConversationState {
         }
         self.save_streamed(&reply.message_id).await;
         self.record_usage(usage).await;
-        reply.offsets.push(content.len());
+        let seq = reply.progress.advance(content.len());
         self.members.broadcast(ChatEvent::StreamChunk {
             message_id: reply.message_id.clone(),
             conversation_id: self.key.id.to_string(),
             content,
             delta: tail,
             is_complete: true,
-            seq: reply.seq(),
+            seq,
         });
         self.members.broadcast(complete);
     }
@@ -361,6 +323,11 @@ impl ConversationState {
             Ending::Stopped => (String::new(), MessageStatus::Cancelled),
             Ending::Failed | Ending::Interrupted => return Err(ChatError::Upstream),
             Ending::Deleted => return Err(ChatError::NotFound),
+            Ending::Lost => {
+                return Err(ChatError::Unavailable(
+                    "the conversation moved to another node".into(),
+                ));
+            }
         };
         let usage = self.usage_of(reply.reported, &reply.message_id, &text);
         let done = self

@@ -7,9 +7,9 @@ use std::sync::atomic::AtomicUsize;
 use tokio::time::Instant;
 
 use super::ConversationState;
-use super::members::Members;
 use super::reply::{Ending, Reply};
 use crate::actors::ConversationKey;
+use crate::actors::members::Members;
 use crate::actors::tests::{WAIT, ann, context, member, next_event, settings};
 use crate::domain::Conversation;
 use crate::store::MemoryStore;
@@ -25,11 +25,12 @@ async fn a_reply_whose_message_is_gone_still_ends_whole() {
     });
     let key = ConversationKey::new(&ann(), "c");
     let mut state = ConversationState {
-        members: Members::new(key.id.clone()),
+        members: Members::new(key.id.clone(), None),
         conversation: Some(Conversation::new(key.id.to_string(), "hi")),
         writer: crate::store::Writer::unfenced(&key.owner),
         key,
         reply: None,
+        orphan: None,
         generations: 1,
         idle_timer: false,
         last_activity: Instant::now(),
