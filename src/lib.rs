@@ -3,6 +3,7 @@
 
 pub mod actors;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;
