@@ -23,7 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::actors::{ConversationContext, Conversations, Registry};
 use crate::auth::{Accounts, AuthConfig, AuthMode, Authenticator, TokenSigner};
-use crate::config::Config;
+use crate::cluster::rates::SharedRates;
+use crate::config::{ClusterConfig, Config};
 use crate::error::ChatError;
 use crate::http::Shared;
 use crate::http::limits::{ConnectionLimit, UserReplyRate};
@@ -54,12 +55,29 @@ pub enum StartError {
     Auth(#[from] auth::SetupError),
     #[error("cannot set up local accounts: {0}")]
     Accounts(#[from] auth::AccountError),
+    /// Never shows `REDIS_URL`, which may hold a password.
+    #[error("cannot connect to Redis (REDIS_URL): {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The rate limits' counts in Redis, shared by the cluster's nodes; `None` for one node.
+async fn shared_rates(cluster: Option<&ClusterConfig>) -> Result<Option<SharedRates>, StartError> {
+    let Some(cluster) = cluster else {
+        return Ok(None);
+    };
+    let client = redis::Client::open(cluster.redis_url.as_str())?;
+    let redis = redis::aio::ConnectionManager::new(client).await?;
+    Ok(Some(SharedRates::new(
+        redis,
+        format!("{}:rate:", cluster.name),
+    )))
 }
 
 /// The server's own accounts, when `AUTH_MODE=local`.
 fn local_accounts(
     config: &AuthConfig,
     store: Arc<dyn Store>,
+    rates: Option<SharedRates>,
 ) -> Result<Option<Accounts>, StartError> {
     if config.mode != AuthMode::Local {
         return Ok(None);
@@ -74,6 +92,7 @@ fn local_accounts(
         signer,
         config.registration_open,
         config.login_attempts_per_minute,
+        rates,
     )?;
     Ok(Some(accounts))
 }
@@ -108,7 +127,8 @@ impl App {
             );
         }
         let authenticator = Authenticator::new(&config.auth)?;
-        let accounts = local_accounts(&config.auth, store.clone())?;
+        let rates = shared_rates(config.cluster.as_ref()).await?;
+        let accounts = local_accounts(&config.auth, store.clone(), rates.clone())?;
         let addr = SocketAddr::new(config.host, config.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -129,7 +149,8 @@ impl App {
         let shared = Arc::new(Shared {
             conversations,
             auth: Arc::new(authenticator),
-            user_reply_rate: UserReplyRate::new(config.rt_messages_per_minute),
+            user_reply_rate: UserReplyRate::new(config.rt_messages_per_minute, rates.clone()),
+            rates,
             accounts,
             connection_limit: ConnectionLimit::new(config.max_connections_per_ip),
             config: Arc::new(config),
