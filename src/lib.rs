@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::actors::{ConversationContext, Conversations, Registry};
 use crate::auth::{Accounts, AuthConfig, AuthMode, Authenticator, TokenSigner};
 use crate::cluster::Cluster;
+use crate::cluster::rates::SharedRates;
 use crate::config::Config;
 use crate::error::ChatError;
 use crate::http::Shared;
@@ -63,6 +64,7 @@ pub enum StartError {
 fn local_accounts(
     config: &AuthConfig,
     store: Arc<dyn Store>,
+    rates: Option<SharedRates>,
 ) -> Result<Option<Accounts>, StartError> {
     if config.mode != AuthMode::Local {
         return Ok(None);
@@ -77,6 +79,7 @@ fn local_accounts(
         signer,
         config.registration_open,
         config.login_attempts_per_minute,
+        rates,
     )?;
     Ok(Some(accounts))
 }
@@ -127,7 +130,8 @@ impl App {
             }
         };
         let authenticator = Authenticator::new(&config.auth)?;
-        let accounts = local_accounts(&config.auth, store.clone())?;
+        let rates = cluster.as_ref().map(|(cluster, _)| cluster.rates());
+        let accounts = local_accounts(&config.auth, store.clone(), rates.clone())?;
         let addr = SocketAddr::new(config.host, config.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -151,7 +155,8 @@ impl App {
         let shared = Arc::new(Shared {
             conversations,
             auth: Arc::new(authenticator),
-            user_reply_rate: UserReplyRate::new(config.rt_messages_per_minute),
+            user_reply_rate: UserReplyRate::new(config.rt_messages_per_minute, rates.clone()),
+            rates,
             accounts,
             connection_limit: ConnectionLimit::new(config.max_connections_per_ip),
             config: Arc::new(config),

@@ -7,16 +7,16 @@
 //! Sign-in attempts are also rate limited per client address.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::tokens::TokenSigner;
 use super::user::User;
+use crate::cluster::rates::{Limiter, SharedRates};
 use crate::domain::{Timestamp, UserId, new_id};
 use crate::store::{Account, AccountStore, StoreError};
 
@@ -72,21 +72,23 @@ pub struct Accounts {
     signer: TokenSigner,
     registration_open: bool,
     /// Sign-in attempts per client address per minute; `None` is no limit.
-    attempts: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    attempts: Option<Limiter<IpAddr>>,
     /// Checked when the username is unknown, so that the answer takes as long as for a known one.
     decoy_hash: String,
 }
 
 impl Accounts {
-    /// The accounts in `store`, signed in with tokens from `signer`.
+    /// The accounts in `store`, signed in with tokens from `signer`. Sign-in attempts are counted
+    /// in `shared` when there is one (cluster mode), so that they are limited over every node.
     pub fn new(
         store: Arc<dyn AccountStore>,
         signer: TokenSigner,
         registration_open: bool,
         attempts_per_minute: u32,
+        shared: Option<SharedRates>,
     ) -> Result<Accounts, AccountError> {
-        let attempts = NonZeroU32::new(attempts_per_minute)
-            .map(|n| DefaultKeyedRateLimiter::keyed(Quota::per_minute(n)));
+        let minute = Duration::from_secs(60);
+        let attempts = Limiter::new("login", attempts_per_minute, minute, shared);
         Ok(Accounts {
             store,
             signer,
@@ -123,7 +125,7 @@ impl Accounts {
         password: &str,
     ) -> Result<SignedIn, AccountError> {
         if let (Some(limiter), Some(client)) = (&self.attempts, client)
-            && limiter.check_key(&client).is_err()
+            && !limiter.check(&client).await.allowed()
         {
             return Err(AccountError::TooManyAttempts);
         }
@@ -210,6 +212,8 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{AuthConfig, Secret};
+    use crate::cluster::rates::testing::{node, unique_prefix};
 
     #[test]
     fn usernames_and_passwords_are_checked_at_their_edges() {
@@ -230,5 +234,30 @@ mod tests {
         assert!(verify("correct horse", &stored));
         assert!(!verify("correct horsf", &stored));
         assert!(!verify("correct horse", "not a hash"));
+    }
+
+    #[tokio::test]
+    async fn sign_in_attempts_are_limited_per_address_over_every_node() {
+        let store = Arc::new(crate::store::MemoryStore::new());
+        let cluster = unique_prefix();
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            let signer = TokenSigner::hs256(&Secret::new("s".repeat(32)), &AuthConfig::default());
+            let shared = Some(node(&cluster).await);
+            nodes.push(Accounts::new(store.clone(), signer.unwrap(), true, 3, shared).unwrap());
+        }
+        let (first, second) = (&nodes[0], &nodes[1]);
+        first.register("ann", "correct horse").await.unwrap();
+        let client = Some("10.0.0.1".parse().unwrap());
+        let wrong = first.login(client, "ann", "wrong horse").await;
+        assert_eq!(wrong.unwrap_err(), AccountError::BadCredentials);
+        let wrong = second.login(client, "ann", "wrong horse").await;
+        assert_eq!(wrong.unwrap_err(), AccountError::BadCredentials);
+        assert!(first.login(client, "ann", "correct horse").await.is_ok());
+        let refused = second.login(client, "ann", "correct horse").await;
+        assert_eq!(refused.unwrap_err(), AccountError::TooManyAttempts);
+        let elsewhere = Some("10.0.0.2".parse().unwrap());
+        let other = second.login(elsewhere, "ann", "correct horse").await;
+        assert!(other.is_ok());
     }
 }

@@ -42,6 +42,11 @@ impl Keys {
         format!("{}inbox:{node}", self.prefix)
     }
 
+    /// The prefix of the rate limits' keys.
+    pub(super) fn rates(&self) -> String {
+        format!("{}rate:", self.prefix)
+    }
+
     /// The lease of a conversation, naming the node that owns it.
     pub(super) fn lease(&self, key: &ConversationKey) -> String {
         format!("{}lease:{}", self.prefix, conversation(key))

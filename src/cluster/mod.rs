@@ -22,6 +22,7 @@ mod calls;
 mod leases;
 mod nodes;
 mod publication;
+pub mod rates;
 mod relay;
 
 use std::collections::BTreeSet;
@@ -184,6 +185,11 @@ impl Cluster {
             .await
             .ok()??;
         (holder != *self.node && self.nodes.is_live(&holder)).then(|| holder.into())
+    }
+
+    /// The rate limits' counts, shared by the cluster's nodes.
+    pub fn rates(&self) -> rates::SharedRates {
+        rates::SharedRates::new(self.bus.commands(), self.keys.rates())
     }
 
     /// The publication of the conversation `key` by its owner here, in `epoch`.

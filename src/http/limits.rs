@@ -2,22 +2,21 @@
 //! express-rate-limit's draft-6 `RateLimit-*` headers), open real-time connections per address,
 //! and replies asked for per real-time connection. The rates count per signed-in user where
 //! there is one (however many addresses and connections they use), per address or connection
-//! otherwise. They use `governor`'s GCRA: a client may use its whole allowance at once, which
-//! then refills evenly over the window.
+//! otherwise. They use a GCRA: a client may use its whole allowance at once, which then refills
+//! evenly over the window. In cluster mode the rates count in Redis, for every node at once (see
+//! [`crate::cluster::rates`]); open connections always count per node.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use governor::clock::Clock;
-use governor::middleware::StateInformationMiddleware;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use tower::{Layer, Service};
+use uuid::Uuid;
 use warp::http::{HeaderMap, HeaderValue, Request};
 use warp::reply::Response;
 
@@ -25,13 +24,28 @@ use super::Caller;
 use super::error::ApiError;
 use super::{ClientAddr, error_response};
 use crate::auth::{AuthError, Authenticator, User};
+use crate::cluster::rates::{Decision, Limiter, SharedRates};
 use crate::domain::UserId;
 
-/// What a request's rate counts against: its signed-in user, or else its client address.
+/// What a rate counts against: a signed-in user, or else a request's client address or a
+/// real-time connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum RateKey {
     User(UserId),
     Address(IpAddr),
+    /// A connection without sign-in, by an id no other connection of any node has.
+    Connection(Uuid),
+}
+
+/// The key's name in Redis: its kind, then its id, so that no user id can pass for an address.
+impl fmt::Display for RateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RateKey::User(id) => write!(f, "u:{}", id.as_str()),
+            RateKey::Address(ip) => write!(f, "a:{ip}"),
+            RateKey::Connection(id) => write!(f, "c:{id}"),
+        }
+    }
 }
 
 /// The key of a request from `ip` made by `caller`: its user when it is a signed-in one, its
@@ -70,28 +84,24 @@ pub struct RateLimitLayer {
 
 /// The shared state of an active [`RateLimitLayer`].
 struct ApiRateLimiter {
-    clients: DefaultKeyedRateLimiter<RateKey, StateInformationMiddleware>,
-    limit: u32,
-    /// The time one request's allowance takes to come back.
-    refill: Duration,
+    clients: Limiter<RateKey>,
     policy: HeaderValue,
 }
 
 impl RateLimitLayer {
-    /// `max_requests` per `window`, for each user `auth` recognizes and each address; 0
-    /// requests turns the limit off.
-    pub fn new(window: Duration, max_requests: u32, auth: Arc<Authenticator>) -> Self {
-        let limiter = NonZeroU32::new(max_requests).map(|limit| {
-            let refill = (window / limit.get()).max(Duration::from_nanos(1));
-            let quota = Quota::with_period(refill)
-                .expect("the period is not zero")
-                .allow_burst(limit);
+    /// `max_requests` per `window`, for each user `auth` recognizes and each address, counted
+    /// in `shared` when there is one (cluster mode); 0 requests turns the limit off.
+    pub fn new(
+        window: Duration,
+        max_requests: u32,
+        auth: Arc<Authenticator>,
+        shared: Option<SharedRates>,
+    ) -> Self {
+        let limiter = Limiter::new("api", max_requests, window, shared).map(|clients| {
+            let policy = format!("{};w={}", clients.limit(), seconds(window));
             Arc::new(ApiRateLimiter {
-                clients: DefaultKeyedRateLimiter::keyed(quota).with_middleware(),
-                limit: limit.get(),
-                refill,
-                policy: HeaderValue::from_str(&format!("{limit};w={}", seconds(window)))
-                    .expect("digits make a header value"),
+                clients,
+                policy: HeaderValue::from_str(&policy).expect("digits make a header value"),
             })
         });
         RateLimitLayer { limiter, auth }
@@ -100,28 +110,24 @@ impl RateLimitLayer {
     /// Forgets clients whose allowance is whole again, so memory follows the active clients.
     pub fn forget_quiet_clients(&self) {
         if let Some(limiter) = &self.limiter {
-            limiter.clients.retain_recent();
-            limiter.clients.shrink_to_fit();
+            limiter.clients.forget_quiet();
         }
     }
 }
 
 impl ApiRateLimiter {
     /// Counts one request of `key`: the headers to answer with, and whether it is over the limit.
-    fn check(&self, key: &RateKey) -> (HeaderMap, bool) {
-        let (remaining, reset, retry_after) = match self.clients.check_key(key) {
-            Ok(state) => {
-                let remaining = state.remaining_burst_capacity();
-                (remaining, self.refill * (self.limit - remaining), None)
+    async fn check(&self, key: &RateKey) -> (HeaderMap, bool) {
+        let (limit, refill) = (self.clients.limit(), self.clients.refill());
+        let (remaining, reset, retry_after) = match self.clients.check(key).await {
+            Decision::Allowed { remaining } => {
+                (remaining, refill * limit.saturating_sub(remaining), None)
             }
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clients.clock().now());
-                (0, wait + self.refill * (self.limit - 1), Some(wait))
-            }
+            Decision::Refused { wait } => (0, wait + refill * (limit - 1), Some(wait)),
         };
         let mut headers = HeaderMap::new();
         headers.insert("ratelimit-policy", self.policy.clone());
-        headers.insert("ratelimit-limit", self.limit.into());
+        headers.insert("ratelimit-limit", limit.into());
         headers.insert("ratelimit-remaining", remaining.into());
         headers.insert("ratelimit-reset", seconds(reset).into());
         if let Some(wait) = retry_after {
@@ -189,10 +195,10 @@ where
                     let key = rate_key(&caller, ip);
                     // The route takes the caller from here instead of verifying the token again.
                     request.extensions_mut().insert(Caller(caller));
-                    Some(limiter.check(&key))
+                    Some(limiter.check(&key).await)
                 }
                 (Some((limiter, ip)), None) => {
-                    Some(limiter.check(&RateKey::Address(client_key(ip))))
+                    Some(limiter.check(&RateKey::Address(client_key(ip))).await)
                 }
                 (None, _) => None,
             };
@@ -269,62 +275,64 @@ impl Drop for ConnectionPermit {
     }
 }
 
-/// Replies each signed-in user may ask for per minute over all their real-time connections
-/// (`RT_MESSAGES_PER_MINUTE`), shared by every connection.
+/// Replies asked for per minute over real-time connections (`RT_MESSAGES_PER_MINUTE`): for each
+/// signed-in user over all their connections (on every node in cluster mode), for each
+/// connection without sign-in.
 #[derive(Clone)]
-pub struct UserReplyRate(Option<Arc<DefaultKeyedRateLimiter<UserId>>>);
+pub struct UserReplyRate(Option<Arc<Limiter<RateKey>>>);
 
 impl UserReplyRate {
-    /// `per_minute` replies a minute for each user; 0 is no limit.
-    pub fn new(per_minute: u32) -> Self {
-        UserReplyRate(
-            NonZeroU32::new(per_minute)
-                .map(|n| Arc::new(DefaultKeyedRateLimiter::keyed(Quota::per_minute(n)))),
-        )
+    /// `per_minute` replies a minute, counted in `shared` when there is one (cluster mode); 0 is
+    /// no limit.
+    pub fn new(per_minute: u32, shared: Option<SharedRates>) -> Self {
+        let limiter = Limiter::new("reply", per_minute, Duration::from_secs(60), shared);
+        UserReplyRate(limiter.map(Arc::new))
     }
 
-    /// Forgets users whose allowance is whole again.
+    /// Forgets users and connections whose allowance is whole again.
     pub fn forget_quiet_users(&self) {
         if let Some(limiter) = &self.0 {
-            limiter.retain_recent();
+            limiter.forget_quiet();
         }
     }
 }
 
-/// Replies one real-time connection may ask for per minute (`RT_MESSAGES_PER_MINUTE`): counted
-/// for its signed-in user when there is one, for the connection alone otherwise.
-pub enum ReplyRate {
-    Connection(Option<DefaultDirectRateLimiter>),
-    User(UserReplyRate, UserId),
+/// Replies one real-time connection may ask for: counted for its signed-in user when there is
+/// one, for the connection alone otherwise.
+pub struct ReplyRate {
+    rate: UserReplyRate,
+    key: RateKey,
 }
 
 impl ReplyRate {
-    /// The rate of a connection of `user`: `per_user` when signed in, else `per_minute`
-    /// replies a minute of its own (0 is no limit).
-    pub fn new(per_minute: u32, per_user: &UserReplyRate, user: &UserId) -> Self {
-        if *user != UserId::anonymous() {
-            return ReplyRate::User(per_user.clone(), user.clone());
+    /// The rate of a connection of `user`.
+    pub fn new(rate: &UserReplyRate, user: &UserId) -> Self {
+        let key = if *user == UserId::anonymous() {
+            RateKey::Connection(Uuid::new_v4())
+        } else {
+            RateKey::User(user.clone())
+        };
+        ReplyRate {
+            rate: rate.clone(),
+            key,
         }
-        ReplyRate::Connection(
-            NonZeroU32::new(per_minute)
-                .map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n))),
-        )
     }
 
     /// Counts one reply asked for, or `RATE_LIMIT_EXCEEDED` when over the rate.
-    pub fn check(&self) -> Result<(), ApiError> {
-        let checked = match self {
-            ReplyRate::Connection(Some(limiter)) => limiter.check(),
-            ReplyRate::User(UserReplyRate(Some(limiter)), user) => limiter.check_key(user),
-            _ => return Ok(()),
-        };
-        checked.map(drop).map_err(|_| ApiError::RateLimited)
+    pub async fn check(&self) -> Result<(), ApiError> {
+        match &self.rate.0 {
+            Some(limiter) if !limiter.check(&self.key).await.allowed() => {
+                Err(ApiError::RateLimited)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::rates::testing::{PrivateRedis, node, unique_prefix};
 
     #[test]
     fn ipv6_clients_count_by_network() {
@@ -348,24 +356,95 @@ mod tests {
         assert!(limit.open(ip).is_ok());
     }
 
-    #[test]
-    fn the_rate_limit_counts_down_then_refuses() {
+    fn api_limiter(limit: u32, shared: Option<SharedRates>) -> Arc<ApiRateLimiter> {
         let no_sign_in = Authenticator::new(&crate::auth::AuthConfig::default()).unwrap();
-        let limiter = RateLimitLayer::new(Duration::from_secs(60), 2, Arc::new(no_sign_in))
+        RateLimitLayer::new(Duration::from_secs(60), limit, Arc::new(no_sign_in), shared)
             .limiter
-            .unwrap();
-        let ip = RateKey::Address("10.0.0.1".parse().unwrap());
-        let (headers, over) = limiter.check(&ip);
+            .unwrap()
+    }
+
+    fn address(ip: &str) -> RateKey {
+        RateKey::Address(ip.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_rate_limit_counts_down_then_refuses() {
+        let limiter = api_limiter(2, None);
+        let ip = address("10.0.0.1");
+        let (headers, over) = limiter.check(&ip).await;
         assert!(!over);
         assert_eq!(headers["ratelimit-limit"], "2");
         assert_eq!(headers["ratelimit-remaining"], "1");
         assert_eq!(headers["ratelimit-reset"], "30");
         assert_eq!(headers["ratelimit-policy"], "2;w=60");
-        assert!(!limiter.check(&ip).1);
-        let (headers, over) = limiter.check(&ip);
+        assert!(!limiter.check(&ip).await.1);
+        let (headers, over) = limiter.check(&ip).await;
         assert!(over);
         assert_eq!(headers["ratelimit-remaining"], "0");
         let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
         assert!((29..=30).contains(&retry), "{retry}");
+    }
+
+    #[tokio::test]
+    async fn shared_rates_answer_with_the_same_headers_as_local_ones() {
+        let local = api_limiter(3, None);
+        let shared = api_limiter(3, Some(node(&unique_prefix()).await));
+        let ip = address("10.0.0.1");
+        for _ in 0..5 {
+            assert_eq!(shared.check(&ip).await, local.check(&ip).await);
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_sharing_redis_refuse_a_client_over_the_limit_on_any_of_them() {
+        let cluster = unique_prefix();
+        let first = api_limiter(3, Some(node(&cluster).await));
+        let second = api_limiter(3, Some(node(&cluster).await));
+        let ann = RateKey::User(UserId::new("10.0.0.1"));
+        assert!(!first.check(&ann).await.1);
+        assert!(!second.check(&ann).await.1);
+        assert!(!first.check(&ann).await.1);
+        let (headers, over) = second.check(&ann).await;
+        assert!(over);
+        assert!(headers.contains_key("retry-after"));
+        // An address that reads like the user's id is another client.
+        assert!(!second.check(&address("10.0.0.1")).await.1);
+    }
+
+    #[tokio::test]
+    async fn without_redis_requests_are_counted_on_this_node() {
+        let mut redis = PrivateRedis::start().await;
+        let shared = SharedRates::new(redis.connect().await, unique_prefix());
+        let limiter = api_limiter(2, Some(shared));
+        let ip = address("10.0.0.1");
+        assert!(!limiter.check(&ip).await.1);
+        redis.stop();
+        let started = std::time::Instant::now();
+        let local = api_limiter(2, None);
+        for _ in 0..3 {
+            assert_eq!(limiter.check(&ip).await, local.check(&ip).await);
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn replies_count_per_user_on_every_node_and_per_connection_without_sign_in() {
+        let cluster = unique_prefix();
+        let first = UserReplyRate::new(2, Some(node(&cluster).await));
+        let second = UserReplyRate::new(2, Some(node(&cluster).await));
+        let ann = UserId::new("ann");
+        let (ann_first, ann_second) = (ReplyRate::new(&first, &ann), ReplyRate::new(&second, &ann));
+        assert_eq!(ann_first.check().await, Ok(()));
+        assert_eq!(ann_second.check().await, Ok(()));
+        assert_eq!(ann_first.check().await, Err(ApiError::RateLimited));
+        assert_eq!(ann_second.check().await, Err(ApiError::RateLimited));
+
+        let anonymous = UserId::anonymous();
+        let one = ReplyRate::new(&first, &anonymous);
+        let other = ReplyRate::new(&first, &anonymous);
+        assert_eq!(one.check().await, Ok(()));
+        assert_eq!(one.check().await, Ok(()));
+        assert_eq!(one.check().await, Err(ApiError::RateLimited));
+        assert_eq!(other.check().await, Ok(()));
     }
 }

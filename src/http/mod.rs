@@ -35,6 +35,7 @@ use warp::{Filter, Rejection};
 
 use crate::actors::Conversations;
 use crate::auth::{Accounts, AuthError, Authenticator, User};
+use crate::cluster::rates::SharedRates;
 use crate::config::Config;
 use crate::metrics::Metrics;
 pub use client::ClientAddr;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub auth: Arc<Authenticator>,
     /// Replies each signed-in user may ask for per minute, over all their connections.
     pub user_reply_rate: UserReplyRate,
+    /// Where the rate limits count in cluster mode; `None` counts on this node alone.
+    pub rates: Option<SharedRates>,
     /// The server's own accounts, with `AUTH_MODE=local`.
     pub accounts: Option<Accounts>,
     pub config: Arc<Config>,
@@ -351,6 +354,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
         config.rate_limit_window,
         config.rate_limit_max_requests,
         shared.auth.clone(),
+        shared.rates.clone(),
     );
     let routes = rate_limit.layer(warp::service(routes(shared.clone())));
     // One Socket.IO engine for every connection: a polling session spans many of them.

@@ -59,11 +59,7 @@ impl Session {
         let config = shared.config.clone();
         let (subscriber, inbox) = Subscriber::new(id, config.subscriber_queue);
         shared.metrics.connection_opened();
-        let replies = ReplyRate::new(
-            config.rt_messages_per_minute,
-            &shared.user_reply_rate,
-            &user,
-        );
+        let replies = ReplyRate::new(&shared.user_reply_rate, &user);
         let session = Session {
             conversations: shared.conversations.clone(),
             user,
@@ -113,7 +109,7 @@ impl Session {
                 } else if self.joined.len() >= self.config.max_joined_conversations {
                     return Err(self.too_many_joined());
                 }
-                self.replies.check()?;
+                self.replies.check().await?;
                 let sender = Some(self.subscriber.clone());
                 let started = self
                     .conversations
@@ -133,7 +129,7 @@ impl Session {
             "regenerate" => {
                 let id = Payload::new(data)?.conversation_id()?;
                 self.check_join_limit(&id)?;
-                self.replies.check()?;
+                self.replies.check().await?;
                 let sender = Some(self.subscriber.clone());
                 let started = self
                     .conversations
