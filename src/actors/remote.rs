@@ -246,21 +246,32 @@ impl Conversations {
         }
     }
 
-    /// Where `key` lives now, for its relay here, whose members saw up to `resume`: on another
-    /// node (which answered the relay's first call), or here.
+    /// Where `key` lives now, for its relay here, whose members saw up to `resume` and `seen`
+    /// of that reply's text: here, or on another node (which answered the relay's first call).
     pub async fn home(
         &self,
         key: &ConversationKey,
         resume: Option<Resume>,
+        seen: Option<String>,
     ) -> Result<Home, ChatError> {
-        if self.ctx.registry.contains(key) {
-            return Ok(Home::Here);
-        }
-        let cluster = self.cluster_or_fail()?;
-        let Some(owner) = cluster.acquire(key).await? else {
-            return Ok(Home::Here);
+        let here = self
+            .request_here(key, Activation::OrNew, |answer| Request::Relay {
+                node: None,
+                resume: resume.clone(),
+                seen: seen.clone(),
+                answer,
+            })
+            .await;
+        let owner: NodeId = match here {
+            Ok(relayed) => return Ok(Home::Here(relayed)),
+            Err(Refusal::Elsewhere(owner)) => owner.into(),
+            Err(Refusal::Chat(ChatError::NotFound)) => return Ok(Home::Gone),
+            Err(Refusal::Chat(error)) => return Err(error),
         };
-        match self.call(owner.clone(), key, Call::Relay { resume }).await {
+        match self
+            .call(owner.clone(), key, Call::Relay { resume, seen })
+            .await
+        {
             Ok(Answer::Relayed(relayed)) => Ok(Home::Remote {
                 owner,
                 relayed: *relayed,
@@ -307,10 +318,11 @@ impl Conversations {
                 .request_here(key, activation, Request::Snapshot)
                 .await
                 .map(|c| Answer::Conversation(Box::new(c))),
-            Call::Relay { resume } => self
+            Call::Relay { resume, seen } => self
                 .request_here(key, activation, |answer| Request::Relay {
-                    node: from,
+                    node: Some(from),
                     resume,
+                    seen,
                     answer,
                 })
                 .await

@@ -226,7 +226,11 @@ impl Conversations {
                 .await;
         }
         if let Some(owner) = self.owner_elsewhere(&key).await {
-            return self.snapshot_from(owner, &key).await;
+            match self.snapshot_from(owner, &key).await {
+                // The owner is out of reach: the store has what it last saved.
+                Err(ChatError::Unavailable(_)) => {}
+                answered => return answered,
+            }
         }
         self.ctx
             .store

@@ -146,6 +146,13 @@ impl Bus {
         bounded(async move { listener.subscribe(channel).await }).await
     }
 
+    /// Makes sure the subscription connection is up: a connection the library lost while Redis
+    /// was away comes back only when something is sent on it.
+    pub(super) async fn check_listener(&self) -> Result<(), String> {
+        let mut listener = self.listener.clone();
+        bounded(redis::cmd("PING").query_async::<()>(&mut listener)).await
+    }
+
     /// Stops listening to `channel`.
     pub(super) async fn unsubscribe(&self, channel: &str) -> Result<(), String> {
         let mut listener = self.listener.clone();

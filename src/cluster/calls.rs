@@ -24,8 +24,12 @@ pub enum Call {
     /// The conversation as it is now.
     Snapshot,
     /// The asking node relays the conversation from now on; what it needs to start, and what a
-    /// member that saw up to `resume` missed.
-    Relay { resume: Option<Resume> },
+    /// member that saw up to `resume` missed. `seen` is the text its members saw of that reply,
+    /// which may be more than an owner that died had stored.
+    Relay {
+        resume: Option<Resume>,
+        seen: Option<String>,
+    },
     /// The asking node relays it no more.
     Unrelay,
     /// A user message, its reply streamed to the members.

@@ -361,6 +361,9 @@ impl Cluster {
             if self.is_leaving() {
                 return;
             }
+            if let Err(e) = self.bus.check_listener().await {
+                tracing::debug!(error = %e, "the subscriptions are not back yet");
+            }
             let beat = self.nodes.beat(&mut redis).await;
             let renewed = match beat {
                 Ok(beat) => {

@@ -38,8 +38,8 @@ const HOMING_RETRY: Duration = Duration::from_millis(250);
 pub enum Home {
     /// Another node owns it; the relay starts from what it answered.
     Remote { owner: NodeId, relayed: Relayed },
-    /// This node owns it (or may, once asked): the members go to its actor.
-    Here,
+    /// This node owns it: the members get what they missed, then go to its actor.
+    Here(Relayed),
     /// It does not exist any more.
     Gone,
 }
@@ -306,23 +306,29 @@ impl RelayState {
         self.members.is_empty_here() && self.joins.is_empty() && self.readies.is_empty()
     }
 
-    /// Where the members stand: the reply relayed so far.
-    fn position(&self) -> Option<Resume> {
-        self.reply.as_ref().map(|(progress, _)| Resume {
-            message_id: progress.message_id().to_owned(),
-            seq: progress.seq(),
-        })
+    /// Where the members stand: the reply relayed so far, and its text.
+    fn position(&self) -> (Option<Resume>, Option<String>) {
+        match &self.reply {
+            Some((progress, text)) => (
+                Some(Resume {
+                    message_id: progress.message_id().to_owned(),
+                    seq: progress.seq(),
+                }),
+                Some(text.clone()),
+            ),
+            None => (None, None),
+        }
     }
 
     /// Looks for the conversation's owner after `delay`, answered with [`RelayMsg::Homed`].
     fn look_for_home(&self, myself: &ActorRef<RelayMsg>, delay: Duration) {
         let conversations = self.conversations.clone();
         let key = self.key.clone();
-        let resume = self.position();
+        let (resume, seen) = self.position();
         let relay = myself.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let home = conversations.home(&key, resume).await;
+            let home = conversations.home(&key, resume, seen).await;
             let _ = relay.send_message(RelayMsg::Homed(home));
         });
     }
@@ -338,7 +344,7 @@ impl RelayState {
     fn homed(&mut self, myself: &ActorRef<RelayMsg>, home: Result<Home, ChatError>) {
         match home {
             Ok(Home::Remote { owner, relayed }) => self.relay_from(myself, owner, relayed),
-            Ok(Home::Here) => self.hand_over(),
+            Ok(Home::Here(relayed)) => self.hand_over(relayed),
             Ok(Home::Gone) => {
                 for (_, _, answer) in self.joins.drain(..) {
                     let _ = answer.send(Err(ChatError::NotFound));
@@ -395,15 +401,19 @@ impl RelayState {
         }
     }
 
-    /// This node owns the conversation now: its members, and those waiting to be, join the
-    /// actor here, from where the relay stood.
-    fn hand_over(&mut self) {
-        let position = self.position();
+    /// This node owns the conversation now: its members get what they missed, then they, and
+    /// those waiting to be members, join the actor here.
+    fn hand_over(&mut self, relayed: Relayed) {
+        for frame in relayed.missed {
+            if let Some(event) = EncodedEvent::decode(frame) {
+                self.members.deliver(&event);
+            }
+        }
         let mut joining: Vec<(Subscriber, Option<Resume>, _)> = self
             .members
             .take_all()
             .into_iter()
-            .map(|subscriber| (subscriber, position.clone(), None))
+            .map(|subscriber| (subscriber, None, None))
             .collect();
         joining.extend(
             self.joins

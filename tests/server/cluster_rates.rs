@@ -90,7 +90,7 @@ async fn a_node_that_cannot_reach_redis_does_not_start_and_keeps_the_password_to
     };
     let error = error.to_string();
     assert!(
-        error.starts_with("cannot connect to Redis (REDIS_URL): "),
+        error.starts_with("cannot join the cluster: cannot reach Redis"),
         "{error}"
     );
     assert!(

@@ -9,6 +9,7 @@ mod accounts;
 mod actors;
 mod auth;
 mod browser;
+mod cluster;
 mod cluster_rates;
 mod durability;
 mod edge;

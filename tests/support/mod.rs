@@ -2,6 +2,8 @@
 //! WebSocket and Socket.IO clients, and what a realtime scenario needs to run over either
 //! transport ([`RealtimeClient`], `over_both_transports!`).
 
+pub mod cluster;
+pub mod database;
 pub mod logs;
 pub mod model_server;
 pub mod process;

@@ -137,11 +137,13 @@ pub enum Request {
     Delete(Answer<()>),
     /// The server is stopping: end the reply in progress as interrupted.
     Interrupt(Answer<()>),
-    /// Another node relays the conversation from now on: what it needs to start, and what a
-    /// member that saw up to `resume` missed.
+    /// A relay's members come to the conversation: what the relay needs to start, and what a
+    /// member that saw up to `resume` (and `seen` of its text) missed. `node` relays the
+    /// conversation from now on; `None` is this node's relay, whose members join here.
     Relay {
-        node: NodeId,
+        node: Option<NodeId>,
         resume: Option<Resume>,
+        seen: Option<String>,
         answer: Answer<Relayed>,
     },
     /// A node relays it no more.
@@ -484,9 +486,11 @@ impl ConversationState {
             Request::Relay {
                 node,
                 resume,
+                seen,
                 answer,
             } => {
-                let _ = answer.send(self.relayed_by(node, resume.as_ref()));
+                let relayed = self.relayed_by(node, resume.as_ref(), seen).await;
+                let _ = answer.send(relayed);
             }
             Request::Unrelay { node, answer } => {
                 if let Some(publication) = self.members.publication() {
