@@ -198,6 +198,8 @@ pub struct ConversationState {
     reply: Option<Reply>,
     /// A reply an earlier owner left unfinished, ended by this actor.
     orphan: Option<Orphan>,
+    /// The store refused a write because another node claimed the conversation since.
+    fenced: bool,
     generations: u64,
     idle_timer: bool,
     last_activity: Instant,
@@ -306,6 +308,10 @@ impl Actor for ConversationActor {
                 }
             }
         }
+        if state.fenced {
+            Box::pin(state.lose(&myself)).await;
+            return Ok(());
+        }
         if state.is_quiet() && !state.idle_timer {
             let after = state.idle_limit();
             state.arm_idle_timer(&myself, after);
@@ -375,6 +381,7 @@ impl ConversationState {
             conversation,
             reply: None,
             orphan,
+            fenced: false,
             generations: 0,
             idle_timer: false,
             last_activity: Instant::now(),
@@ -431,10 +438,27 @@ impl ConversationState {
         });
     }
 
+    /// Answers a request, noting a write the store refused.
+    fn answer<T>(&mut self, answer: Answer<T>, result: Result<T, ChatError>) {
+        if let Err(error) = &result {
+            self.note(error);
+        }
+        let _ = answer.send(result);
+    }
+
+    /// Notes a failure: a write refused because another node claimed the conversation means
+    /// this actor is not its owner any more.
+    pub(super) fn note(&mut self, error: &ChatError) {
+        if matches!(error, ChatError::Unavailable(_)) {
+            self.fenced = true;
+        }
+    }
+
     async fn handle_request(&mut self, myself: &ActorRef<ConversationMsg>, request: Request) {
         match request {
             Request::Snapshot(answer) => {
-                let _ = answer.send(self.snapshot());
+                let result = self.snapshot();
+                self.answer(answer, result);
             }
             Request::Join {
                 subscriber,
@@ -456,7 +480,8 @@ impl ConversationState {
                 sender,
                 answer,
             } => {
-                let _ = answer.send(self.stream_chat(myself, content, sender).await);
+                let result = self.stream_chat(myself, content, sender).await;
+                self.answer(answer, result);
             }
             Request::Chat {
                 content,
@@ -464,20 +489,25 @@ impl ConversationState {
                 answer,
             } => {
                 if let Err(e) = self.chat(myself, content, create, answer).await {
+                    self.note(&e);
                     tracing::debug!(conversation = %self.key.id, error = %e, "chat refused");
                 }
             }
             Request::Stop(answer) => {
-                let _ = answer.send(self.stop().await);
+                let result = self.stop().await;
+                self.answer(answer, result);
             }
             Request::Regenerate { sender, answer } => {
-                let _ = answer.send(self.regenerate(myself, sender).await);
+                let result = self.regenerate(myself, sender).await;
+                self.answer(answer, result);
             }
             Request::Rename { title, answer } => {
-                let _ = answer.send(self.rename(title).await);
+                let result = self.rename(title).await;
+                self.answer(answer, result);
             }
             Request::Delete(answer) => {
-                let _ = answer.send(self.delete().await);
+                let result = self.delete().await;
+                self.answer(answer, result);
             }
             Request::Interrupt(answer) => {
                 self.interrupt().await;
@@ -490,7 +520,7 @@ impl ConversationState {
                 answer,
             } => {
                 let relayed = self.relayed_by(node, resume.as_ref(), seen).await;
-                let _ = answer.send(relayed);
+                self.answer(answer, relayed);
             }
             Request::Unrelay { node, answer } => {
                 if let Some(publication) = self.members.publication() {

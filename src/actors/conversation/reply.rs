@@ -245,6 +245,7 @@ impl ConversationState {
             conversation.updated_at = now;
         }
         if let Err(e) = store.save_message(&self.writer, &message, now).await {
+            self.note(&e.clone().into());
             tracing::error!(conversation = %self.key.id, error = %e, "could not save reply");
         }
     }
@@ -258,7 +259,7 @@ impl ConversationState {
         match reply.waiter.take() {
             Some(waiter) => {
                 let outcome = self.end_whole(&reply, ending).await;
-                let _ = waiter.send(outcome);
+                self.answer(waiter, outcome);
             }
             None => self.end_streamed(&mut reply, ending).await,
         }
