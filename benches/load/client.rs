@@ -32,15 +32,17 @@ pub enum Spec {
         seconds: f64,
         conversations: usize,
     },
-    /// `subscribers` members of one conversation receive one reply.
+    /// `subscribers` members of one conversation, connected to the nodes at `addrs` in turn,
+    /// receive one reply asked for on the first.
     Fanout {
-        addr: SocketAddr,
+        addrs: Vec<SocketAddr>,
         subscribers: usize,
         expected: String,
     },
-    /// `conversations` replies streaming at once, one per connection.
+    /// `conversations` replies streaming at once, one per connection, the connections made to
+    /// the nodes at `addrs` in turn.
     Streams {
-        addr: SocketAddr,
+        addrs: Vec<SocketAddr>,
         conversations: usize,
     },
     /// `connections` idle connections, each joined to one of 100 conversations.
@@ -147,11 +149,13 @@ async fn connect(addr: SocketAddr) -> tokio_tungstenite::tungstenite::Result<(So
         .await
 }
 
-async fn connect_many(addr: SocketAddr, count: usize) -> Vec<Socket> {
+/// `count` connections, made to the servers at `addrs` in turn.
+async fn connect_many(addrs: &[SocketAddr], count: usize) -> Vec<Socket> {
     let gate = Arc::new(Semaphore::new(200));
     let mut tasks = Vec::with_capacity(count);
-    for _ in 0..count {
+    for i in 0..count {
         let gate = gate.clone();
+        let addr = addrs[i % addrs.len()];
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.unwrap();
             for attempt in 0..20 {
@@ -229,17 +233,17 @@ async fn prepare(spec: &Spec) -> Prepared {
             Prepared::Ids(ids)
         }
         Spec::Fanout {
-            addr, subscribers, ..
+            addrs, subscribers, ..
         } => {
-            let sockets = connect_many(*addr, *subscribers).await;
+            let sockets = connect_many(addrs, *subscribers).await;
             Prepared::Sockets(join_all(sockets, |_| "fanout".to_owned()).await)
         }
         Spec::Streams {
-            addr,
+            addrs,
             conversations,
-        } => Prepared::Sockets(connect_many(*addr, *conversations).await),
+        } => Prepared::Sockets(connect_many(addrs, *conversations).await),
         Spec::Idle { addr, connections } => {
-            let sockets = connect_many(*addr, *connections).await;
+            let sockets = connect_many(&[*addr], *connections).await;
             Prepared::Sockets(join_all(sockets, |i| format!("idle-{}", i % 100)).await)
         }
     }
@@ -280,8 +284,8 @@ async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
             .await;
             (outcome, Vec::new())
         }
-        (Spec::Fanout { addr, expected, .. }, Prepared::Sockets(sockets)) => {
-            fanout(*addr, sockets, expected).await
+        (Spec::Fanout { addrs, expected, .. }, Prepared::Sockets(sockets)) => {
+            fanout(addrs[0], sockets, expected).await
         }
         (Spec::Streams { .. }, Prepared::Sockets(sockets)) => (streams(sockets).await, Vec::new()),
         (Spec::Idle { .. }, Prepared::Sockets(sockets)) => (Outcome::default(), sockets),

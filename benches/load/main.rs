@@ -4,7 +4,9 @@
 //! scenario at full size; `cargo bench -- --quick` (or `BENCH_QUICK=1`) runs them small; naming
 //! scenarios after `--` runs only those (`fanout`, `"idle socket.io"`, ...). Prints one table and
 //! writes the figures to `target/bench/load.json`.
-//! `BENCH_DB=memory` runs them on the in-memory store instead of SQLite, for comparison.
+//! `BENCH_DB=memory` runs them on the in-memory store instead of SQLite, for comparison; the
+//! `cluster` scenarios run two nodes in this process on one store (SQLite, or `BENCH_DB`, such
+//! as a `postgres://` URL) and the Redis at `BENCH_REDIS_URL` (by default the machine's own).
 
 #[path = "../../tests/support/model_server.rs"]
 #[allow(dead_code)]
@@ -69,7 +71,7 @@ struct Row {
 
 /// The scenarios, in the order they run; each runs in a fresh process of its own, so that no
 /// memory, task or socket of one is seen by the next.
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 11] = [
     "rest_post",
     "rest_get",
     "fanout /ws",
@@ -79,6 +81,8 @@ const SCENARIOS: [&str; 9] = [
     "idle socket.io",
     "conversations",
     "routing",
+    "cluster fanout",
+    "cluster streams",
 ];
 
 fn main() {
@@ -136,10 +140,29 @@ fn run_scenario(name: &str, quick: bool) {
             "fanout /ws" | "fanout socket.io" => {
                 let transport = Transport::named(&name["fanout ".len()..]);
                 for subscribers in sizes.fanout {
-                    rows.push(fanout(transport, subscribers).await);
+                    let nodes = Nodes::one().await;
+                    rows.push(fanout(&nodes, transport, subscribers).await);
+                    nodes.finish().await;
                 }
             }
-            "streams" => rows.push(streams(&sizes).await),
+            "streams" => {
+                let nodes = Nodes::one().await;
+                rows.push(streams(&nodes, &sizes).await);
+                nodes.finish().await;
+            }
+            "cluster fanout" => {
+                let subscribers = sizes.fanout[1];
+                for transport in [Transport::Ws, Transport::SocketIo] {
+                    let nodes = Nodes::cluster(2).await;
+                    rows.push(fanout(&nodes, transport, subscribers).await);
+                    nodes.finish().await;
+                }
+            }
+            "cluster streams" => {
+                let nodes = Nodes::cluster(2).await;
+                rows.push(streams(&nodes, &sizes).await);
+                nodes.finish().await;
+            }
             "idle /ws" | "idle socket.io" => {
                 rows.push(idle(Transport::named(&name["idle ".len()..]), &sizes).await)
             }
@@ -182,6 +205,68 @@ fn bench_config(dir: &tempfile::TempDir) -> Config {
     config.model.api_key = Some("bench".into());
     config.model.model = "bench-model".into();
     config
+}
+
+/// The servers a scenario talks to: one, or the nodes of a cluster sharing one store and the
+/// bench's Redis, with one test model server.
+struct Nodes {
+    apps: Vec<App>,
+    model: ModelServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Nodes {
+    /// One server.
+    async fn one() -> Nodes {
+        let bench = bench_server(|_| {}).await;
+        Nodes {
+            apps: vec![bench.app],
+            model: bench.model,
+            _dir: bench._dir,
+        }
+    }
+
+    /// `count` nodes of a new cluster.
+    async fn cluster(count: usize) -> Nodes {
+        let dir = tempfile::tempdir().unwrap();
+        let model = ModelServer::start().await;
+        let mut config = bench_config(&dir);
+        config.model.base_url = Some(model.base_url());
+        config.cluster = Some(ai_chat_server::config::ClusterConfig {
+            redis_url: std::env::var("BENCH_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            name: format!("bench-{}", std::process::id()),
+            lease: Duration::from_secs(5),
+        });
+        let mut apps = Vec::new();
+        for _ in 0..count {
+            apps.push(App::start(config.clone()).await.expect("node starts"));
+        }
+        Nodes {
+            apps,
+            model,
+            _dir: dir,
+        }
+    }
+
+    /// Where the servers listen.
+    fn addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.apps.iter().map(App::addr).collect()
+    }
+
+    /// How the table names the servers, after a scenario's name.
+    fn suffix(&self) -> String {
+        match self.apps.len() {
+            1 => String::new(),
+            n => format!(" over {n} nodes"),
+        }
+    }
+
+    async fn finish(self) {
+        for app in self.apps {
+            app.shutdown(Duration::ZERO).await;
+        }
+    }
 }
 
 async fn bench_server(tweak: impl FnOnce(&mut Config)) -> Bench {
@@ -389,60 +474,60 @@ fn rest_row(scenario: &str, outcome: &Outcome) -> Row {
     }
 }
 
-async fn fanout(transport: Transport, subscribers: usize) -> Row {
+async fn fanout(nodes: &Nodes, transport: Transport, subscribers: usize) -> Row {
     ensure_open_files(subscribers);
-    let bench = bench_server(|_| {}).await;
     let words: Vec<String> = (0..200).map(|i| format!("tok{i} ")).collect();
-    bench.model.set_reply(words, Duration::from_millis(2));
+    nodes.model.set_reply(words, Duration::from_millis(2));
     let outcome = run_client(
         transport,
         Spec::Fanout {
-            addr: bench.app.addr(),
+            addrs: nodes.addrs(),
             subscribers,
-            expected: bench.model.reply_text(),
+            expected: nodes.model.reply_text(),
         },
     )
     .await;
     let per_second = rate(outcome.chunks as f64, outcome.seconds);
     let mut row = Row {
-        scenario: format!("fanout {} {subscribers}", transport.name()),
+        scenario: format!(
+            "fanout {} {subscribers}{}",
+            transport.name(),
+            nodes.suffix()
+        ),
         figures: vec![
             ("chunks/s".into(), format!("{per_second:.0}")),
             ("p99 complete".into(), ms(outcome.latency.p99_ms)),
             ("missing".into(), outcome.missing.to_string()),
             ("complete".into(), format!("{}/{subscribers}", outcome.ok)),
         ],
-        json: json!({"transport": transport.key(), "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
+        json: json!({"transport": transport.key(), "nodes": nodes.apps.len(), "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
     };
     transport.note_client(&mut row);
-    bench.finish().await;
     row
 }
 
-async fn streams(sizes: &Sizes) -> Row {
-    let bench = bench_server(|_| {}).await;
+async fn streams(nodes: &Nodes, sizes: &Sizes) -> Row {
     let words: Vec<String> = (0..50).map(|i| format!("tok{i} ")).collect();
     let pace = Duration::from_millis(20) * 50;
-    bench.model.set_reply(words, Duration::from_millis(20));
+    nodes.model.set_reply(words, Duration::from_millis(20));
     let outcome = run_client(
         Transport::Ws,
         Spec::Streams {
-            addr: bench.app.addr(),
+            addrs: nodes.addrs(),
             conversations: sizes.streams,
         },
     )
     .await;
-    bench.finish().await;
     let ratio = outcome.latency.p99_ms / pace.as_secs_f64() / 1e3;
     Row {
-        scenario: format!("streams {}", sizes.streams),
+        scenario: format!("streams {}{}", sizes.streams, nodes.suffix()),
         figures: vec![
             ("p99/pace".into(), format!("{ratio:.2}x")),
             ("p99 complete".into(), ms(outcome.latency.p99_ms)),
             ("first chunk p99".into(), ms(outcome.first_chunk.p99_ms)),
             ("failures".into(), outcome.errors.to_string()),
         ],
-        json: json!({"conversations": sizes.streams, "model_pace_ms": pace.as_millis() as u64, "p99_over_pace": ratio, "complete_latency": latency_json(&outcome.latency), "first_chunk_latency": latency_json(&outcome.first_chunk), "failures": outcome.errors}),
+        json: json!({"conversations": sizes.streams, "nodes": nodes.apps.len(), "model_pace_ms": pace.as_millis() as u64, "p99_over_pace": ratio, "complete_latency": latency_json(&outcome.latency), "first_chunk_latency": latency_json(&outcome.first_chunk), "failures": outcome.errors}),
     }
 }
 

@@ -335,7 +335,7 @@ fn realtime() -> Value {
 }
 
 /// The whole document: the annotations' paths and schemas, with the answers every route under
-/// `/api/` may give (429, 500) and its rate-limit headers, `/ws`, the answers for paths and
+/// `/api/` may give (429, 500; 503 for a conversation in a cluster) and its rate-limit headers, `/ws`, the answers for paths and
 /// methods no route serves (404, 405), and `x-realtime`.
 fn document() -> Value {
     let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
@@ -370,6 +370,15 @@ fn document() -> Value {
                     "500".into(),
                     error_response("`INTERNAL_ERROR`: the store or a conversation failed"),
                 );
+                if path.starts_with("/api/chat") || path.starts_with("/api/conversations/") {
+                    responses.insert(
+                        "503".into(),
+                        error_response(
+                            "`UNAVAILABLE`: in a cluster (`REDIS_URL`), the node that owns the \
+                             conversation cannot be reached, or Redis is away; a client may retry",
+                        ),
+                    );
+                }
                 if protected {
                     responses.insert(
                         "401".into(),

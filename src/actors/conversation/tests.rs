@@ -31,6 +31,7 @@ async fn a_reply_whose_message_is_gone_still_ends_whole() {
         key,
         reply: None,
         orphan: None,
+        fenced: false,
         generations: 1,
         idle_timer: false,
         last_activity: Instant::now(),

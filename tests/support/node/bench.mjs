@@ -2,8 +2,11 @@
 // this one Node process, speaking the benchmark's JSON lines as its Rust client does for /ws
 // (benches/load/client.rs).
 //
-//   node bench.mjs SPEC    SPEC: {"scenario": "fanout", "addr", "subscribers", "expected"}
+//   node bench.mjs SPEC    SPEC: {"scenario": "fanout", "addrs", "subscribers", "expected"}
 //                              | {"scenario": "idle", "addr", "connections"}
+//
+// A fan-out's sockets connect to the servers at `addrs` in turn (the nodes of a cluster), and
+// the reply is asked for on the first.
 //
 // Connects and joins every socket (each join acknowledged), prints {"ready": true}; on the line
 // "go" runs and prints the outcome (the Rust client's Outcome fields); on "stop" or the end of
@@ -14,7 +17,7 @@ import { createInterface } from "node:readline";
 import { io } from "socket.io-client";
 
 const spec = JSON.parse(process.argv[2]);
-const url = `http://${spec.addr}`;
+const urls = (spec.addrs ?? [spec.addr]).map((addr) => `http://${addr}`);
 // Connections being opened at once, so that the server's listen backlog is never overrun.
 const OPENING = 200;
 const ATTEMPTS = 20;
@@ -36,7 +39,7 @@ async function waitFor(word) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-function connectOnce() {
+function connectOnce(url) {
   return new Promise((resolve, reject) => {
     const socket = io(url, { transports: ["websocket"], reconnection: false, forceNew: true });
     socket.once("connect", () => resolve(socket));
@@ -47,10 +50,10 @@ function connectOnce() {
   });
 }
 
-async function connect() {
+async function connect(url = urls[0]) {
   for (let attempt = 1; ; attempt++) {
     try {
-      return await connectOnce();
+      return await connectOnce(url);
     } catch (error) {
       if (attempt === ATTEMPTS) throw new Error(`cannot connect: ${error.message}`);
       await sleep(50);
@@ -74,7 +77,7 @@ async function openMany(count, setup) {
   async function opener() {
     while (next < count) {
       const i = next++;
-      const socket = await connect();
+      const socket = await connect(urls[i % urls.length]);
       await join(socket, setup(socket, i));
       sockets[i] = socket;
     }
