@@ -3,9 +3,10 @@
 //! Each check is a function of a fresh, empty store; `contract!` runs all of them as tests of one
 //! store, so a store joins the suite with one line at the end of this file.
 
+use super::postgres::test_database::TestDatabase;
 use super::{
-    Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, SqliteStore, Store,
-    StoreError, Writer,
+    Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, PostgresStore,
+    SqliteStore, Store, StoreError, Writer,
 };
 use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 
@@ -78,6 +79,15 @@ async fn fresh_sqlite() -> Fresh {
     Fresh {
         store: Box::new(SqliteStore::open(&url, Durability::Normal).await.unwrap()),
         _kept: Box::new(dir),
+    }
+}
+
+/// A fresh store in a schema of its own on the test PostgreSQL server (`TEST_DATABASE_URL`).
+async fn fresh_postgres() -> Fresh {
+    let database = TestDatabase::create().await;
+    Fresh {
+        store: Box::new(PostgresStore::open(&database.url).await.unwrap()),
+        _kept: Box::new(database),
     }
 }
 
@@ -1008,3 +1018,4 @@ async fn writes_sent_together_each_get_their_own_outcome(store: &dyn Conversatio
 
 contract!(memory => fresh_memory);
 contract!(sqlite => fresh_sqlite);
+contract!(postgres => fresh_postgres);
