@@ -77,7 +77,8 @@ pub struct Config {
     pub socketio_buffer: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,
-    /// `DATABASE_URL`: `memory`, or a SQLite database such as `sqlite://data/chat.db`.
+    /// `DATABASE_URL`: `memory`, a SQLite database such as `sqlite://data/chat.db`, or a
+    /// PostgreSQL database such as `postgres://user:password@host:5432/chat`.
     pub database_url: String,
     /// `SQLITE_SYNCHRONOUS`: `normal` or `full`.
     pub sqlite_durability: Durability,

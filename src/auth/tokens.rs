@@ -148,8 +148,9 @@ impl TokenVerifier {
         let mut validation = self.validation.clone();
         validation.algorithms = vec![header.alg];
         let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)?.claims;
-        // The anonymous user's id is empty: no token may stand for it.
-        if claims.sub.is_empty() {
+        // The anonymous user's id is empty: no token may stand for it. An id is stored as text,
+        // which some stores cannot hold with control characters (PostgreSQL's with U+0000).
+        if claims.sub.is_empty() || claims.sub.chars().any(char::is_control) {
             return Err(AuthError::Malformed);
         }
         Ok(User {
@@ -216,5 +217,43 @@ impl TokenSigner {
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)?;
         Ok((token, claims.exp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_subject_that_is_empty_or_holds_a_control_character_is_refused() {
+        let secret = Secret::new("a secret long enough for HS256 tokens");
+        let config = AuthConfig {
+            jwt_secret: Some(secret.clone()),
+            ..AuthConfig::default()
+        };
+        let verifier = TokenVerifier::new(&config).unwrap();
+        let key = EncodingKey::from_secret(secret.expose().as_bytes()).unwrap();
+        let token = |sub: &str| {
+            let claims =
+                serde_json::json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + 600});
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        };
+        let user = verifier.verify(&token("ann 🦀")).await.unwrap();
+        assert_eq!(user.id, UserId::new("ann 🦀"));
+        for sub in [
+            "",
+            "ann\u{0}",
+            "\u{0}",
+            "ann\nbob",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{85}",
+        ] {
+            assert_eq!(
+                verifier.verify(&token(sub)).await.map(|user| user.id),
+                Err(AuthError::Malformed),
+                "{sub:?}"
+            );
+        }
     }
 }

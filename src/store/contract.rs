@@ -3,9 +3,10 @@
 //! Each check is a function of a fresh, empty store; `contract!` runs all of them as tests of one
 //! store, so a store joins the suite with one line at the end of this file.
 
+use super::postgres::test_database::TestDatabase;
 use super::{
-    Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, SqliteStore, Store,
-    StoreError, Writer,
+    Account, AccountStore, ConversationStore, Durability, MemoryStore, Page, PostgresStore,
+    SqliteStore, Store, StoreError, Writer,
 };
 use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 
@@ -48,6 +49,9 @@ macro_rules! contract {
                 claims_give_ever_greater_tokens,
                 a_writer_whose_claim_was_superseded_is_refused,
                 a_claim_outlives_its_conversation,
+                any_text_round_trips,
+                a_key_holding_nul_names_nothing,
+                writes_sent_together_each_get_their_own_outcome,
             );
         }
     };
@@ -75,6 +79,15 @@ async fn fresh_sqlite() -> Fresh {
     Fresh {
         store: Box::new(SqliteStore::open(&url, Durability::Normal).await.unwrap()),
         _kept: Box::new(dir),
+    }
+}
+
+/// A fresh store in a schema of its own on the test PostgreSQL server (`TEST_DATABASE_URL`).
+async fn fresh_postgres() -> Fresh {
+    let database = TestDatabase::create().await;
+    Fresh {
+        store: Box::new(PostgresStore::open(&database.url).await.unwrap()),
+        _kept: Box::new(database),
     }
 }
 
@@ -871,5 +884,138 @@ async fn a_claim_outlives_its_conversation(store: &dyn ConversationStore) {
     assert_eq!(stored(store, "a").await.title, "second");
 }
 
+/// Client text of any kind: U+0000, an emoji, a lone combining mark, and what surrounds them.
+const ANY_TEXT: &str = "nul \u{0} here, \u{1F980} crab, \u{301} alone, \u{7F}\u{FEFF}\u{10FFFF}";
+
+async fn any_text_round_trips(store: &dyn ConversationStore) {
+    let mut a = conversation("a", ANY_TEXT, 1_000);
+    a.messages = vec![
+        message("a", Role::User, ANY_TEXT, 1_000),
+        streaming("a", "\u{0}", 1_000),
+    ];
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
+    assert_eq!(stored(store, "a").await, a);
+
+    let reply = Message {
+        content: format!("{ANY_TEXT}{ANY_TEXT}"),
+        ..a.messages[1].clone()
+    };
+    store
+        .save_message(&Writer::unfenced(&ann()), &reply, at(2_000))
+        .await
+        .unwrap();
+    let title = "\u{301}\u{0}";
+    store
+        .rename_conversation(&Writer::unfenced(&ann()), "a", title, at(3_000))
+        .await
+        .unwrap();
+    a.messages[1] = reply;
+    a.title = title.into();
+    a.updated_at = at(3_000);
+    assert_eq!(stored(store, "a").await, a);
+    let listed = store
+        .list_conversations(&ann(), Page::default())
+        .await
+        .unwrap();
+    assert_eq!(listed, [a]);
+}
+
+async fn a_key_holding_nul_names_nothing(store: &dyn Store) {
+    let mut a = conversation("a", "first", 1_000);
+    a.messages.push(message("a", Role::User, "question", 1_000));
+    store
+        .create_conversation(&Writer::unfenced(&ann()), &a)
+        .await
+        .unwrap();
+    store.create_account(&account("u1", "Ann")).await.unwrap();
+    store.add_usage(&ann(), "2026-11-29", 5).await.unwrap();
+
+    let ann_nul = UserId::new("ann\u{0}");
+    assert_eq!(store.load_conversation(&ann(), "a\u{0}").await, Ok(None));
+    assert_eq!(store.load_conversation(&ann_nul, "a").await, Ok(None));
+    assert_eq!(
+        store.list_conversations(&ann_nul, Page::default()).await,
+        Ok(vec![])
+    );
+    assert_eq!(store.find_account("ann\u{0}").await, Ok(None));
+    assert_eq!(store.usage_on(&ann_nul, "2026-11-29").await, Ok(0));
+    assert_eq!(store.usage_on(&ann(), "2026-11-29\u{0}").await, Ok(0));
+
+    let writer = Writer::unfenced(&ann());
+    let question = message("a\u{0}", Role::User, "lost", 2_000);
+    assert_eq!(
+        store.save_message(&writer, &question, at(2_000)).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(
+        store
+            .rename_conversation(&writer, "a\u{0}", "renamed", at(2_000))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(
+        store
+            .delete_message(&writer, "a\u{0}", &a.messages[0].id, at(2_000))
+            .await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(store.mark_interrupted_in(&writer, "a\u{0}").await, Ok(0));
+    assert_eq!(
+        store.delete_conversation(&writer, "a\u{0}").await,
+        Ok(false)
+    );
+    let fenced_writer = fenced(ann(), 1);
+    assert_eq!(
+        store
+            .rename_conversation(&fenced_writer, "a\u{0}", "renamed", at(2_000))
+            .await,
+        Err(StoreError::Fenced)
+    );
+    // A message id that names nothing: nothing removed, and the conversation's time moves.
+    store
+        .delete_message(&writer, "a", "m\u{0}", at(2_000))
+        .await
+        .unwrap();
+    a.updated_at = at(2_000);
+    assert_eq!(stored(store, "a").await, a);
+}
+
+async fn writes_sent_together_each_get_their_own_outcome(store: &dyn ConversationStore) {
+    let writer = Writer::unfenced(&ann());
+    let mut a = conversation("a", "first", 1_000);
+    a.messages.push(message("a", Role::User, "question", 1_000));
+    let b = conversation("b", "second", 1_000);
+    let stale = fenced(ann(), u64::MAX);
+    let reply = streaming("a", "reply", 2_000);
+    let orphan = message("c", Role::User, "lost", 2_000);
+    // Sent at once, they may be committed together; each is answered as if alone, in order.
+    let (created, again, saved, lost, fenced_out, renamed, other) = tokio::join!(
+        store.create_conversation(&writer, &a),
+        store.create_conversation(&writer, &a),
+        store.save_message(&writer, &reply, at(2_000)),
+        store.save_message(&writer, &orphan, at(2_000)),
+        store.rename_conversation(&stale, "a", "stale", at(3_000)),
+        store.rename_conversation(&writer, "a", "renamed", at(3_000)),
+        store.create_conversation(&writer, &b),
+    );
+    assert_eq!(created, Ok(()));
+    assert_eq!(again, Err(StoreError::AlreadyExists));
+    assert_eq!(saved, Ok(()));
+    assert_eq!(lost, Err(StoreError::NotFound));
+    assert_eq!(fenced_out, Err(StoreError::Fenced));
+    assert_eq!(renamed, Ok(()));
+    assert_eq!(other, Ok(()));
+    a.messages.push(reply);
+    a.title = "renamed".into();
+    a.updated_at = at(3_000);
+    assert_eq!(stored(store, "a").await, a);
+    assert_eq!(stored(store, "b").await, b);
+    assert_eq!(store.load_conversation(&ann(), "c").await, Ok(None));
+}
+
 contract!(memory => fresh_memory);
 contract!(sqlite => fresh_sqlite);
+contract!(postgres => fresh_postgres);

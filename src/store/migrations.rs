@@ -1,5 +1,6 @@
-//! The SQLite schema's migrations, shipped in the binary, and how a database is brought up to
-//! date with them at start-up.
+//! The schema's migrations for each SQL store, shipped in the binary, and how a SQLite database is
+//! brought up to date with them at start-up (PostgreSQL's are applied by
+//! [`super::postgres`]).
 //!
 //! A database records how many migrations it has had in its `user_version` header field. Each
 //! pending migration runs once, in order, in a transaction of its own that also moves that
@@ -45,6 +46,20 @@ pub(super) const SQLITE: &[Migration] = &[
     },
 ];
 
+/// Every migration of the PostgreSQL schema, in order.
+pub(super) const POSTGRES: &[Migration] = &[Migration {
+    name: "0001_schema",
+    sql: include_str!("migrations/postgres/0001_schema.sql"),
+}];
+
+/// The refusal of a database whose schema has had `applied` migrations, more than the `known`
+/// ones of this server: an older server would misread a newer schema.
+pub(super) fn newer_than_server(applied: usize, known: usize) -> StoreError {
+    StoreError::storage(format!(
+        "the database's schema is at version {applied}, newer than this server's {known}"
+    ))
+}
+
 /// Runs the migrations of `migrations` that the database on `connection` has not had yet. A
 /// database whose schema is newer than the last of them is refused.
 pub(super) fn apply(
@@ -59,10 +74,7 @@ pub(super) fn apply(
         let applied = applied(&tx)?;
         let Some(migration) = migrations.get(applied) else {
             if applied > migrations.len() {
-                return Err(StoreError::storage(format!(
-                    "the database's schema is at version {applied}, newer than this server's {}",
-                    migrations.len()
-                )));
+                return Err(newer_than_server(applied, migrations.len()));
             }
             tx.commit().map_err(failed)?;
             return Ok(());
@@ -144,12 +156,14 @@ mod tests {
 
     #[test]
     fn every_file_is_named_after_its_version() {
-        for (index, migration) in SQLITE.iter().enumerate() {
-            assert!(
-                migration.name.starts_with(&format!("{:04}_", index + 1)),
-                "{}",
-                migration.name
-            );
+        for migrations in [SQLITE, POSTGRES] {
+            for (index, migration) in migrations.iter().enumerate() {
+                assert!(
+                    migration.name.starts_with(&format!("{:04}_", index + 1)),
+                    "{}",
+                    migration.name
+                );
+            }
         }
     }
 

@@ -6,6 +6,7 @@ mod contract;
 mod error;
 mod memory;
 mod migrations;
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 pub use accounts::{Account, AccountStore, username_key};
 pub use error::StoreError;
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
 pub use sqlite::{Durability, SqliteStore};
 
 use crate::domain::{Conversation, Message, Timestamp, UserId};
@@ -135,19 +137,21 @@ pub trait Store: ConversationStore + AccountStore {}
 
 impl<T: ConversationStore + AccountStore> Store for T {}
 
-/// The store `DATABASE_URL` names: `memory`, or a `sqlite:` URL.
+/// The store `DATABASE_URL` names: `memory`, a `sqlite:` URL, or a `postgres:` (or
+/// `postgresql:`) URL.
 pub async fn open(url: &str, durability: Durability) -> Result<Arc<dyn Store>, StoreError> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
     }
-    if url.starts_with("sqlite:") {
-        return Ok(Arc::new(SqliteStore::open(url, durability).await?));
-    }
     // Only the scheme is named: the rest of a URL may hold a password.
     let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
-    Err(StoreError::UnsupportedUrl(format!(
-        "scheme {scheme:?}: expected `memory` or a `sqlite:` URL"
-    )))
+    match scheme {
+        "sqlite" => Ok(Arc::new(SqliteStore::open(url, durability).await?)),
+        "postgres" | "postgresql" => Ok(Arc::new(PostgresStore::open(url).await?)),
+        _ => Err(StoreError::UnsupportedUrl(format!(
+            "scheme {scheme:?}: expected `memory`, a `sqlite:` URL or a `postgres:` URL"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -161,7 +165,7 @@ mod tests {
         assert!(open(&url, Durability::Normal).await.is_ok());
         assert!(open("memory", Durability::Normal).await.is_ok());
         for url in [
-            "postgres://x",
+            "postgres:x",
             "",
             "sqlite:",
             "sqlite::memory:",
@@ -179,5 +183,34 @@ mod tests {
             panic!("a mysql URL opened");
         };
         assert!(!refused.to_string().contains("hunter2"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn a_postgres_server_that_cannot_be_reached_is_named_without_its_password() {
+        for url in [
+            "postgres://admin:hunter2@127.0.0.1:1/chat",
+            "postgresql://admin:hunter2@127.0.0.1:1/chat?connect_timeout=1",
+            "postgres://admin:hunter2@127.0.0.1:port/chat",
+            "postgres://admin:hunter2@127.0.0.1/chat?sslmode=hunter2",
+        ] {
+            let Err(refused) = open(url, Durability::Normal).await else {
+                panic!("{url} opened");
+            };
+            let text = refused.to_string();
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(!text.contains('\n'), "{text}");
+        }
+        let Err(refused) = open(
+            "postgres://admin:hunter2@127.0.0.1:1/chat",
+            Durability::Normal,
+        )
+        .await
+        else {
+            panic!("opened");
+        };
+        assert!(
+            matches!(&refused, StoreError::Storage(text) if text.contains("postgres://127.0.0.1:1/chat")),
+            "{refused}"
+        );
     }
 }

@@ -85,12 +85,12 @@ const WAL_SIZE_LIMIT: u64 = 64 << 20;
 const CHECKPOINT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Writes committed together at most.
-const MAX_BATCH: usize = 256;
+pub(super) const MAX_BATCH: usize = 256;
 
 /// One change to the database; those made by a [`Writer`] touch one conversation, once the
-/// writer's claim on it is checked.
+/// writer's claim on it is checked. The PostgreSQL store's writer takes the same.
 #[derive(Debug)]
-enum Write {
+pub(super) enum Write {
     Claim(UserId, String),
     Create(Writer, Conversation),
     Save(Writer, Vec<Message>, Timestamp),
@@ -143,9 +143,9 @@ impl Write {
 
 /// A write and where its outcome (rows changed) goes once committed.
 #[derive(Debug)]
-struct WriteJob {
-    write: Write,
-    done: oneshot::Sender<Result<u64, StoreError>>,
+pub(super) struct WriteJob {
+    pub(super) write: Write,
+    pub(super) done: oneshot::Sender<Result<u64, StoreError>>,
 }
 
 /// How hard each commit waits for the disk (`SQLITE_SYNCHRONOUS`).

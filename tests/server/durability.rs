@@ -4,9 +4,12 @@
 use std::time::Duration;
 
 use ai_chat_server::store::{Durability, SqliteStore};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use crate::support::postgres::TestDatabase;
 use crate::support::process::ServerProcess;
 use crate::support::{
     ModelServer, RealtimeClient, TestServer, WsClient, call_at, config_for, final_content, names,
@@ -20,40 +23,70 @@ fn sqlite_url(dir: &tempfile::TempDir) -> String {
 #[tokio::test]
 async fn a_restart_keeps_every_conversation() {
     let dir = tempfile::tempdir().unwrap();
+    keeps_every_conversation_across_a_restart(sqlite_url(&dir)).await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_every_conversation_in_postgres() {
+    let database = TestDatabase::create().await;
+    keeps_every_conversation_across_a_restart(database.url.clone()).await;
+}
+
+/// Client text of any kind: U+0000 (which PostgreSQL's text cannot hold), an emoji and a lone
+/// combining mark.
+const ANY_TEXT: &str = "over REST, with \u{0}, \u{1F980} and a lone \u{301}";
+
+/// The server binary on the store `database_url` names, stopped (SIGTERM) and started again,
+/// serves every conversation as it did, and sends the model their whole history.
+async fn keeps_every_conversation_across_a_restart(database_url: String) {
     let model = ModelServer::start().await;
-    let mut config = config_for(&model);
-    config.database_url = sqlite_url(&dir);
+    let env = [
+        ("DATABASE_URL", database_url),
+        ("OPENAI_API_KEY", "test".to_owned()),
+        ("OPENAI_BASE_URL", model.base_url()),
+        ("SHUTDOWN_GRACE_MS", "1000".to_owned()),
+    ];
+    let get = |addr, path: String| async move { call_at(addr, "GET", &path, None).await.1 };
 
-    let server = TestServer::start(config.clone()).await;
-    let (_, first) = server
-        .post("/api/chat", json!({"message": "over REST"}))
-        .await;
+    let server = ServerProcess::spawn(&env);
+    let (_, first) = call_at(
+        server.addr,
+        "POST",
+        "/api/chat",
+        Some(json!({"message": ANY_TEXT})),
+    )
+    .await;
     let rest_id = first["conversation"]["id"].as_str().unwrap().to_owned();
-    server
-        .post(
-            "/api/chat",
-            json!({"message": "and again", "conversationId": rest_id}),
-        )
-        .await;
-    let mut client = server.ws().await;
+    call_at(
+        server.addr,
+        "POST",
+        "/api/chat",
+        Some(json!({"message": "and again", "conversationId": rest_id})),
+    )
+    .await;
+    let mut client = WsClient::connect(server.addr).await;
     client.chat("over-ws", "streamed").await;
-    let (_, list_before) = server.get("/api/conversations").await;
-    let (_, rest_before) = server.get(&format!("/api/conversations/{rest_id}")).await;
-    let (_, ws_before) = server.get("/api/conversations/over-ws").await;
+    let list_before = get(server.addr, "/api/conversations".into()).await;
+    let rest_before = get(server.addr, format!("/api/conversations/{rest_id}")).await;
+    let ws_before = get(server.addr, "/api/conversations/over-ws".into()).await;
+    assert_eq!(rest_before["messages"][0]["content"], ANY_TEXT);
     client.close().await;
-    server.app.shutdown(Duration::from_secs(1)).await;
+    stop(server);
 
-    let server = TestServer::start(config).await;
-    let (_, list_after) = server.get("/api/conversations").await;
+    let server = ServerProcess::spawn(&env);
+    let list_after = get(server.addr, "/api/conversations".into()).await;
     assert_eq!(list_after, list_before);
     assert_eq!(list_after.as_array().unwrap().len(), 2);
     assert_eq!(
-        server.get(&format!("/api/conversations/{rest_id}")).await.1,
+        get(server.addr, format!("/api/conversations/{rest_id}")).await,
         rest_before
     );
-    assert_eq!(server.get("/api/conversations/over-ws").await.1, ws_before);
+    assert_eq!(
+        get(server.addr, "/api/conversations/over-ws".into()).await,
+        ws_before
+    );
 
-    let mut client = server.ws().await;
+    let mut client = WsClient::connect(server.addr).await;
     client.chat(&rest_id, "after the restart").await;
     let sent = model.received().last().unwrap()["messages"].clone();
     let contents: Vec<&str> = sent
@@ -67,13 +100,20 @@ async fn a_restart_keeps_every_conversation() {
         contents,
         [
             "You are a helpful assistant.",
-            "over REST",
+            ANY_TEXT,
             &reply,
             "and again",
             &reply,
             "after the restart"
         ]
     );
+}
+
+/// Stops the server as an operator would (SIGTERM), and waits until it has.
+fn stop(mut server: ServerProcess) {
+    let pid = Pid::from_raw(server.child.id() as i32);
+    signal::kill(pid, Signal::SIGTERM).unwrap();
+    assert!(server.child.wait().unwrap().success());
 }
 
 #[tokio::test]

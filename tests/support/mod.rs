@@ -6,6 +6,11 @@ pub mod cluster;
 pub mod database;
 pub mod logs;
 pub mod model_server;
+/// A schema of its own on the test PostgreSQL server (`TEST_DATABASE_URL`), made as the store's
+/// own tests make theirs.
+#[path = "../../src/store/postgres/test_database.rs"]
+#[allow(dead_code, reason = "what only the store's own tests use")]
+pub mod postgres;
 pub mod process;
 
 use std::collections::VecDeque;
