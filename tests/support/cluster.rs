@@ -1,4 +1,5 @@
-//! A cluster of real server processes on loopback ports, sharing one database and one Redis,
+//! A cluster of real server processes on loopback ports, sharing one PostgreSQL database (a
+//! schema of its own on `TEST_DATABASE_URL`) and one Redis (`TEST_REDIS_URL`),
 //! with the test model server of the test process. Each cluster has a name of its own, so that
 //! tests and runs sharing the Redis never hear each other.
 
@@ -27,11 +28,11 @@ pub const LEASE: Duration = Duration::from_millis(1500);
 pub struct TestCluster {
     nodes: Vec<Option<ServerProcess>>,
     env: Vec<(String, String)>,
-    _database: super::database::Database,
+    _database: super::postgres::TestDatabase,
 }
 
 impl TestCluster {
-    /// `count` nodes on a fresh database and the tests' Redis, answered by `model`, with
+    /// `count` nodes on a fresh PostgreSQL database and the tests' Redis, answered by `model`, with
     /// `env` on top of the cluster's settings.
     pub async fn start(count: usize, model: &ModelServer, env: &[(&str, String)]) -> TestCluster {
         Self::start_on(count, model, &redis_url(), env).await
@@ -44,9 +45,9 @@ impl TestCluster {
         redis: &str,
         env: &[(&str, String)],
     ) -> TestCluster {
-        let database = super::database::Database::fresh().await;
+        let database = super::postgres::TestDatabase::create().await;
         let mut settings: Vec<(String, String)> = [
-            ("DATABASE_URL", database.url().to_owned()),
+            ("DATABASE_URL", database.url.clone()),
             ("REDIS_URL", redis.to_owned()),
             (
                 "CLUSTER_NAME",

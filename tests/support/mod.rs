@@ -3,7 +3,6 @@
 //! transport ([`RealtimeClient`], `over_both_transports!`).
 
 pub mod cluster;
-pub mod database;
 pub mod logs;
 pub mod model_server;
 /// A schema of its own on the test PostgreSQL server (`TEST_DATABASE_URL`), made as the store's
