@@ -245,7 +245,10 @@ async fn connect(server: &Server) -> Result<Connection, StoreError> {
 /// whose statement fails is left out and the others run again, until a transaction commits.
 async fn commit(connection: &Connection, batch: &[WriteJob]) -> Vec<Outcome> {
     let mut outcomes: Vec<Outcome> = vec![Ok(0); batch.len()];
+    // Claims first: every transaction that takes the fencing counter's lock takes it before any
+    // conversation's, so two servers' batches can never wait on each other in a circle.
     let mut pending: Vec<usize> = (0..batch.len()).collect();
+    pending.sort_by_key(|&i| !matches!(batch[i].write, Write::Claim(..)));
     while !pending.is_empty() {
         let (begun, ran) = tokio::join!(
             biased;
