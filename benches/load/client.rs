@@ -284,9 +284,12 @@ async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
             .await;
             (outcome, Vec::new())
         }
-        (Spec::Fanout { addrs, expected, .. }, Prepared::Sockets(sockets)) => {
-            fanout(addrs[0], sockets, expected).await
-        }
+        (
+            Spec::Fanout {
+                addrs, expected, ..
+            },
+            Prepared::Sockets(sockets),
+        ) => fanout(addrs[0], sockets, expected).await,
         (Spec::Streams { .. }, Prepared::Sockets(sockets)) => (streams(sockets).await, Vec::new()),
         (Spec::Idle { .. }, Prepared::Sockets(sockets)) => (Outcome::default(), sockets),
         _ => unreachable!("prepared to match the spec"),

@@ -4,6 +4,7 @@ mod accounts;
 #[cfg(test)]
 mod contract;
 mod error;
+mod group_commit;
 mod memory;
 mod migrations;
 mod postgres;

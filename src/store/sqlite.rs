@@ -16,11 +16,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use percent_encoding::percent_decode_str;
 use rusqlite::{OpenFlags, OptionalExtension, ffi};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{
-    Account, AccountStore, ConversationStore, Page, StoreError, Writer, migrations, username_key,
-};
+use super::group_commit::{GroupCommitted, MAX_BATCH, Write, WriteJob, Writes};
+use super::{Account, Page, StoreError, Writer, migrations, username_key};
 use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 
 /// Conversations in a SQLite file. Writes go to one writer thread that commits whatever is
@@ -28,7 +27,7 @@ use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Ti
 /// use read-only connections of their own.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    writes: mpsc::Sender<WriteJob>,
+    writes: Writes,
     readers: Arc<Readers>,
 }
 
@@ -83,70 +82,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const WAL_SIZE_LIMIT: u64 = 64 << 20;
 /// The least time between two WAL checkpoints.
 const CHECKPOINT_PAUSE: Duration = Duration::from_millis(100);
-
-/// Writes committed together at most.
-pub(super) const MAX_BATCH: usize = 256;
-
-/// One change to the database; those made by a [`Writer`] touch one conversation, once the
-/// writer's claim on it is checked. The PostgreSQL store's writer takes the same.
-#[derive(Debug)]
-pub(super) enum Write {
-    Claim(UserId, String),
-    Create(Writer, Conversation),
-    Save(Writer, Vec<Message>, Timestamp),
-    DeleteMessage {
-        writer: Writer,
-        conversation_id: String,
-        message_id: String,
-        updated_at: Timestamp,
-    },
-    Rename {
-        writer: Writer,
-        id: String,
-        title: String,
-        updated_at: Timestamp,
-    },
-    DeleteConversation(Writer, String),
-    MarkInterrupted,
-    MarkInterruptedIn(Writer, String),
-    CreateAccount(Account),
-    AddUsage(UserId, String, u64),
-}
-
-impl Write {
-    /// Whether the write runs several statements that must stand or fall together.
-    fn is_several_rows(&self) -> bool {
-        match self {
-            Write::Claim(..) | Write::Create(..) => true,
-            Write::Save(_, messages, _) => messages.len() > 1,
-            _ => false,
-        }
-    }
-
-    /// The writer and the conversation a fenced write touches.
-    fn fenced(&self) -> Option<(&Writer, &str)> {
-        match self {
-            Write::Create(writer, conversation) => Some((writer, &conversation.id)),
-            Write::Save(writer, messages, _) => Some((writer, &messages[0].conversation_id)),
-            Write::DeleteMessage {
-                writer,
-                conversation_id: id,
-                ..
-            }
-            | Write::Rename { writer, id, .. }
-            | Write::DeleteConversation(writer, id)
-            | Write::MarkInterruptedIn(writer, id) => Some((writer, id)),
-            _ => None,
-        }
-    }
-}
-
-/// A write and where its outcome (rows changed) goes once committed.
-#[derive(Debug)]
-pub(super) struct WriteJob {
-    pub(super) write: Write,
-    pub(super) done: oneshot::Sender<Result<u64, StoreError>>,
-}
 
 /// How hard each commit waits for the disk (`SQLITE_SYNCHRONOUS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,7 +191,7 @@ impl SqliteStore {
             path,
             idle: Mutex::new(Vec::new()),
         });
-        let (writes, jobs) = mpsc::channel(MAX_BATCH * 4);
+        let (writes, jobs) = Writes::new("database");
         let (checkpoints, requests) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
@@ -267,18 +202,6 @@ impl SqliteStore {
             .spawn(move || write_loop(writer, jobs, checkpoints))
             .map_err(db_error)?;
         Ok(SqliteStore { writes, readers })
-    }
-
-    /// Hands a write to the writer thread and waits until it is committed.
-    async fn write(&self, write: Write) -> Result<u64, StoreError> {
-        let (done, outcome) = oneshot::channel();
-        self.writes
-            .send(WriteJob { write, done })
-            .await
-            .map_err(|_| db_error("the writer has stopped"))?;
-        outcome
-            .await
-            .map_err(|_| db_error("the writer has stopped"))?
     }
 
     /// Runs SQLite's own consistency check; `ok` when the file is sound.
@@ -387,135 +310,6 @@ fn list(
     Ok(conversations)
 }
 
-#[async_trait]
-impl ConversationStore for SqliteStore {
-    async fn claim(&self, owner: &UserId, id: &str) -> Result<u64, StoreError> {
-        let fence = self
-            .write(Write::Claim(owner.clone(), id.to_owned()))
-            .await?;
-        Ok(fence)
-    }
-
-    async fn create_conversation(
-        &self,
-        writer: &Writer,
-        conversation: &Conversation,
-    ) -> Result<(), StoreError> {
-        self.write(Write::Create(writer.clone(), conversation.clone()))
-            .await
-            .map(drop)
-    }
-
-    async fn load_conversation(
-        &self,
-        owner: &UserId,
-        id: &str,
-    ) -> Result<Option<Conversation>, StoreError> {
-        self.readers.read(|db| load(db, owner, id))
-    }
-
-    async fn list_conversations(
-        &self,
-        owner: &UserId,
-        page: Page,
-    ) -> Result<Vec<Conversation>, StoreError> {
-        let limit = page.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
-        let offset = page.offset.min(i64::MAX as usize) as i64;
-        // A listing may read the whole database: it runs on the blocking pool, not in the task.
-        let readers = self.readers.clone();
-        let owner = owner.clone();
-        tokio::task::spawn_blocking(move || readers.read(|db| list(db, &owner, limit, offset)))
-            .await
-            .map_err(db_error)?
-    }
-
-    async fn save_messages(
-        &self,
-        writer: &Writer,
-        messages: &[Message],
-        updated_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        if messages.is_empty() {
-            return Ok(());
-        }
-        self.write(Write::Save(writer.clone(), messages.to_vec(), updated_at))
-            .await
-            .map(drop)
-    }
-
-    async fn delete_message(
-        &self,
-        writer: &Writer,
-        conversation_id: &str,
-        message_id: &str,
-        updated_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.write(Write::DeleteMessage {
-            writer: writer.clone(),
-            conversation_id: conversation_id.to_owned(),
-            message_id: message_id.to_owned(),
-            updated_at,
-        })
-        .await
-        .map(drop)
-    }
-
-    async fn rename_conversation(
-        &self,
-        writer: &Writer,
-        id: &str,
-        title: &str,
-        updated_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.write(Write::Rename {
-            writer: writer.clone(),
-            id: id.to_owned(),
-            title: title.to_owned(),
-            updated_at,
-        })
-        .await
-        .map(drop)
-    }
-
-    async fn delete_conversation(&self, writer: &Writer, id: &str) -> Result<bool, StoreError> {
-        let deleted = self
-            .write(Write::DeleteConversation(writer.clone(), id.to_owned()))
-            .await?;
-        Ok(deleted > 0)
-    }
-
-    async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError> {
-        self.write(Write::AddUsage(owner.clone(), day.to_owned(), tokens))
-            .await
-            .map(drop)
-    }
-
-    async fn usage_on(&self, owner: &UserId, day: &str) -> Result<u64, StoreError> {
-        let tokens: Option<i64> = self.readers.read(|db| {
-            db.prepare_cached("SELECT tokens FROM daily_usage WHERE owner = ?1 AND day = ?2")?
-                .query_row((owner.as_str(), day), |row| row.get(0))
-                .optional()
-        })?;
-        Ok(tokens.map_or(0, |t| t.max(0) as u64))
-    }
-
-    async fn mark_interrupted(&self) -> Result<u64, StoreError> {
-        self.write(Write::MarkInterrupted).await
-    }
-
-    async fn mark_interrupted_in(
-        &self,
-        writer: &Writer,
-        conversation_id: &str,
-    ) -> Result<u64, StoreError> {
-        self.write(Write::MarkInterruptedIn(
-            writer.clone(),
-            conversation_id.to_owned(),
-        ))
-        .await
-    }
-}
-
 const ACCOUNT_COLUMNS: &str =
     "SELECT id, username, password_hash, created_at FROM accounts WHERE username_key = ?1";
 
@@ -530,14 +324,36 @@ fn account_from(row: &rusqlite::Row) -> rusqlite::Result<Account> {
 }
 
 #[async_trait]
-impl AccountStore for SqliteStore {
-    async fn create_account(&self, account: &Account) -> Result<(), StoreError> {
-        self.write(Write::CreateAccount(account.clone()))
-            .await
-            .map(drop)
+impl GroupCommitted for SqliteStore {
+    fn writes(&self) -> &Writes {
+        &self.writes
     }
 
-    async fn find_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+    async fn load(&self, owner: &UserId, id: &str) -> Result<Option<Conversation>, StoreError> {
+        self.readers.read(|db| load(db, owner, id))
+    }
+
+    async fn list(&self, owner: &UserId, page: Page) -> Result<Vec<Conversation>, StoreError> {
+        let limit = page.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64);
+        let offset = page.offset.min(i64::MAX as usize) as i64;
+        // A listing may read the whole database: it runs on the blocking pool, not in the task.
+        let readers = self.readers.clone();
+        let owner = owner.clone();
+        tokio::task::spawn_blocking(move || readers.read(|db| list(db, &owner, limit, offset)))
+            .await
+            .map_err(db_error)?
+    }
+
+    async fn usage(&self, owner: &UserId, day: &str) -> Result<u64, StoreError> {
+        let tokens: Option<i64> = self.readers.read(|db| {
+            db.prepare_cached("SELECT tokens FROM daily_usage WHERE owner = ?1 AND day = ?2")?
+                .query_row((owner.as_str(), day), |row| row.get(0))
+                .optional()
+        })?;
+        Ok(tokens.map_or(0, |t| t.max(0) as u64))
+    }
+
+    async fn account(&self, username: &str) -> Result<Option<Account>, StoreError> {
         let key = username_key(username);
         self.readers.read(|db| {
             db.prepare_cached(ACCOUNT_COLUMNS)?
@@ -811,6 +627,7 @@ fn touch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::ConversationStore;
 
     #[test]
     fn a_sqlite_url_names_a_file() {

@@ -14,14 +14,11 @@ pub(super) mod test_database;
 mod writer;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
-use super::sqlite::{MAX_BATCH, Write, WriteJob};
-use super::{
-    Account, AccountStore, ConversationStore, Page, StoreError, Writer, migrations, username_key,
-};
+use super::group_commit::{GroupCommitted, Writes};
+use super::{Account, Page, StoreError, migrations, username_key};
 use crate::domain::{Conversation, Message, MessageStatus, MessageUsage, Role, Timestamp, UserId};
 use server::{Server, describe};
 
@@ -31,7 +28,7 @@ const POOL_SIZE: usize = 8;
 /// Conversations and accounts in a PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
-    writes: mpsc::Sender<WriteJob>,
+    writes: Writes,
     readers: deadpool_postgres::Pool,
 }
 
@@ -45,21 +42,9 @@ impl PostgresStore {
         server::migrate(&mut client, migrations::POSTGRES).await?;
         let connection = writer::Connection::prepare(client, &server).await?;
         let readers = server.pool(POOL_SIZE)?;
-        let (writes, jobs) = mpsc::channel(MAX_BATCH * 4);
+        let (writes, jobs) = Writes::new("PostgreSQL");
         tokio::spawn(writer::write_loop(server, connection, jobs));
         Ok(PostgresStore { writes, readers })
-    }
-
-    /// Hands a write to the writer and waits until it is committed.
-    async fn write(&self, write: Write) -> Result<u64, StoreError> {
-        let (done, outcome) = oneshot::channel();
-        self.writes
-            .send(WriteJob { write, done })
-            .await
-            .map_err(|_| StoreError::storage("PostgreSQL: the writer has stopped"))?;
-        outcome
-            .await
-            .map_err(|_| StoreError::storage("PostgreSQL: the writer has stopped"))?
     }
 
     /// The rows of one read, on a pooled connection, its statement prepared once per connection.
@@ -181,35 +166,17 @@ fn text(row: &Row, index: usize) -> Result<String, StoreError> {
 }
 
 #[async_trait]
-impl ConversationStore for PostgresStore {
-    async fn claim(&self, owner: &UserId, id: &str) -> Result<u64, StoreError> {
-        self.write(Write::Claim(owner.clone(), id.to_owned())).await
+impl GroupCommitted for PostgresStore {
+    fn writes(&self) -> &Writes {
+        &self.writes
     }
 
-    async fn create_conversation(
-        &self,
-        writer: &Writer,
-        conversation: &Conversation,
-    ) -> Result<(), StoreError> {
-        self.write(Write::Create(writer.clone(), conversation.clone()))
-            .await
-            .map(drop)
-    }
-
-    async fn load_conversation(
-        &self,
-        owner: &UserId,
-        id: &str,
-    ) -> Result<Option<Conversation>, StoreError> {
+    async fn load(&self, owner: &UserId, id: &str) -> Result<Option<Conversation>, StoreError> {
         let rows = self.read(LOAD, &[&key(owner.as_str()), &key(id)]).await?;
         Ok(conversations_from(&rows)?.into_iter().next())
     }
 
-    async fn list_conversations(
-        &self,
-        owner: &UserId,
-        page: Page,
-    ) -> Result<Vec<Conversation>, StoreError> {
+    async fn list(&self, owner: &UserId, page: Page) -> Result<Vec<Conversation>, StoreError> {
         let limit = page
             .limit
             .map(|limit| i64::try_from(limit).unwrap_or(i64::MAX));
@@ -220,68 +187,7 @@ impl ConversationStore for PostgresStore {
         conversations_from(&rows)
     }
 
-    async fn save_messages(
-        &self,
-        writer: &Writer,
-        messages: &[Message],
-        updated_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        if messages.is_empty() {
-            return Ok(());
-        }
-        self.write(Write::Save(writer.clone(), messages.to_vec(), updated_at))
-            .await
-            .map(drop)
-    }
-
-    async fn delete_message(
-        &self,
-        writer: &Writer,
-        conversation_id: &str,
-        message_id: &str,
-        updated_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.write(Write::DeleteMessage {
-            writer: writer.clone(),
-            conversation_id: conversation_id.to_owned(),
-            message_id: message_id.to_owned(),
-            updated_at,
-        })
-        .await
-        .map(drop)
-    }
-
-    async fn rename_conversation(
-        &self,
-        writer: &Writer,
-        id: &str,
-        title: &str,
-        updated_at: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.write(Write::Rename {
-            writer: writer.clone(),
-            id: id.to_owned(),
-            title: title.to_owned(),
-            updated_at,
-        })
-        .await
-        .map(drop)
-    }
-
-    async fn delete_conversation(&self, writer: &Writer, id: &str) -> Result<bool, StoreError> {
-        let deleted = self
-            .write(Write::DeleteConversation(writer.clone(), id.to_owned()))
-            .await?;
-        Ok(deleted > 0)
-    }
-
-    async fn add_usage(&self, owner: &UserId, day: &str, tokens: u64) -> Result<(), StoreError> {
-        self.write(Write::AddUsage(owner.clone(), day.to_owned(), tokens))
-            .await
-            .map(drop)
-    }
-
-    async fn usage_on(&self, owner: &UserId, day: &str) -> Result<u64, StoreError> {
+    async fn usage(&self, owner: &UserId, day: &str) -> Result<u64, StoreError> {
         let rows = self.read(USAGE, &[&key(owner.as_str()), &key(day)]).await?;
         let tokens: Option<i64> = match rows.first() {
             Some(row) => Some(row.try_get(0).map_err(|e| failed(&e))?),
@@ -290,32 +196,7 @@ impl ConversationStore for PostgresStore {
         Ok(tokens.map_or(0, |tokens| tokens.max(0) as u64))
     }
 
-    async fn mark_interrupted(&self) -> Result<u64, StoreError> {
-        self.write(Write::MarkInterrupted).await
-    }
-
-    async fn mark_interrupted_in(
-        &self,
-        writer: &Writer,
-        conversation_id: &str,
-    ) -> Result<u64, StoreError> {
-        self.write(Write::MarkInterruptedIn(
-            writer.clone(),
-            conversation_id.to_owned(),
-        ))
-        .await
-    }
-}
-
-#[async_trait]
-impl AccountStore for PostgresStore {
-    async fn create_account(&self, account: &Account) -> Result<(), StoreError> {
-        self.write(Write::CreateAccount(account.clone()))
-            .await
-            .map(drop)
-    }
-
-    async fn find_account(&self, username: &str) -> Result<Option<Account>, StoreError> {
+    async fn account(&self, username: &str) -> Result<Option<Account>, StoreError> {
         let username_key = username_key(username);
         let rows = self.read(ACCOUNT, &[&key(&username_key)]).await?;
         let Some(row) = rows.first() else {
@@ -337,6 +218,7 @@ mod tests {
 
     use super::test_database::TestDatabase;
     use super::*;
+    use crate::store::{ConversationStore, Writer};
 
     fn ann() -> Writer {
         Writer::unfenced(&UserId::new("ann"))

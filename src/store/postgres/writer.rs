@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
-use super::super::sqlite::{MAX_BATCH, Write, WriteJob};
+use super::super::group_commit::{MAX_BATCH, Write, WriteJob};
 use super::super::{StoreError, Writer, username_key};
 use super::server::Server;
 use super::{failed, key, saturating};
