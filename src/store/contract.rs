@@ -101,6 +101,16 @@ fn bob() -> UserId {
     UserId::new("bob")
 }
 
+/// Ann, writing without a claim.
+fn ann_writes() -> Writer {
+    Writer::unfenced(&ann())
+}
+
+/// Bob, writing without a claim.
+fn bob_writes() -> Writer {
+    Writer::unfenced(&bob())
+}
+
 fn at(millis: i64) -> Timestamp {
     Timestamp::from_millis(millis)
 }
@@ -151,19 +161,13 @@ async fn a_created_conversation_loads_as_it_was(store: &dyn ConversationStore) {
         },
         streaming("a", "", 1_000),
     ];
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     assert_eq!(stored(store, "a").await, a);
 }
 
 async fn an_unknown_conversation_loads_as_none(store: &dyn ConversationStore) {
     store
-        .create_conversation(
-            &Writer::unfenced(&ann()),
-            &conversation("a", "first", 1_000),
-        )
+        .create_conversation(&ann_writes(), &conversation("a", "first", 1_000))
         .await
         .unwrap();
     assert_eq!(store.load_conversation(&ann(), "b").await, Ok(None));
@@ -172,19 +176,14 @@ async fn an_unknown_conversation_loads_as_none(store: &dyn ConversationStore) {
 async fn a_conversation_id_already_stored_is_refused(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     a.messages.push(message("a", Role::User, "question", 1_000));
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
 
     let mut again = conversation("a", "second", 2_000);
     again
         .messages
         .push(message("a", Role::User, "another", 2_000));
     assert_eq!(
-        store
-            .create_conversation(&Writer::unfenced(&ann()), &again)
-            .await,
+        store.create_conversation(&ann_writes(), &again).await,
         Err(StoreError::AlreadyExists)
     );
     assert_eq!(stored(store, "a").await, a);
@@ -198,13 +197,13 @@ async fn a_conversation_id_already_stored_is_refused(store: &dyn ConversationSto
 async fn conversations_are_listed_most_recently_updated_first(store: &dyn ConversationStore) {
     for (id, updated_at) in [("a", 1_000), ("b", 3_000), ("c", 2_000), ("d", 2_000)] {
         store
-            .create_conversation(&Writer::unfenced(&ann()), &conversation(id, id, updated_at))
+            .create_conversation(&ann_writes(), &conversation(id, id, updated_at))
             .await
             .unwrap();
     }
     let question = message("a", Role::User, "question", 4_000);
     store
-        .save_message(&Writer::unfenced(&ann()), &question, at(4_000))
+        .save_message(&ann_writes(), &question, at(4_000))
         .await
         .unwrap();
     // Ties go to the greater id first.
@@ -225,10 +224,7 @@ async fn a_page_is_a_slice_of_the_listing(store: &dyn ConversationStore) {
     for (id, updated_at) in [("a", 1_000), ("b", 2_000), ("c", 3_000)] {
         let mut c = conversation(id, id, updated_at);
         c.messages.push(message(id, Role::User, id, updated_at));
-        store
-            .create_conversation(&Writer::unfenced(&ann()), &c)
-            .await
-            .unwrap();
+        store.create_conversation(&ann_writes(), &c).await.unwrap();
     }
     let page = |limit, offset| Page { limit, offset };
     assert_eq!(listed_ids(store, page(Some(2), 0)).await, ["c", "b"]);
@@ -251,15 +247,12 @@ async fn a_page_is_a_slice_of_the_listing(store: &dyn ConversationStore) {
 
 async fn saved_messages_are_added_in_order_and_move_updated_at(store: &dyn ConversationStore) {
     store
-        .create_conversation(
-            &Writer::unfenced(&ann()),
-            &conversation("a", "first", 1_000),
-        )
+        .create_conversation(&ann_writes(), &conversation("a", "first", 1_000))
         .await
         .unwrap();
     let question = message("a", Role::User, "question", 2_000);
     store
-        .save_message(&Writer::unfenced(&ann()), &question, at(2_000))
+        .save_message(&ann_writes(), &question, at(2_000))
         .await
         .unwrap();
     let pair = [
@@ -267,7 +260,7 @@ async fn saved_messages_are_added_in_order_and_move_updated_at(store: &dyn Conve
         streaming("a", "", 3_000),
     ];
     store
-        .save_messages(&Writer::unfenced(&ann()), &pair, at(3_001))
+        .save_messages(&ann_writes(), &pair, at(3_001))
         .await
         .unwrap();
 
@@ -281,25 +274,18 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
     store: &dyn ConversationStore,
 ) {
     store
-        .create_conversation(
-            &Writer::unfenced(&ann()),
-            &conversation("a", "first", 1_000),
-        )
+        .create_conversation(&ann_writes(), &conversation("a", "first", 1_000))
         .await
         .unwrap();
     let question = message("a", Role::User, "question", 2_000);
     let mut reply = streaming("a", "par", 2_000);
     store
-        .save_messages(
-            &Writer::unfenced(&ann()),
-            &[question.clone(), reply.clone()],
-            at(2_000),
-        )
+        .save_messages(&ann_writes(), &[question.clone(), reply.clone()], at(2_000))
         .await
         .unwrap();
     let later = message("a", Role::User, "later", 2_500);
     store
-        .save_message(&Writer::unfenced(&ann()), &later, at(2_500))
+        .save_message(&ann_writes(), &later, at(2_500))
         .await
         .unwrap();
 
@@ -312,7 +298,7 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
         ..reply.clone()
     };
     store
-        .save_message(&Writer::unfenced(&ann()), &saved, at(3_000))
+        .save_message(&ann_writes(), &saved, at(3_000))
         .await
         .unwrap();
     reply.content = saved.content;
@@ -325,12 +311,9 @@ async fn a_saved_message_already_stored_gets_its_new_content_and_status(
 
 async fn nothing_to_save_changes_nothing(store: &dyn ConversationStore) {
     let a = conversation("a", "first", 1_000);
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
-    store
-        .save_messages(&Writer::unfenced(&ann()), &[], at(2_000))
+        .save_messages(&ann_writes(), &[], at(2_000))
         .await
         .unwrap();
     assert_eq!(stored(store, "a").await, a);
@@ -340,15 +323,10 @@ async fn messages_for_an_unknown_conversation_are_refused_and_not_stored(
     store: &dyn ConversationStore,
 ) {
     let a = conversation("a", "first", 1_000);
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     let orphan = message("b", Role::User, "lost", 2_000);
     assert_eq!(
-        store
-            .save_message(&Writer::unfenced(&ann()), &orphan, at(2_000))
-            .await,
+        store.save_message(&ann_writes(), &orphan, at(2_000)).await,
         Err(StoreError::NotFound)
     );
     let orphans = [
@@ -357,7 +335,7 @@ async fn messages_for_an_unknown_conversation_are_refused_and_not_stored(
     ];
     assert_eq!(
         store
-            .save_messages(&Writer::unfenced(&ann()), &orphans, at(2_000))
+            .save_messages(&ann_writes(), &orphans, at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
@@ -375,14 +353,11 @@ async fn a_deleted_message_is_gone_and_moves_updated_at(store: &dyn Conversation
         message("a", Role::User, "question", 1_000),
         streaming("a", "", 1_000),
     ];
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     let reply = &a.messages[1].id;
 
     store
-        .delete_message(&Writer::unfenced(&ann()), "a", reply, at(2_000))
+        .delete_message(&ann_writes(), "a", reply, at(2_000))
         .await
         .unwrap();
     let loaded = stored(store, "a").await;
@@ -391,7 +366,7 @@ async fn a_deleted_message_is_gone_and_moves_updated_at(store: &dyn Conversation
 
     // A message that is not there: nothing to remove, and the time still moves.
     store
-        .delete_message(&Writer::unfenced(&ann()), "a", reply, at(3_000))
+        .delete_message(&ann_writes(), "a", reply, at(3_000))
         .await
         .unwrap();
     let loaded = stored(store, "a").await;
@@ -403,13 +378,10 @@ async fn deleting_a_message_of_an_unknown_conversation_is_not_found(store: &dyn 
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages.push(question.clone());
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     assert_eq!(
         store
-            .delete_message(&Writer::unfenced(&ann()), "b", &question.id, at(2_000))
+            .delete_message(&ann_writes(), "b", &question.id, at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
@@ -419,12 +391,9 @@ async fn deleting_a_message_of_an_unknown_conversation_is_not_found(store: &dyn 
 async fn a_renamed_conversation_keeps_its_messages(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     a.messages.push(message("a", Role::User, "question", 1_000));
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
-    store
-        .rename_conversation(&Writer::unfenced(&ann()), "a", "renamed", at(2_000))
+        .rename_conversation(&ann_writes(), "a", "renamed", at(2_000))
         .await
         .unwrap();
     a.title = "renamed".into();
@@ -435,7 +404,7 @@ async fn a_renamed_conversation_keeps_its_messages(store: &dyn ConversationStore
 async fn renaming_an_unknown_conversation_is_not_found(store: &dyn ConversationStore) {
     assert_eq!(
         store
-            .rename_conversation(&Writer::unfenced(&ann()), "a", "renamed", at(2_000))
+            .rename_conversation(&ann_writes(), "a", "renamed", at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
@@ -446,33 +415,23 @@ async fn a_deleted_conversation_is_gone_with_its_messages(store: &dyn Conversati
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages.push(question.clone());
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     let b = conversation("b", "second", 1_000);
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &b)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &b).await.unwrap();
 
     assert_eq!(
-        store
-            .delete_conversation(&Writer::unfenced(&ann()), "a")
-            .await,
+        store.delete_conversation(&ann_writes(), "a").await,
         Ok(true)
     );
     assert_eq!(
-        store
-            .delete_conversation(&Writer::unfenced(&ann()), "a")
-            .await,
+        store.delete_conversation(&ann_writes(), "a").await,
         Ok(false)
     );
     assert_eq!(store.load_conversation(&ann(), "a").await, Ok(None));
     assert_eq!(listed_ids(store, Page::default()).await, ["b"]);
     assert_eq!(
         store
-            .save_message(&Writer::unfenced(&ann()), &question, at(2_000))
+            .save_message(&ann_writes(), &question, at(2_000))
             .await,
         Err(StoreError::NotFound)
     );
@@ -480,7 +439,7 @@ async fn a_deleted_conversation_is_gone_with_its_messages(store: &dyn Conversati
     // The id is free again, and its messages went with it.
     let again = conversation("a", "again", 3_000);
     store
-        .create_conversation(&Writer::unfenced(&ann()), &again)
+        .create_conversation(&ann_writes(), &again)
         .await
         .unwrap();
     assert_eq!(stored(store, "a").await, again);
@@ -493,10 +452,7 @@ async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore)
         message("a", Role::User, "question", 1_000),
         streaming("a", "partial", 1_000),
     ];
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     let mut b = conversation("b", "second", 2_000);
     b.messages = vec![
         Message {
@@ -505,10 +461,7 @@ async fn streaming_replies_are_marked_interrupted(store: &dyn ConversationStore)
         },
         streaming("b", "", 2_000),
     ];
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &b)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &b).await.unwrap();
 
     assert_eq!(store.mark_interrupted().await, Ok(2));
     for mut expected in [a, b] {
@@ -533,28 +486,13 @@ async fn marking_one_conversation_interrupted_changes_only_its_streaming_replies
                 ..message(id, Role::Assistant, "done", at)
             },
         ];
-        store
-            .create_conversation(&Writer::unfenced(&ann()), &c)
-            .await
-            .unwrap();
+        store.create_conversation(&ann_writes(), &c).await.unwrap();
         expected.push(c);
     }
+    assert_eq!(store.mark_interrupted_in(&ann_writes(), "a").await, Ok(1));
+    assert_eq!(store.mark_interrupted_in(&ann_writes(), "a").await, Ok(0));
     assert_eq!(
-        store
-            .mark_interrupted_in(&Writer::unfenced(&ann()), "a")
-            .await,
-        Ok(1)
-    );
-    assert_eq!(
-        store
-            .mark_interrupted_in(&Writer::unfenced(&ann()), "a")
-            .await,
-        Ok(0)
-    );
-    assert_eq!(
-        store
-            .mark_interrupted_in(&Writer::unfenced(&ann()), "unknown")
-            .await,
+        store.mark_interrupted_in(&ann_writes(), "unknown").await,
         Ok(0)
     );
     expected[0].messages[0].status = Some(MessageStatus::Error);
@@ -569,7 +507,7 @@ async fn two_owners_may_use_the_same_id_without_meeting(store: &dyn Conversation
         .messages
         .push(message("c", Role::User, "from ann", 1_000));
     store
-        .create_conversation(&Writer::unfenced(&ann()), &ann_c)
+        .create_conversation(&ann_writes(), &ann_c)
         .await
         .unwrap();
     let mut bob_c = conversation("c", "bob's", 2_000);
@@ -577,13 +515,13 @@ async fn two_owners_may_use_the_same_id_without_meeting(store: &dyn Conversation
         .messages
         .push(message("c", Role::User, "from bob", 2_000));
     store
-        .create_conversation(&Writer::unfenced(&bob()), &bob_c)
+        .create_conversation(&bob_writes(), &bob_c)
         .await
         .unwrap();
 
     let reply = streaming("c", "", 3_000);
     store
-        .save_message(&Writer::unfenced(&bob()), &reply, at(3_000))
+        .save_message(&bob_writes(), &reply, at(3_000))
         .await
         .unwrap();
     bob_c.messages.push(reply);
@@ -594,16 +532,9 @@ async fn two_owners_may_use_the_same_id_without_meeting(store: &dyn Conversation
         Ok(Some(bob_c.clone()))
     );
 
+    assert_eq!(store.mark_interrupted_in(&ann_writes(), "c").await, Ok(0));
     assert_eq!(
-        store
-            .mark_interrupted_in(&Writer::unfenced(&ann()), "c")
-            .await,
-        Ok(0)
-    );
-    assert_eq!(
-        store
-            .delete_conversation(&Writer::unfenced(&ann()), "c")
-            .await,
+        store.delete_conversation(&ann_writes(), "c").await,
         Ok(true)
     );
     assert_eq!(store.load_conversation(&ann(), "c").await, Ok(None));
@@ -656,10 +587,7 @@ async fn an_owner_cannot_change_another_owners_conversation(store: &dyn Conversa
     let mut a = conversation("a", "first", 1_000);
     let question = message("a", Role::User, "question", 1_000);
     a.messages = vec![question.clone(), streaming("a", "partial", 1_000)];
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
 
     let bob = bob();
     let intruder = message("a", Role::User, "hello", 2_000);
@@ -771,10 +699,7 @@ async fn a_reply_keeps_what_it_cost(store: &dyn ConversationStore) {
     let mut a = conversation("a", "first", 1_000);
     let mut reply = streaming("a", "par", 1_000);
     a.messages = vec![message("a", Role::User, "question", 1_000), reply.clone()];
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     reply.content = "partial".into();
     reply.status = Some(MessageStatus::Complete);
     reply.usage = Some(MessageUsage {
@@ -782,7 +707,7 @@ async fn a_reply_keeps_what_it_cost(store: &dyn ConversationStore) {
         completion_tokens: 3,
     });
     store
-        .save_message(&Writer::unfenced(&ann()), &reply, at(2_000))
+        .save_message(&ann_writes(), &reply, at(2_000))
         .await
         .unwrap();
     a.messages[1] = reply;
@@ -856,7 +781,7 @@ async fn a_writer_whose_claim_was_superseded_is_refused(store: &dyn Conversation
     assert_eq!(stored(store, "a").await, a);
     // Writers without a token are not checked: one process alone writes.
     store
-        .rename_conversation(&Writer::unfenced(&ann()), "a", "renamed", at(4_000))
+        .rename_conversation(&ann_writes(), "a", "renamed", at(4_000))
         .await
         .unwrap();
     assert_eq!(stored(store, "a").await.title, "renamed");
@@ -893,10 +818,7 @@ async fn any_text_round_trips(store: &dyn ConversationStore) {
         message("a", Role::User, ANY_TEXT, 1_000),
         streaming("a", "\u{0}", 1_000),
     ];
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     assert_eq!(stored(store, "a").await, a);
 
     let reply = Message {
@@ -904,12 +826,12 @@ async fn any_text_round_trips(store: &dyn ConversationStore) {
         ..a.messages[1].clone()
     };
     store
-        .save_message(&Writer::unfenced(&ann()), &reply, at(2_000))
+        .save_message(&ann_writes(), &reply, at(2_000))
         .await
         .unwrap();
     let title = "\u{301}\u{0}";
     store
-        .rename_conversation(&Writer::unfenced(&ann()), "a", title, at(3_000))
+        .rename_conversation(&ann_writes(), "a", title, at(3_000))
         .await
         .unwrap();
     a.messages[1] = reply;
@@ -926,10 +848,7 @@ async fn any_text_round_trips(store: &dyn ConversationStore) {
 async fn a_key_holding_nul_names_nothing(store: &dyn Store) {
     let mut a = conversation("a", "first", 1_000);
     a.messages.push(message("a", Role::User, "question", 1_000));
-    store
-        .create_conversation(&Writer::unfenced(&ann()), &a)
-        .await
-        .unwrap();
+    store.create_conversation(&ann_writes(), &a).await.unwrap();
     store.create_account(&account("u1", "Ann")).await.unwrap();
     store.add_usage(&ann(), "2026-11-29", 5).await.unwrap();
 
