@@ -97,6 +97,12 @@ impl App {
         let provider = llm::from_config(&config.model, config.conversations.upstream_timeout)
             .map_err(StartError::Provider)?;
         let store = store::open(&config.database_url, config.sqlite_durability).await?;
+        if config.cluster.is_some() && !config.database_url.starts_with("postgres") {
+            tracing::warn!(
+                "cluster mode with a database the nodes cannot share: each node keeps its own \
+                 conversations; set DATABASE_URL to a PostgreSQL database"
+            );
+        }
         App::start_with(config, store, provider).await
     }
 

@@ -5,14 +5,17 @@
 //! scenarios after `--` runs only those (`fanout`, `"idle socket.io"`, ...). Prints one table and
 //! writes the figures to `target/bench/load.json`.
 //! `BENCH_DB=memory` runs them on the in-memory store instead of SQLite, for comparison; the
-//! `cluster` scenarios run two nodes in this process on one store (SQLite, or `BENCH_DB`, such
-//! as a `postgres://` URL) and the Redis at `BENCH_REDIS_URL` (by default the machine's own).
+//! `cluster` scenarios run two nodes in this process on a fresh schema of the PostgreSQL server
+//! at `TEST_DATABASE_URL` and the Redis at `TEST_REDIS_URL` (by default the machine's own).
 
 #[path = "../../tests/support/model_server.rs"]
 #[allow(dead_code)]
 mod model_server;
 #[path = "../../tests/support/npm.rs"]
 mod npm;
+#[path = "../../src/store/postgres/test_database.rs"]
+#[allow(dead_code, reason = "what only the store's own tests use")]
+mod test_database;
 
 mod client;
 
@@ -207,12 +210,13 @@ fn bench_config(dir: &tempfile::TempDir) -> Config {
     config
 }
 
-/// The servers a scenario talks to: one, or the nodes of a cluster sharing one store and the
-/// bench's Redis, with one test model server.
+/// The servers a scenario talks to: one, or the nodes of a cluster sharing one PostgreSQL
+/// database and Redis, with one test model server.
 struct Nodes {
     apps: Vec<App>,
     model: ModelServer,
     _dir: tempfile::TempDir,
+    _database: Option<test_database::TestDatabase>,
 }
 
 impl Nodes {
@@ -223,6 +227,7 @@ impl Nodes {
             apps: vec![bench.app],
             model: bench.model,
             _dir: bench._dir,
+            _database: None,
         }
     }
 
@@ -230,10 +235,12 @@ impl Nodes {
     async fn cluster(count: usize) -> Nodes {
         let dir = tempfile::tempdir().unwrap();
         let model = ModelServer::start().await;
+        let database = test_database::TestDatabase::create().await;
         let mut config = bench_config(&dir);
+        config.database_url = database.url.clone();
         config.model.base_url = Some(model.base_url());
         config.cluster = Some(ai_chat_server::config::ClusterConfig {
-            redis_url: std::env::var("BENCH_REDIS_URL")
+            redis_url: std::env::var("TEST_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
             name: format!("bench-{}", std::process::id()),
             lease: Duration::from_secs(5),
@@ -246,6 +253,7 @@ impl Nodes {
             apps,
             model,
             _dir: dir,
+            _database: Some(database),
         }
     }
 

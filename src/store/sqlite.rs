@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use percent_encoding::percent_decode_str;
-use rusqlite::{OpenFlags, OptionalExtension, ffi};
+use rusqlite::{OpenFlags, OptionalExtension, TransactionBehavior, ffi};
 use tokio::sync::mpsc;
 
 use super::group_commit::{GroupCommitted, MAX_BATCH, Write, WriteJob, Writes};
@@ -405,7 +405,11 @@ fn commit(
     connection: &mut rusqlite::Connection,
     batch: &[WriteJob],
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
-    let mut tx = connection.transaction().map_err(db_error)?;
+    // Immediate: the write lock is taken (waiting behind another process's, up to the busy
+    // timeout) before anything is read, so that a batch never fails on upgrading to it.
+    let mut tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_error)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for job in batch {
         let outcome = if job.write.is_several_rows() {

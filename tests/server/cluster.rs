@@ -150,6 +150,19 @@ async fn stop_rename_and_delete_work_from_any_node() {
         let (status, _) = cluster.get(i, &format!("/api/conversations/{id}")).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "node {i}");
     }
+    // Each node reports its own part: the owner published the events once for node 1, node 2
+    // forwarded its requests.
+    let published = cluster
+        .metric(0, "chat_cluster_events_published_total")
+        .await;
+    assert!(published >= ended.len() as f64, "{published}");
+    assert!(
+        cluster
+            .metric(2, "chat_cluster_calls_forwarded_total")
+            .await
+            >= 3.0
+    );
+    assert_eq!(cluster.metric(1, "chat_cluster_live_nodes").await, 3.0);
 }
 
 async fn a_reply_cut_off_by_its_owners_death_ends_on_the_other_nodes<C: RealtimeClient>() {

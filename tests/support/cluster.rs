@@ -132,6 +132,15 @@ impl TestCluster {
         call_at(self.addr(i), method, path, body).await
     }
 
+    /// The value of the Prometheus series `name` (without labels) on node `i`; 0 when absent.
+    pub async fn metric(&self, i: usize, name: &str) -> f64 {
+        let (_, text) = self.get(i, "/metrics").await;
+        let text = text.as_str().expect("metrics are text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .map_or(0.0, |value| value.trim().parse().expect("a number"))
+    }
+
     /// Waits until every running node sees `count` live nodes.
     pub async fn wait_for_nodes(&self, count: usize) {
         let deadline = tokio::time::Instant::now() + WAIT;
