@@ -28,7 +28,7 @@ use crate::cluster::rates::SharedRates;
 use crate::config::Config;
 use crate::error::ChatError;
 use crate::http::Shared;
-use crate::http::limits::{ConnectionLimit, UserReplyRate};
+use crate::http::limits::{ConnectionLimit, ReplyLimiter};
 use crate::llm::ModelProvider;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -161,7 +161,7 @@ impl App {
         let shared = Arc::new(Shared {
             conversations,
             auth: Arc::new(authenticator),
-            user_reply_rate: UserReplyRate::new(config.rt_messages_per_minute, rates.clone()),
+            reply_limiter: ReplyLimiter::new(config.rt_messages_per_minute, rates.clone()),
             rates,
             accounts,
             connection_limit: ConnectionLimit::new(config.max_connections_per_ip),

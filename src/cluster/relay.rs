@@ -495,9 +495,14 @@ impl RelayState {
             let payload = entry.remove();
             self.deliver(seq, &payload);
         }
-        if self.ahead.keys().any(|(epoch, _)| *epoch == self.epoch) {
+        if self.has_gap() {
             self.fetch(myself);
         }
+    }
+
+    /// Whether events of the owner's epoch wait behind one not heard.
+    fn has_gap(&self) -> bool {
+        self.ahead.keys().any(|(epoch, _)| *epoch == self.epoch)
     }
 
     /// Asks the owner for the events after the last one delivered.
@@ -532,7 +537,7 @@ impl RelayState {
             return;
         }
         match fetched {
-            Ok(Some(events)) => {
+            Ok(Some(events)) if !events.is_empty() || !self.has_gap() => {
                 self.phase = Phase::Live;
                 for payload in events {
                     if let Some(Published::Event { epoch, seq, .. }) = Published::parse(&payload)
@@ -544,9 +549,9 @@ impl RelayState {
                 }
                 self.deliver_ahead(myself);
             }
-            // The owner no longer has them, or is gone: start again from wherever the
-            // conversation lives.
-            Ok(None) | Err(_) => {
+            // The owner no longer has them (or has nothing to fill the gap with), or is gone:
+            // start again from wherever the conversation lives.
+            Ok(_) | Err(_) => {
                 self.phase = Phase::Live;
                 self.rehome(myself);
             }

@@ -279,14 +279,14 @@ impl Drop for ConnectionPermit {
 /// signed-in user over all their connections (on every node in cluster mode), for each
 /// connection without sign-in.
 #[derive(Clone)]
-pub struct UserReplyRate(Option<Arc<Limiter<RateKey>>>);
+pub struct ReplyLimiter(Option<Arc<Limiter<RateKey>>>);
 
-impl UserReplyRate {
+impl ReplyLimiter {
     /// `per_minute` replies a minute, counted in `shared` when there is one (cluster mode); 0 is
     /// no limit.
     pub fn new(per_minute: u32, shared: Option<SharedRates>) -> Self {
         let limiter = Limiter::new("reply", per_minute, Duration::from_secs(60), shared);
-        UserReplyRate(limiter.map(Arc::new))
+        ReplyLimiter(limiter.map(Arc::new))
     }
 
     /// Forgets users and connections whose allowance is whole again.
@@ -300,13 +300,13 @@ impl UserReplyRate {
 /// Replies one real-time connection may ask for: counted for its signed-in user when there is
 /// one, for the connection alone otherwise.
 pub struct ReplyRate {
-    rate: UserReplyRate,
+    rate: ReplyLimiter,
     key: RateKey,
 }
 
 impl ReplyRate {
     /// The rate of a connection of `user`.
-    pub fn new(rate: &UserReplyRate, user: &UserId) -> Self {
+    pub fn new(rate: &ReplyLimiter, user: &UserId) -> Self {
         let key = if *user == UserId::anonymous() {
             RateKey::Connection(Uuid::new_v4())
         } else {
@@ -430,8 +430,8 @@ mod tests {
     #[tokio::test]
     async fn replies_count_per_user_on_every_node_and_per_connection_without_sign_in() {
         let cluster = unique_prefix();
-        let first = UserReplyRate::new(2, Some(node(&cluster).await));
-        let second = UserReplyRate::new(2, Some(node(&cluster).await));
+        let first = ReplyLimiter::new(2, Some(node(&cluster).await));
+        let second = ReplyLimiter::new(2, Some(node(&cluster).await));
         let ann = UserId::new("ann");
         let (ann_first, ann_second) = (ReplyRate::new(&first, &ann), ReplyRate::new(&second, &ann));
         assert_eq!(ann_first.check().await, Ok(()));

@@ -14,7 +14,7 @@ use tower_http::set_header::response::SetMultipleResponseHeadersLayer;
 use warp::http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::ClientAddr;
-use super::limits::{RateLimitLayer, UserReplyRate};
+use super::limits::{RateLimitLayer, ReplyLimiter};
 use super::routes::route_of;
 use crate::metrics::Metrics;
 
@@ -174,7 +174,7 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub async fn upkeep(
     metrics: Arc<Metrics>,
     rate_limit: RateLimitLayer,
-    user_reply_rate: UserReplyRate,
+    reply_limiter: ReplyLimiter,
     stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
@@ -183,7 +183,7 @@ pub async fn upkeep(
             _ = ticks.tick() => {
                 metrics.run_upkeep();
                 rate_limit.forget_quiet_clients();
-                user_reply_rate.forget_quiet_users();
+                reply_limiter.forget_quiet_users();
             }
             _ = stop.cancelled() => return,
         }

@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 pub use client::ClientAddr;
 use connection::{Activity, Timeouts, TrackingLayer, Watched};
 use error::ApiError;
-use limits::{ConnectionLimit, RateLimitLayer, UserReplyRate};
+use limits::{ConnectionLimit, RateLimitLayer, ReplyLimiter};
 use middleware::AccessLogLayer;
 
 /// How long a closing real-time connection may take to send its last events.
@@ -52,8 +52,9 @@ pub struct Shared {
     pub conversations: Conversations,
     /// Who each request and connection is from.
     pub auth: Arc<Authenticator>,
-    /// Replies each signed-in user may ask for per minute, over all their connections.
-    pub user_reply_rate: UserReplyRate,
+    /// Replies asked for per minute: per signed-in user over all their connections, per connection
+    /// without sign-in.
+    pub reply_limiter: ReplyLimiter,
     /// Where the rate limits count in cluster mode; `None` counts on this node alone.
     pub rates: Option<SharedRates>,
     /// The server's own accounts, with `AUTH_MODE=local`.
@@ -364,7 +365,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
     tokio::spawn(middleware::upkeep(
         shared.metrics.clone(),
         rate_limit.clone(),
-        shared.user_reply_rate.clone(),
+        shared.reply_limiter.clone(),
         shared.stop_accepting.clone(),
     ));
     let timeouts = Timeouts {

@@ -59,7 +59,7 @@ impl Session {
         let config = shared.config.clone();
         let (subscriber, inbox) = Subscriber::new(id, config.subscriber_queue);
         shared.metrics.connection_opened();
-        let replies = ReplyRate::new(&shared.user_reply_rate, &user);
+        let replies = ReplyRate::new(&shared.reply_limiter, &user);
         let session = Session {
             conversations: shared.conversations.clone(),
             user,

@@ -421,3 +421,51 @@ async fn redis_going_away_fails_fast_and_loses_nothing() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_relay_that_misses_events_catches_up_from_the_owner() {
+    let model = ModelServer::start().await;
+    let reply = words(120);
+    model.set_reply(reply.clone(), Duration::from_millis(15));
+    let redis = PrivateRedis::start().await;
+    let cluster = TestCluster::start_on(2, &model, &redis.url(), &[]).await;
+    let id = "gaps";
+    let mut on_owner = WsClient::connect(cluster.addr(0)).await;
+    on_owner.join(id).await;
+    let mut relayed = WsClient::connect(cluster.addr(1)).await;
+    relayed.join(id).await;
+    on_owner
+        .emit(
+            "stream_chat",
+            json!({"conversationId": id, "message": "go"}),
+        )
+        .await;
+    for _ in 0..5 {
+        relayed.next().await;
+    }
+    // Every node's subscriptions drop for a moment: what is published meanwhile never reaches
+    // the relaying node.
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "{killed}");
+    let whole = reply.concat();
+    let owner_side = on_owner.until_complete().await;
+    assert_whole_reply(&owner_side, id, &whole);
+    let rest = relayed.until_complete().await;
+    // Nothing lost, nothing twice: the text the relayed member saw adds up to the reply.
+    assert_eq!(final_content(&rest), whole);
+    let seen: String = crate::support::deltas(&rest);
+    assert!(whole.ends_with(&seen), "{seen}");
+    let seqs = crate::support::seqs(&rest);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+}

@@ -22,7 +22,7 @@ pub fn redis_url() -> String {
 
 /// How long a node's leases last in the tests: short, so that a dead node's conversations move
 /// within seconds.
-pub const LEASE: Duration = Duration::from_millis(1500);
+pub const LEASE: Duration = Duration::from_millis(3000);
 
 /// Server processes that form one cluster.
 pub struct TestCluster {
