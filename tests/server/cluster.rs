@@ -117,6 +117,23 @@ async fn stop_rename_and_delete_work_from_any_node() {
     let (_, stored) = cluster.get(2, &format!("/api/conversations/{id}")).await;
     assert_eq!(stored["messages"][1]["status"], "cancelled", "{stored}");
 
+    // Regenerated through node 2: the members on nodes 0 and 1 get the new reply.
+    model.set_reply(words(3), Duration::ZERO);
+    let (status, regenerated) = cluster
+        .call(
+            2,
+            "POST",
+            &format!("/api/conversations/{id}/regenerate"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{regenerated}");
+    for member in [&mut owner_side, &mut relayed] {
+        let events = member.until_complete().await;
+        assert_whole_reply(&events, id, &words(3).concat());
+        assert_eq!(events[0].1["messageId"], regenerated["messageId"]);
+    }
+
     // Renamed through node 1, seen by the member on node 0.
     let (status, renamed) = cluster
         .call(
