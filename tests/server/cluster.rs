@@ -96,6 +96,18 @@ async fn stop_rename_and_delete_work_from_any_node() {
         .await;
     assert_eq!(owner_side.next().await.0, "stream_start");
     assert_eq!(owner_side.next().await.0, "stream_chunk");
+    // A connection joining through node 2 mid-reply gets what it missed, then the rest.
+    let mut late = WsClient::connect(cluster.addr(2)).await;
+    late.join(id).await;
+    assert_eq!(late.next().await.0, "stream_start");
+    let (name, so_far) = late.next().await;
+    assert_eq!(name, "stream_chunk");
+    assert!(
+        so_far["content"].as_str().unwrap().starts_with("w0 "),
+        "{so_far}"
+    );
+    assert_eq!(so_far["delta"], so_far["content"]);
+    late.close().await;
 
     // Stop through node 2, which neither owns the conversation nor has members of it.
     let (status, stopped) = cluster
@@ -132,6 +144,29 @@ async fn stop_rename_and_delete_work_from_any_node() {
         let events = member.until_complete().await;
         assert_whole_reply(&events, id, &words(3).concat());
         assert_eq!(events[0].1["messageId"], regenerated["messageId"]);
+    }
+
+    // A whole reply asked for through node 2, carried out by the owner.
+    let (status, answered) = cluster
+        .call(
+            2,
+            "POST",
+            "/api/chat",
+            Some(json!({"conversationId": id, "message": "and now?"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answered}");
+    assert_eq!(answered["message"]["content"], words(3).concat());
+    assert_eq!(
+        answered["conversation"]["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    for member in [&mut owner_side, &mut relayed] {
+        let events = member.until_complete().await;
+        assert_eq!(final_content(&events), words(3).concat());
     }
 
     // Renamed through node 1, seen by the member on node 0.
@@ -485,4 +520,26 @@ async fn a_relay_that_misses_events_catches_up_from_the_owner() {
     assert!(whole.ends_with(&seen), "{seen}");
     let seqs = crate::support::seqs(&rest);
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+}
+
+#[tokio::test]
+async fn a_users_daily_tokens_count_over_every_node() {
+    let model = ModelServer::start().await;
+    model.set_reply(words(4), Duration::ZERO);
+    // Each reply costs its prompt's messages and its four pieces, as the test model reports.
+    let cluster = TestCluster::start(2, &model, &[("USER_DAILY_TOKENS", "12".into())]).await;
+    let chat = async |node: usize| {
+        cluster
+            .call(node, "POST", "/api/chat", Some(json!({"message": "hi"})))
+            .await
+    };
+    for node in [0, 1] {
+        let (status, answer) = chat(node).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    for node in [0, 1] {
+        let (status, answer) = chat(node).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+        assert_eq!(answer["code"], "QUOTA_EXCEEDED");
+    }
 }
