@@ -100,13 +100,13 @@ impl ConversationState {
         self.generations += 1;
         let generation = self.generations;
         let task = spawn_streamed(self.ctx.clone(), myself.clone(), generation, prompt);
-        self.reply = Some(Reply::start(
+        self.reply = Some(Box::new(Reply::start(
             &self.ctx,
             generation,
             message_id.clone(),
             task,
             None,
-        ));
+        )));
         if let Some(sender) = sender {
             self.members.add(sender);
         }
@@ -161,13 +161,13 @@ impl ConversationState {
             generation,
             self.prompt(false),
         );
-        self.reply = Some(Reply::start(
+        self.reply = Some(Box::new(Reply::start(
             &self.ctx,
             generation,
             crate::domain::new_id(),
             task,
             Some(answer),
-        ));
+        )));
         Ok(())
     }
 

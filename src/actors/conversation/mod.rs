@@ -195,9 +195,11 @@ pub struct ConversationState {
     writer: Writer,
     conversation: Option<Conversation>,
     members: Members,
-    reply: Option<Reply>,
+    /// Boxed, as is the orphan: an actor's state lives in its task for its whole life, and most
+    /// of that life no reply runs.
+    reply: Option<Box<Reply>>,
     /// A reply an earlier owner left unfinished, ended by this actor.
-    orphan: Option<Orphan>,
+    orphan: Option<Box<Orphan>>,
     /// The store refused a write because another node claimed the conversation since.
     fenced: bool,
     generations: u64,
@@ -365,7 +367,11 @@ impl ConversationState {
         let mut orphan = None;
         if let Some(conversation) = conversation.as_mut() {
             match fence {
-                Some(_) => orphan = Orphan::end(&**store, &writer, conversation).await?,
+                Some(_) => {
+                    orphan = Orphan::end(&**store, &writer, conversation)
+                        .await?
+                        .map(Box::new)
+                }
                 None => mark_interrupted(&**store, &writer, conversation).await?,
             }
         }

@@ -41,7 +41,13 @@ async fn a_reply_whose_message_is_gone_still_ends_whole() {
     let (subscriber, mut inbox) = member();
     state.members.add(subscriber);
     let gone = "a-message-not-in-the-conversation".to_owned();
-    state.reply = Some(Reply::start(&ctx, 1, gone, model.abort_handle(), None));
+    state.reply = Some(Box::new(Reply::start(
+        &ctx,
+        1,
+        gone,
+        model.abort_handle(),
+        None,
+    )));
     assert_eq!(ctx.metrics.snapshot().replies_in_progress, 1);
 
     state.end_reply(Ending::Completed(String::new())).await;
