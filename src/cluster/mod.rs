@@ -202,11 +202,6 @@ impl Cluster {
         self.relays.get(&self.keys.events(key))
     }
 
-    /// Counts an event published for relaying nodes.
-    fn published(&self) {
-        self.metrics.event_published();
-    }
-
     /// Sends `call` for `key` to `owner` and waits for its answer, or for `owner` to die.
     pub async fn call(
         &self,

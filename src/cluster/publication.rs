@@ -128,7 +128,7 @@ impl Publication {
                 self.history_bytes -= dropped.len();
             }
         }
-        self.cluster.published();
+        self.cluster.metrics.event_published();
         self.cluster
             .bus
             .publish(self.channel.clone(), payload.to_string());
