@@ -239,7 +239,7 @@ pub struct Subscriber {
     id: u64,
     outbox: OutboxSender,
     dropped: CancellationToken,
-    memberships: mpsc::UnboundedSender<MembershipChange>,
+    memberships: mpsc::UnboundedSender<Box<MembershipChange>>,
 }
 
 /// Why an event could not be queued for a subscriber.
@@ -260,7 +260,24 @@ pub struct SubscriberInbox {
     /// Cancelled when the connection was too slow and must close.
     pub dropped: CancellationToken,
     /// Memberships that changed without the connection asking.
-    pub memberships: mpsc::UnboundedReceiver<MembershipChange>,
+    pub memberships: MembershipChanges,
+}
+
+/// The memberships of a connection that changed without it asking. They are rare, so they travel
+/// boxed: a channel allocates a block of slots up front, for every connection, idle or not.
+#[derive(Debug)]
+pub struct MembershipChanges(mpsc::UnboundedReceiver<Box<MembershipChange>>);
+
+impl MembershipChanges {
+    /// The next change, waiting for one.
+    pub async fn recv(&mut self) -> Option<MembershipChange> {
+        self.0.recv().await.map(|change| *change)
+    }
+
+    /// The next change, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<MembershipChange> {
+        self.0.try_recv().ok().map(|change| *change)
+    }
 }
 
 impl Subscriber {
@@ -278,7 +295,7 @@ impl Subscriber {
         let inbox = SubscriberInbox {
             events,
             dropped,
-            memberships: changes,
+            memberships: MembershipChanges(changes),
         };
         (subscriber, inbox)
     }
@@ -361,7 +378,7 @@ impl Membership {
 
     fn tell(&self, change: MembershipChange) {
         if !self.subscriber.is_gone() {
-            let _ = self.subscriber.memberships.send(change);
+            let _ = self.subscriber.memberships.send(Box::new(change));
         }
     }
 }
@@ -509,9 +526,9 @@ mod tests {
         Membership::new(sub.clone(), "left".into()).end();
         Membership::new(sub, "deleted".into()).close();
         let lost = MembershipChange::Lost("kept".into(), None);
-        assert_eq!(inbox.memberships.try_recv().unwrap(), lost);
+        assert_eq!(inbox.memberships.try_recv(), Some(lost));
         let ended = MembershipChange::Ended("deleted".into());
-        assert_eq!(inbox.memberships.try_recv().unwrap(), ended);
-        assert!(inbox.memberships.try_recv().is_err());
+        assert_eq!(inbox.memberships.try_recv(), Some(ended));
+        assert_eq!(inbox.memberships.try_recv(), None);
     }
 }

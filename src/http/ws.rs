@@ -172,7 +172,9 @@ fn text(event: &EncodedEvent) -> Message {
     Message::Text(event.frame.clone())
 }
 
-/// Serves one upgraded connection until either side closes it.
+/// Serves one upgraded connection until either side closes it. Every write is boxed, as is the
+/// handling of a client's frame: a task is as large as its largest await for its whole life, and
+/// a connection spends most of it waiting, idle.
 async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
     let expiry = token_expiry(user.token_lifetime());
     tokio::pin!(expiry);
@@ -193,14 +195,14 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                     Some(Ok(frame)) => frame,
                     Some(Err(e)) => {
                         tracing::debug!(connection = session.id(), error = %e, "unreadable frame");
-                        let _ = sink.send(close(CLOSE_TOO_BIG, "frame too large or malformed")).await;
+                        let _ = Box::pin(sink.send(close(CLOSE_TOO_BIG, "frame too large or malformed"))).await;
                         break;
                     }
                     None => break,
                 };
                 if let Message::Close(_) = frame {
                     // Sends the close frame that answers the client's.
-                    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, sink.flush()).await;
+                    let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, sink.flush())).await;
                     break;
                 }
                 // Any frame answers the ping that is out.
@@ -210,7 +212,7 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                 // Boxed, like a membership change: the connection's task stays small while it waits.
                 let answer = Box::pin(handle_frame(&mut session, frame)).await;
                 if !answer.is_empty()
-                    && !write(&mut sink, answer, &inbox.dropped, send_timeout).await
+                    && !Box::pin(write(&mut sink, answer, &inbox.dropped, send_timeout)).await
                 {
                     break;
                 }
@@ -223,7 +225,7 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                 }
                 let now = Instant::now();
                 let ping = sink.send(Message::Ping(Default::default()));
-                if !matches!(tokio::time::timeout(ping_timeout, ping).await, Ok(Ok(()))) {
+                if !matches!(Box::pin(tokio::time::timeout(ping_timeout, ping)).await, Ok(Ok(()))) {
                     break;
                 }
                 ping_sent = Some(now);
@@ -236,7 +238,7 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                 {
                     batch.push(text(&event));
                 }
-                if !write(&mut sink, batch, &inbox.dropped, send_timeout).await {
+                if !Box::pin(write(&mut sink, batch, &inbox.dropped, send_timeout)).await {
                     break;
                 }
             }
@@ -245,12 +247,12 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
             }
             _ = inbox.dropped.cancelled() => {
                 let farewell = sink.send(close(CLOSE_TOO_SLOW, "too slow"));
-                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
+                let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, farewell)).await;
                 break;
             }
             () = &mut expiry => {
                 let farewell = vec![text(&token_expired()), close(CLOSE_EXPIRED, "token expired")];
-                write(&mut sink, farewell, &inbox.dropped, send_timeout).await;
+                Box::pin(write(&mut sink, farewell, &inbox.dropped, send_timeout)).await;
                 break;
             }
             _ = shutdown.cancelled() => {
@@ -262,12 +264,12 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                     last.push(close(CLOSE_GOING_AWAY, "server shutting down"));
                     write(&mut sink, last, &inbox.dropped, send_timeout).await;
                 };
-                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
+                let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, farewell)).await;
                 break;
             }
         }
     }
-    session.close().await;
+    Box::pin(session.close()).await;
 }
 
 /// Writes frames and flushes once; false when the connection is gone, was dropped for being
