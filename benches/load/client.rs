@@ -4,6 +4,7 @@
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -15,15 +16,20 @@ use tokio_tungstenite::tungstenite::handshake::client::Response;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// What the child process is asked to do. The Socket.IO client (`tests/support/node/bench.mjs`)
-/// takes the same spec for `fanout` and `idle`.
+/// takes the same spec for `fanout`, `streams` and `idle`; `unacknowledged_joins` tells it that
+/// the server does not acknowledge joins (the original Node.js server), so it waits a moment
+/// after sending them instead.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "scenario", rename_all = "snake_case")]
 pub enum Spec {
-    /// Closed-loop `POST /api/chat`, each a new conversation.
+    /// Closed-loop `POST /api/chat`, each a new conversation, for `seconds` or until `requests`
+    /// have been answered.
     RestPost {
         addr: SocketAddr,
         connections: usize,
         seconds: f64,
+        #[serde(default)]
+        requests: Option<usize>,
     },
     /// Closed-loop `GET /api/conversations/:id` over `conversations` stored ones.
     RestGet {
@@ -38,6 +44,8 @@ pub enum Spec {
         addrs: Vec<SocketAddr>,
         subscribers: usize,
         expected: String,
+        #[serde(default)]
+        unacknowledged_joins: bool,
     },
     /// `conversations` replies streaming at once, one per connection, the connections made to
     /// the nodes at `addrs` in turn.
@@ -49,6 +57,8 @@ pub enum Spec {
     Idle {
         addr: SocketAddr,
         connections: usize,
+        #[serde(default)]
+        unacknowledged_joins: bool,
     },
 }
 
@@ -242,7 +252,9 @@ async fn prepare(spec: &Spec) -> Prepared {
             addrs,
             conversations,
         } => Prepared::Sockets(connect_many(addrs, *conversations).await),
-        Spec::Idle { addr, connections } => {
+        Spec::Idle {
+            addr, connections, ..
+        } => {
             let sockets = connect_many(&[*addr], *connections).await;
             Prepared::Sockets(join_all(sockets, |i| format!("idle-{}", i % 100)).await)
         }
@@ -256,11 +268,13 @@ async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
                 addr,
                 connections,
                 seconds,
+                requests,
             },
             _,
         ) => {
             let url = format!("http://{addr}/api/chat");
-            let outcome = closed_loop(*connections, *seconds, move |http, _| {
+            let until = Until::new(*seconds, *requests);
+            let outcome = closed_loop(*connections, until, move |http, _| {
                 http.post(&url)
                     .json(&json!({"message": "benchmark message"}))
             })
@@ -278,7 +292,7 @@ async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
         ) => {
             let base = format!("http://{addr}/api/conversations/");
             let ids = Arc::new(ids);
-            let outcome = closed_loop(*connections, *seconds, move |http, n| {
+            let outcome = closed_loop(*connections, Until::new(*seconds, None), move |http, n| {
                 http.get(format!("{base}{}", ids[n % ids.len()]))
             })
             .await;
@@ -296,9 +310,35 @@ async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
     }
 }
 
+/// When a closed loop ends: at a deadline, or once a number of requests have been sent.
+#[derive(Clone)]
+struct Until {
+    deadline: Instant,
+    tickets: Option<Arc<AtomicUsize>>,
+}
+
+impl Until {
+    fn new(seconds: f64, requests: Option<usize>) -> Until {
+        Until {
+            deadline: Instant::now() + Duration::from_secs_f64(seconds),
+            tickets: requests.map(|n| Arc::new(AtomicUsize::new(n))),
+        }
+    }
+
+    /// Whether one more request may go.
+    fn another(&self) -> bool {
+        Instant::now() < self.deadline
+            && self.tickets.as_ref().is_none_or(|tickets| {
+                tickets
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            })
+    }
+}
+
 async fn closed_loop(
     connections: usize,
-    seconds: f64,
+    until: Until,
     request: impl Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 ) -> Outcome {
     let http = reqwest::Client::builder()
@@ -307,14 +347,13 @@ async fn closed_loop(
         .unwrap();
     let request = Arc::new(request);
     let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for worker in 0..connections {
-        let (http, request) = (http.clone(), request.clone());
+        let (http, request, until) = (http.clone(), request.clone(), until.clone());
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut errors, mut samples) = (0, 0, Vec::new());
             let mut n = worker;
-            while Instant::now() < deadline {
+            while until.another() {
                 let sent = Instant::now();
                 match request(&http, n).send().await {
                     Ok(response) if response.status().is_success() => {

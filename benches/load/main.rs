@@ -18,6 +18,7 @@ mod npm;
 mod test_database;
 
 mod client;
+mod versus;
 
 use std::borrow::Cow;
 use std::io::{BufRead, BufReader, Write};
@@ -74,7 +75,7 @@ struct Row {
 
 /// The scenarios, in the order they run; each runs in a fresh process of its own, so that no
 /// memory, task or socket of one is seen by the next.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 16] = [
     "rest_post",
     "rest_get",
     "fanout /ws",
@@ -86,6 +87,11 @@ const SCENARIOS: [&str; 11] = [
     "routing",
     "cluster fanout",
     "cluster streams",
+    "versus idle",
+    "versus fanout",
+    "versus streams",
+    "versus conversations",
+    "versus rest",
 ];
 
 fn main() {
@@ -131,6 +137,10 @@ fn in_fresh_process(name: &str, quick: bool) -> Vec<Row> {
 /// Entry point of a scenario's process: runs it and prints its rows, one JSON line each.
 fn run_scenario(name: &str, quick: bool) {
     let sizes = if quick { QUICK } else { FULL };
+    let side_by_side = if quick { versus::QUICK } else { versus::FULL };
+    if name.starts_with("versus") {
+        versus::pin_load();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -171,6 +181,11 @@ fn run_scenario(name: &str, quick: bool) {
             }
             "conversations" => rows.push(conversations(&sizes).await),
             "routing" => rows.push(routing(&sizes).await),
+            "versus idle" => rows.extend(versus::idle(&side_by_side).await),
+            "versus fanout" => rows.extend(versus::fanout(&side_by_side).await),
+            "versus streams" => rows.extend(versus::streams(&side_by_side).await),
+            "versus conversations" => rows.extend(versus::conversations(&side_by_side).await),
+            "versus rest" => rows.extend(versus::rest(&side_by_side).await),
             other => panic!("no scenario {other}"),
         }
         rows
@@ -442,6 +457,7 @@ async fn rest_post(sizes: &Sizes) -> Row {
             addr: bench.app.addr(),
             connections: 64,
             seconds: sizes.seconds,
+            requests: None,
         },
     )
     .await;
@@ -492,6 +508,7 @@ async fn fanout(nodes: &Nodes, transport: Transport, subscribers: usize) -> Row 
             addrs: nodes.addrs(),
             subscribers,
             expected: nodes.model.reply_text(),
+            unacknowledged_joins: false,
         },
     )
     .await;
@@ -568,6 +585,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
         Spec::Idle {
             addr,
             connections: 100,
+            unacknowledged_joins: false,
         },
     )
     .await;
@@ -578,6 +596,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
     let spec = Spec::Idle {
         addr,
         connections: count,
+        unacknowledged_joins: false,
     };
     let process = tokio::task::spawn_blocking(move || ClientProcess::start(transport, &spec))
         .await
