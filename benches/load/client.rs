@@ -12,13 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::client::Response;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// What the child process is asked to do. The Socket.IO client (`tests/support/node/bench.mjs`)
-/// takes the same spec for `fanout`, `streams` and `idle`; `unacknowledged_joins` tells it that
-/// the server does not acknowledge joins (the original Node.js server), so it waits a moment
-/// after sending them instead.
+/// takes the same spec for `fanout` and `idle`. `unacknowledged_joins` says that the server does
+/// not acknowledge joins (the original Node.js server), so the client waits a moment after
+/// sending them instead.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "scenario", rename_all = "snake_case")]
 pub enum Spec {
@@ -46,12 +45,16 @@ pub enum Spec {
         expected: String,
         #[serde(default)]
         unacknowledged_joins: bool,
+        #[serde(default)]
+        dialect: Dialect,
     },
     /// `conversations` replies streaming at once, one per connection, the connections made to
     /// the nodes at `addrs` in turn.
     Streams {
         addrs: Vec<SocketAddr>,
         conversations: usize,
+        #[serde(default)]
+        dialect: Dialect,
     },
     /// `connections` idle connections, each joined to one of 100 conversations.
     Idle {
@@ -59,7 +62,90 @@ pub enum Spec {
         connections: usize,
         #[serde(default)]
         unacknowledged_joins: bool,
+        #[serde(default)]
+        dialect: Dialect,
     },
+}
+
+/// How this client's websockets speak: `/ws` frames, or Socket.IO (Engine.IO v4) packets of the
+/// main namespace, so that one client can load either server's Socket.IO without being the
+/// bottleneck itself (Node's socket.io-client parses every packet, on one core).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dialect {
+    #[default]
+    Ws,
+    SocketIo,
+}
+
+impl Dialect {
+    /// Opens a websocket with a small read buffer (tungstenite zeroes its whole read buffer, 128
+    /// KiB by default, on every read, which would make the client the bottleneck); a Socket.IO
+    /// one is connected to the main namespace.
+    async fn connect(self, addr: SocketAddr) -> tokio_tungstenite::tungstenite::Result<Socket> {
+        let config = WebSocketConfig::default().read_buffer_size(4096);
+        let url = match self {
+            Dialect::Ws => format!("ws://{addr}/ws"),
+            Dialect::SocketIo => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
+        };
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_with_config(url, Some(config), false).await?;
+        if let Dialect::SocketIo = self {
+            socket.send(Message::text("40")).await?;
+            while let Some(message) = socket.next().await {
+                if matches!(message?, Message::Text(text) if text.starts_with("40")) {
+                    break;
+                }
+            }
+        }
+        Ok(socket)
+    }
+
+    /// A client event, with an acknowledgement id or none.
+    fn frame(self, event: &str, data: Value, ack: Option<u64>) -> Message {
+        match self {
+            Dialect::Ws => {
+                Message::text(json!({"event": event, "data": data, "id": ack}).to_string())
+            }
+            Dialect::SocketIo => {
+                let id = ack.map(|id| id.to_string()).unwrap_or_default();
+                Message::text(format!("42{id}{}", json!([event, data])))
+            }
+        }
+    }
+
+    /// Whether a frame is the server's event `name`.
+    fn is(self, text: &str, name: &str) -> bool {
+        let rest = match self {
+            Dialect::Ws => text.strip_prefix(r#"{"event":""#),
+            Dialect::SocketIo => text.strip_prefix(r#"42[""#),
+        };
+        rest.and_then(|rest| rest.strip_prefix(name))
+            .is_some_and(|rest| rest.starts_with('"'))
+    }
+
+    /// Whether a frame acknowledges a client event.
+    fn is_ack(self, text: &str) -> bool {
+        match self {
+            Dialect::Ws => serde_json::from_str::<Value>(text).is_ok_and(|v| v["event"] == "ack"),
+            Dialect::SocketIo => text.starts_with("43"),
+        }
+    }
+
+    /// An event frame's payload.
+    fn data(self, text: &str) -> Value {
+        match self {
+            Dialect::Ws => serde_json::from_str::<Value>(text).unwrap()["data"].take(),
+            Dialect::SocketIo => serde_json::from_str::<Value>(&text[2..]).unwrap()[1].take(),
+        }
+    }
+
+    /// Answers the server's Engine.IO ping, which a Socket.IO client must do to stay connected.
+    async fn pong(self, socket: &mut Socket, text: &str) {
+        if let (Dialect::SocketIo, "2") = (self, text) {
+            let _ = socket.send(Message::text("3")).await;
+        }
+    }
 }
 
 /// Latency figures in milliseconds.
@@ -144,6 +230,9 @@ fn wait_for_line(expected: &str) {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// How long joins that are not acknowledged are given to be handled.
+const UNACKNOWLEDGED_JOIN: Duration = Duration::from_secs(2);
+
 /// Connections opened before `go`.
 enum Prepared {
     None,
@@ -151,16 +240,8 @@ enum Prepared {
     Ids(Vec<String>),
 }
 
-/// Opens a WebSocket to `/ws` with a small read buffer: tungstenite zeroes its whole read buffer
-/// (128 KiB by default) on every read, which would make the client the bottleneck.
-async fn connect(addr: SocketAddr) -> tokio_tungstenite::tungstenite::Result<(Socket, Response)> {
-    let config = WebSocketConfig::default().read_buffer_size(4096);
-    tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/ws"), Some(config), false)
-        .await
-}
-
 /// `count` connections, made to the servers at `addrs` in turn.
-async fn connect_many(addrs: &[SocketAddr], count: usize) -> Vec<Socket> {
+async fn connect_many(addrs: &[SocketAddr], count: usize, dialect: Dialect) -> Vec<Socket> {
     let gate = Arc::new(Semaphore::new(200));
     let mut tasks = Vec::with_capacity(count);
     for i in 0..count {
@@ -169,8 +250,8 @@ async fn connect_many(addrs: &[SocketAddr], count: usize) -> Vec<Socket> {
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.unwrap();
             for attempt in 0..20 {
-                match connect(addr).await {
-                    Ok((socket, _)) => return socket,
+                match dialect.connect(addr).await {
+                    Ok(socket) => return socket,
                     Err(e) if attempt == 19 => panic!("cannot connect: {e}"),
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
@@ -185,25 +266,31 @@ async fn connect_many(addrs: &[SocketAddr], count: usize) -> Vec<Socket> {
     sockets
 }
 
-fn frame(event: &str, data: Value) -> Message {
-    Message::text(json!({"event": event, "data": data}).to_string())
-}
-
 /// Joins each socket to the conversation `id(i)` and returns once the server has handled every
-/// join: the server handles a connection's frames in order, so the `error` answer to an unknown
-/// event sent after the join means the join is done.
-async fn join_all(sockets: Vec<Socket>, id: impl Fn(usize) -> String) -> Vec<Socket> {
+/// join: by its acknowledgement, or, where joins are not acknowledged, after a pause.
+async fn join_all(
+    sockets: Vec<Socket>,
+    id: impl Fn(usize) -> String,
+    dialect: Dialect,
+    unacknowledged: bool,
+) -> Vec<Socket> {
     let tasks: Vec<_> = sockets
         .into_iter()
         .enumerate()
         .map(|(i, mut socket)| {
-            let join = frame("join_conversation", json!({"conversationId": id(i)}));
+            let ack = (!unacknowledged).then_some(1);
+            let join = dialect.frame("join_conversation", json!({"conversationId": id(i)}), ack);
             tokio::spawn(async move {
                 socket.send(join).await.unwrap();
-                socket.send(frame("joined?", Value::Null)).await.unwrap();
+                if unacknowledged {
+                    return socket;
+                }
                 while let Some(Ok(message)) = socket.next().await {
-                    if matches!(&message, Message::Text(text) if text.starts_with(r#"{"event":"error""#))
-                    {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    dialect.pong(&mut socket, &text).await;
+                    if dialect.is_ack(&text) {
                         return socket;
                     }
                 }
@@ -214,6 +301,9 @@ async fn join_all(sockets: Vec<Socket>, id: impl Fn(usize) -> String) -> Vec<Soc
     let mut joined = Vec::with_capacity(tasks.len());
     for task in tasks {
         joined.push(task.await.unwrap());
+    }
+    if unacknowledged {
+        tokio::time::sleep(UNACKNOWLEDGED_JOIN).await;
     }
     joined
 }
@@ -243,20 +333,30 @@ async fn prepare(spec: &Spec) -> Prepared {
             Prepared::Ids(ids)
         }
         Spec::Fanout {
-            addrs, subscribers, ..
+            addrs,
+            subscribers,
+            unacknowledged_joins,
+            dialect,
+            ..
         } => {
-            let sockets = connect_many(addrs, *subscribers).await;
-            Prepared::Sockets(join_all(sockets, |_| "fanout".to_owned()).await)
+            let sockets = connect_many(addrs, *subscribers, *dialect).await;
+            let fanout = |_| "fanout".to_owned();
+            Prepared::Sockets(join_all(sockets, fanout, *dialect, *unacknowledged_joins).await)
         }
         Spec::Streams {
             addrs,
             conversations,
-        } => Prepared::Sockets(connect_many(addrs, *conversations).await),
+            dialect,
+        } => Prepared::Sockets(connect_many(addrs, *conversations, *dialect).await),
         Spec::Idle {
-            addr, connections, ..
+            addr,
+            connections,
+            unacknowledged_joins,
+            dialect,
         } => {
-            let sockets = connect_many(&[*addr], *connections).await;
-            Prepared::Sockets(join_all(sockets, |i| format!("idle-{}", i % 100)).await)
+            let sockets = connect_many(&[*addr], *connections, *dialect).await;
+            let idle = |i| format!("idle-{}", i % 100);
+            Prepared::Sockets(join_all(sockets, idle, *dialect, *unacknowledged_joins).await)
         }
     }
 }
@@ -300,11 +400,16 @@ async fn execute(spec: &Spec, prepared: Prepared) -> (Outcome, Vec<Socket>) {
         }
         (
             Spec::Fanout {
-                addrs, expected, ..
+                addrs,
+                expected,
+                dialect,
+                ..
             },
             Prepared::Sockets(sockets),
-        ) => fanout(addrs[0], sockets, expected).await,
-        (Spec::Streams { .. }, Prepared::Sockets(sockets)) => (streams(sockets).await, Vec::new()),
+        ) => fanout(addrs[0], sockets, expected, *dialect).await,
+        (Spec::Streams { dialect, .. }, Prepared::Sockets(sockets)) => {
+            (streams(sockets, *dialect).await, Vec::new())
+        }
         (Spec::Idle { .. }, Prepared::Sockets(sockets)) => (Outcome::default(), sockets),
         _ => unreachable!("prepared to match the spec"),
     }
@@ -381,20 +486,29 @@ async fn closed_loop(
     outcome
 }
 
-/// Reads a `stream_chunk` frame's `seq` and `isComplete` without parsing the whole frame.
-fn chunk_fields(text: &str) -> Option<(u64, bool)> {
-    if !text.starts_with(r#"{"event":"stream_chunk""#) {
+/// Reads a `stream_chunk` frame's `seq` and `isComplete` without parsing the whole frame; the
+/// original server's chunks have no `seq` (each carries the whole text so far), so `count`, the
+/// chunk's place, stands in for it.
+fn chunk_fields(dialect: Dialect, text: &str, count: u64) -> Option<(u64, bool)> {
+    if !dialect.is(text, "stream_chunk") {
         return None;
     }
-    let at = text.rfind(r#""seq":"#)? + 6;
-    let digits: String = text[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    Some((digits.parse().ok()?, text.contains(r#""isComplete":true"#)))
+    let seq = text.rfind(r#""seq":"#).and_then(|at| {
+        let digits: String = text[at + 6..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    });
+    Some((seq.unwrap_or(count), text.contains(r#""isComplete":true"#)))
 }
 
-async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outcome, Vec<Socket>) {
+async fn fanout(
+    addr: SocketAddr,
+    sockets: Vec<Socket>,
+    expected: &str,
+    dialect: Dialect,
+) -> (Outcome, Vec<Socket>) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for mut socket in sockets {
@@ -408,14 +522,14 @@ async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outc
                 let Message::Text(text) = message else {
                     continue;
                 };
-                if let Some((seq, complete)) = chunk_fields(&text) {
+                dialect.pong(&mut socket, &text).await;
+                if let Some((seq, complete)) = chunk_fields(dialect, &text, chunks + 1) {
                     chunks += 1;
                     last_seq = seq;
                     if complete {
-                        let value: Value = serde_json::from_str(&text).unwrap();
-                        correct = value["data"]["content"] == expected.as_str();
+                        correct = dialect.data(&text)["content"] == expected.as_str();
                     }
-                } else if text.starts_with(r#"{"event":"stream_complete""#) {
+                } else if dialect.is(&text, "stream_complete") {
                     done = Some(started.elapsed());
                     break;
                 }
@@ -423,12 +537,10 @@ async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outc
             (chunks, last_seq, correct, done, socket)
         }));
     }
-    let (mut sender, _) = connect(addr).await.unwrap();
+    let mut sender = dialect.connect(addr).await.unwrap();
+    let ask = json!({"conversationId": "fanout", "message": "to everyone"});
     sender
-        .send(frame(
-            "stream_chat",
-            json!({"conversationId": "fanout", "message": "to everyone"}),
-        ))
+        .send(dialect.frame("stream_chat", ask, None))
         .await
         .unwrap();
     let mut outcome = Outcome::default();
@@ -461,7 +573,7 @@ async fn fanout(addr: SocketAddr, sockets: Vec<Socket>, expected: &str) -> (Outc
     (outcome, sockets)
 }
 
-async fn streams(sockets: Vec<Socket>) -> Outcome {
+async fn streams(sockets: Vec<Socket>, dialect: Dialect) -> Outcome {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, mut socket) in sockets.into_iter().enumerate() {
@@ -469,7 +581,10 @@ async fn streams(sockets: Vec<Socket>) -> Outcome {
             let sent = Instant::now();
             let message =
                 json!({"conversationId": format!("stream-{i}"), "message": "stream please"});
-            socket.send(frame("stream_chat", message)).await.ok()?;
+            socket
+                .send(dialect.frame("stream_chat", message, None))
+                .await
+                .ok()?;
             let mut first = None;
             while let Ok(Some(Ok(message))) =
                 tokio::time::timeout(Duration::from_secs(60), socket.next()).await
@@ -477,13 +592,14 @@ async fn streams(sockets: Vec<Socket>) -> Outcome {
                 let Message::Text(text) = message else {
                     continue;
                 };
-                if first.is_none() && text.starts_with(r#"{"event":"stream_chunk""#) {
+                dialect.pong(&mut socket, &text).await;
+                if first.is_none() && dialect.is(&text, "stream_chunk") {
                     first = Some(sent.elapsed());
                 }
-                if text.starts_with(r#"{"event":"stream_complete""#) {
+                if dialect.is(&text, "stream_complete") {
                     return Some((first?, sent.elapsed()));
                 }
-                if text.starts_with(r#"{"event":"error""#) {
+                if dialect.is(&text, "error") {
                     return None;
                 }
             }

@@ -32,7 +32,7 @@ use ai_chat_server::domain::UserId;
 use ai_chat_server::llm::DemoProvider;
 use ai_chat_server::metrics::resident_bytes;
 use ai_chat_server::store;
-use client::{Latency, Outcome, Spec};
+use client::{Dialect, Latency, Outcome, Spec};
 use model_server::ModelServer;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -313,7 +313,8 @@ async fn bench_server(tweak: impl FnOnce(&mut Config)) -> Bench {
 /// How a scenario's clients talk to the server.
 #[derive(Clone, Copy)]
 enum Transport {
-    /// The plain WebSocket at `/ws`, from this binary run with `--client`.
+    /// The plain WebSocket at `/ws`, from this binary run with `--client` (which speaks
+    /// Socket.IO too when a spec's `dialect` says so).
     Ws,
     /// Socket.IO on its websocket transport, from Node's socket.io-client.
     SocketIo,
@@ -509,6 +510,7 @@ async fn fanout(nodes: &Nodes, transport: Transport, subscribers: usize) -> Row 
             subscribers,
             expected: nodes.model.reply_text(),
             unacknowledged_joins: false,
+            dialect: Dialect::Ws,
         },
     )
     .await;
@@ -540,6 +542,7 @@ async fn streams(nodes: &Nodes, sizes: &Sizes) -> Row {
         Spec::Streams {
             addrs: nodes.addrs(),
             conversations: sizes.streams,
+            dialect: Dialect::Ws,
         },
     )
     .await;
@@ -586,6 +589,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
             addr,
             connections: 100,
             unacknowledged_joins: false,
+            dialect: Dialect::Ws,
         },
     )
     .await;
@@ -597,6 +601,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
         addr,
         connections: count,
         unacknowledged_joins: false,
+        dialect: Dialect::Ws,
     };
     let process = tokio::task::spawn_blocking(move || ClientProcess::start(transport, &spec))
         .await

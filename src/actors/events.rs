@@ -1,7 +1,7 @@
 //! What subscribers receive: chat events, encoded once and shared by every connection, and the
 //! subscriber handle a conversation actor keeps for each connection that joined it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -92,6 +92,7 @@ impl ChatEvent {
             name: self.name(),
             data: RawValue::from_string(data).unwrap_or_else(|_| null_value()),
             frame,
+            socketio: OnceLock::new(),
             chunk: self.chunk_span(),
         })
     }
@@ -124,6 +125,8 @@ pub struct EncodedEvent {
     pub data: Box<RawValue>,
     /// `{"event": name, "data": payload}`, the plain WebSocket frame, shared by every connection.
     pub frame: Utf8Bytes,
+    /// `42["name",payload]`, the Socket.IO websocket frame, made at first use and then shared.
+    socketio: OnceLock<Utf8Bytes>,
     /// For a `stream_chunk`, where its text sits in the reply, so that waiting chunks can merge.
     chunk: Option<ChunkSpan>,
 }
@@ -184,8 +187,17 @@ impl EncodedEvent {
             name,
             data,
             frame: frame.into(),
+            socketio: OnceLock::new(),
             chunk,
         }))
+    }
+
+    /// The event as a Socket.IO websocket frame (an Engine.IO message holding a Socket.IO event
+    /// of the main namespace), encoded once for every socket.
+    pub fn socketio_frame(&self) -> Utf8Bytes {
+        self.socketio
+            .get_or_init(|| format!(r#"42["{}",{}]"#, self.name, self.data.get()).into())
+            .clone()
     }
 
     fn reply_fields(&self) -> ReplyFields {

@@ -264,6 +264,7 @@ pub fn routes(
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::metrics(&shared));
     let websocket = ws::route(shared.clone());
+    let socketio_websocket = ws::socketio_route(shared.clone());
     let page = web::routes(shared.config.web_client);
     let reference = openapi::routes();
 
@@ -293,6 +294,8 @@ pub fn routes(
         .or(metrics)
         .unify()
         .or(websocket)
+        .unify()
+        .or(socketio_websocket)
         .unify()
         .or(page)
         .unify()
@@ -359,7 +362,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
     );
     let routes = rate_limit.layer(warp::service(routes(shared.clone())));
     // One Socket.IO engine for every connection: a polling session spans many of them.
-    let app = socketio::layer(shared.clone()).layer(routes);
+    let app = ServiceBuilder::new()
+        .map_request(socketio::steer_direct)
+        .layer(socketio::layer(shared.clone()))
+        .service(routes);
     let cors = cors(&config.frontend_url);
     let access_log = AccessLogLayer::new(shared.metrics.clone());
     tokio::spawn(middleware::upkeep(

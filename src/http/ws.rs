@@ -5,6 +5,9 @@
 //! The handshake is answered here (with tungstenite's accept key) rather than by warp's filter, so
 //! that every connection gets small read and write buffers: an idle connection costs a few
 //! kilobytes, not tungstenite's default 128 KiB of buffer.
+//!
+//! Socket.IO clients that open a websocket straight away are served by the same loop in
+//! Socket.IO's framing ([`Framing::SocketIo`], `socketio/websocket.rs`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -28,6 +31,7 @@ use warp::{Filter, Rejection};
 use super::error::ApiError;
 use super::payload::parse_json;
 use super::session::{Session, token_expired, token_expiry};
+use super::socketio::{self, websocket};
 use super::{ClientAddr, FAREWELL_TIMEOUT, Shared, error_response};
 use crate::actors::EncodedEvent;
 use crate::auth::{AuthError, User};
@@ -47,16 +51,64 @@ const WRITE_BUFFER: usize = 16 * 1024;
 /// Queued events written in one go before the socket is flushed.
 const WRITE_BATCH: usize = 64;
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// An upgraded connection.
+pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// How a connection's frames carry events.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// `/ws`: `{"event", "data", "id"?}` text frames, WebSocket pings.
+    Plain,
+    /// Engine.IO v4 packets holding Socket.IO v5 packets of the main namespace, Engine.IO pings.
+    SocketIo,
+}
+
+impl Framing {
+    fn event(self, event: &EncodedEvent) -> Message {
+        match self {
+            Framing::Plain => Message::Text(event.frame.clone()),
+            Framing::SocketIo => Message::Text(event.socketio_frame()),
+        }
+    }
+
+    fn ping(self) -> Message {
+        match self {
+            Framing::Plain => Message::Ping(Default::default()),
+            Framing::SocketIo => Message::text(websocket::PING),
+        }
+    }
+
+    /// Handles one client frame; `None` when the client disconnected.
+    async fn handle(self, session: &mut Session, frame: Message) -> Option<Vec<Message>> {
+        match self {
+            Framing::Plain => Some(handle_frame(session, frame).await),
+            Framing::SocketIo => match websocket::handle_frame(session, frame).await {
+                websocket::Handled::Answer(answer) => Some(answer),
+                websocket::Handled::Close => None,
+            },
+        }
+    }
+
+    /// The frames that end a connection whose token expired.
+    fn expired(self) -> Vec<Message> {
+        let mut farewell = vec![self.event(&token_expired())];
+        if let Framing::SocketIo = self {
+            farewell.push(Message::text(websocket::DISCONNECT));
+        }
+        farewell.push(close(CLOSE_EXPIRED, "token expired"));
+        farewell
+    }
+}
 
 /// The connection's upgrade, taken from the request before it reaches the routes.
 #[derive(Clone, Default)]
 pub struct PendingUpgrade(Arc<Mutex<Option<OnUpgrade>>>);
 
 impl PendingUpgrade {
-    /// Takes the upgrade of a `/ws` request out of it, for the route to complete.
+    /// Takes the upgrade of a `/ws` request, or of a Socket.IO websocket opened directly, out of
+    /// it, for the route to complete.
     pub fn take_from<B>(request: &mut http::Request<B>) {
-        if request.uri().path() == "/ws" {
+        if request.uri().path() == "/ws" || websocket::opens_directly(request) {
             let upgrade = hyper::upgrade::on(&mut *request);
             let pending = PendingUpgrade(Arc::new(Mutex::new(Some(upgrade))));
             request.extensions_mut().insert(pending);
@@ -92,6 +144,38 @@ pub fn route(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = 
         })
 }
 
+/// `GET /socket.io/?EIO=4&transport=websocket` with no polling session, steered past
+/// socketioxide to `socketio::DIRECT_PATH`: answers 101, then the Engine.IO handshake and the
+/// Socket.IO connect, and serves the socket.
+pub fn socketio_route(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path(&socketio::DIRECT_PATH[1..])
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PendingUpgrade>())
+        .and(warp::ext::optional::<ClientAddr>())
+        .map(move |headers: HeaderMap, pending, client| {
+            let shared = shared.clone();
+            let (on_upgrade, switching) = match accept(&headers, pending) {
+                Ok(accepted) => accepted,
+                Err(e) => return error_response(&e),
+            };
+            tokio::spawn(async move {
+                let Some(mut socket) = opened(on_upgrade, &shared).await else {
+                    return;
+                };
+                if let Some((user, permit)) = websocket::connect(&mut socket, &shared, client).await
+                {
+                    serve(socket, user, shared, Framing::SocketIo).await;
+                    drop(permit);
+                }
+            });
+            switching
+        })
+}
+
 fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
@@ -124,6 +208,26 @@ async fn upgrade(
     client: Option<ClientAddr>,
     shared: Arc<Shared>,
 ) -> Result<Response, ApiError> {
+    let (on_upgrade, switching) = accept(headers, pending)?;
+    let user = handshake_user(&shared, headers, query_token).await?;
+    let permit = match client {
+        Some(ClientAddr(addr)) => Some(shared.connection_limit.open(addr.ip())?),
+        None => None,
+    };
+    tokio::spawn(async move {
+        if let Some(socket) = opened(on_upgrade, &shared).await {
+            serve(socket, user, shared, Framing::Plain).await;
+        }
+        drop(permit);
+    });
+    Ok(switching)
+}
+
+/// Checks a WebSocket handshake: the connection's upgrade and the 101 answer that completes it.
+fn accept(
+    headers: &HeaderMap,
+    pending: Option<PendingUpgrade>,
+) -> Result<(OnUpgrade, Response), ApiError> {
     let not_websocket = || ApiError::InvalidRequest("Expected a WebSocket upgrade".into());
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
@@ -131,34 +235,33 @@ async fn upgrade(
         .filter(|_| header_has(headers, header::UPGRADE, "websocket"))
         .filter(|_| header_has(headers, header::SEC_WEBSOCKET_VERSION, "13"))
         .ok_or_else(not_websocket)?;
-    let user = handshake_user(&shared, headers, query_token).await?;
     let on_upgrade = pending.and_then(|p| p.take()).ok_or_else(not_websocket)?;
-    let permit = match client {
-        Some(ClientAddr(addr)) => Some(shared.connection_limit.open(addr.ip())?),
-        None => None,
-    };
     let accept = derive_accept_key(key.as_bytes());
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let limit = Some(shared.config.ws_max_frame_bytes);
-                let config = WebSocketConfig::default()
-                    .read_buffer_size(READ_BUFFER)
-                    .write_buffer_size(WRITE_BUFFER)
-                    .max_frame_size(limit)
-                    .max_message_size(limit);
-                let io = TokioIo::new(upgraded);
-                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-                serve(socket, user, shared).await;
-            }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-        }
-        drop(permit);
-    });
     let reply = warp::reply::with_status(warp::reply(), StatusCode::SWITCHING_PROTOCOLS);
     let reply = warp::reply::with_header(reply, header::CONNECTION, "upgrade");
     let reply = warp::reply::with_header(reply, header::UPGRADE, "websocket");
-    Ok(warp::reply::with_header(reply, header::SEC_WEBSOCKET_ACCEPT, accept).into_response())
+    let reply = warp::reply::with_header(reply, header::SEC_WEBSOCKET_ACCEPT, accept);
+    Ok((on_upgrade, reply.into_response()))
+}
+
+/// The WebSocket of an upgraded connection, with small buffers and the frame size limit.
+async fn opened(on_upgrade: OnUpgrade, shared: &Shared) -> Option<Socket> {
+    match on_upgrade.await {
+        Ok(upgraded) => {
+            let limit = Some(shared.config.ws_max_frame_bytes);
+            let config = WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
+                .write_buffer_size(WRITE_BUFFER)
+                .max_frame_size(limit)
+                .max_message_size(limit);
+            let io = TokioIo::new(upgraded);
+            Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            None
+        }
+    }
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -168,14 +271,10 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
-fn text(event: &EncodedEvent) -> Message {
-    Message::Text(event.frame.clone())
-}
-
 /// Serves one upgraded connection until either side closes it. Every write is boxed, as is the
 /// handling of a client's frame: a task is as large as its largest await for its whole life, and
 /// a connection spends most of it waiting, idle.
-async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
+async fn serve(socket: Socket, user: User, shared: Arc<Shared>, framing: Framing) {
     let expiry = token_expiry(user.token_lifetime());
     tokio::pin!(expiry);
     let (mut session, mut inbox) = Session::open(&shared, user.id);
@@ -210,7 +309,10 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                     heartbeat.as_mut().reset(sent + ping_interval);
                 }
                 // Boxed, like a membership change: the connection's task stays small while it waits.
-                let answer = Box::pin(handle_frame(&mut session, frame)).await;
+                let Some(answer) = Box::pin(framing.handle(&mut session, frame)).await else {
+                    let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, sink.close())).await;
+                    break;
+                };
                 if !answer.is_empty()
                     && !Box::pin(write(&mut sink, answer, &inbox.dropped, send_timeout)).await
                 {
@@ -224,7 +326,7 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                     break;
                 }
                 let now = Instant::now();
-                let ping = sink.send(Message::Ping(Default::default()));
+                let ping = sink.send(framing.ping());
                 if !matches!(Box::pin(tokio::time::timeout(ping_timeout, ping)).await, Ok(Ok(()))) {
                     break;
                 }
@@ -232,11 +334,11 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                 heartbeat.as_mut().reset(now + ping_timeout);
             }
             event = inbox.events.recv() => {
-                let mut batch = vec![text(&event)];
+                let mut batch = vec![framing.event(&event)];
                 while batch.len() < WRITE_BATCH
                     && let Some(event) = inbox.events.try_recv()
                 {
-                    batch.push(text(&event));
+                    batch.push(framing.event(&event));
                 }
                 if !Box::pin(write(&mut sink, batch, &inbox.dropped, send_timeout)).await {
                     break;
@@ -251,15 +353,14 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>) {
                 break;
             }
             () = &mut expiry => {
-                let farewell = vec![text(&token_expired()), close(CLOSE_EXPIRED, "token expired")];
-                Box::pin(write(&mut sink, farewell, &inbox.dropped, send_timeout)).await;
+                Box::pin(write(&mut sink, framing.expired(), &inbox.dropped, send_timeout)).await;
                 break;
             }
             _ = shutdown.cancelled() => {
                 let farewell = async {
                     let mut last = Vec::new();
                     while let Some(event) = inbox.events.try_recv() {
-                        last.push(text(&event));
+                        last.push(framing.event(&event));
                     }
                     last.push(close(CLOSE_GOING_AWAY, "server shutting down"));
                     write(&mut sink, last, &inbox.dropped, send_timeout).await;
@@ -310,7 +411,7 @@ async fn handle_frame(session: &mut Session, frame: Message) -> Vec<Message> {
         Err(error) => (None, Err(error)),
     };
     let (error, acknowledgement) = ApiError::outcome(result);
-    let mut answer: Vec<Message> = error.iter().map(|event| text(event)).collect();
+    let mut answer: Vec<Message> = error.iter().map(|e| Framing::Plain.event(e)).collect();
     if let Some(id) = ack_id {
         let ack = json!({ "event": "ack", "id": id, "data": acknowledgement });
         answer.push(Message::text(ack.to_string()));

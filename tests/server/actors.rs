@@ -1,15 +1,15 @@
 //! What the conversation actors show from outside: who is a member of a conversation, and when
-//! its actor leaves memory. Run over both transports.
+//! its actor leaves memory. Run over every transport.
 
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::support::{
-    ModelServer, RealtimeClient, TestServer, config_for, over_both_transports, words,
+    ModelServer, RealtimeClient, TestServer, config_for, over_every_transport, words,
 };
 
-over_both_transports!(a_refused_request_joins_nothing_and_the_conversation_still_passivates);
+over_every_transport!(a_refused_request_joins_nothing_and_the_conversation_still_passivates);
 
 async fn a_refused_request_joins_nothing_and_the_conversation_still_passivates<
     C: RealtimeClient,

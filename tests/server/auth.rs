@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::support::process::{self, ServerProcess};
 use crate::support::{
     ModelServer, RealtimeClient, TestServer, WAIT, WsClient, call_with_token, config_for, deltas,
-    final_content, over_both_transports, seqs, words,
+    final_content, over_every_transport, seqs, words,
 };
 
 const SECRET: &str = "the-test-secret-of-at-least-32-bytes";
@@ -460,7 +460,7 @@ async fn replies_asked_for_count_per_user_over_all_their_connections<C: Realtime
     }
 }
 
-over_both_transports!(
+over_every_transport!(
     replies_asked_for_count_per_user_over_all_their_connections,
     bad_tokens_are_refused_as_the_connection_opens,
     another_users_conversation_does_not_exist_for_them,

@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 use crate::support::cluster::{LEASE, PrivateRedis, TestCluster};
 use crate::support::{
     ModelServer, RealtimeClient, WAIT, WsClient, assert_whole_reply, final_content,
-    over_both_transports, words,
+    over_every_transport, words,
 };
 
-over_both_transports!(
+over_every_transport!(
     members_on_every_node_get_identical_events,
     a_reply_cut_off_by_its_owners_death_ends_on_the_other_nodes,
 );

@@ -10,11 +10,11 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 
 use crate::support::{
-    Mode, ModelServer, RealtimeClient, TestServer, WAIT, config_for, names, over_both_transports,
+    Mode, ModelServer, RealtimeClient, TestServer, WAIT, config_for, names, over_every_transport,
     test_config,
 };
 
-over_both_transports!(
+over_every_transport!(
     real_time_replies_are_limited_per_connection,
     message_length_over_real_time_is_limited_at_the_edge,
 );

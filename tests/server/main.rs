@@ -1,6 +1,6 @@
 //! The black-box tests, in one binary: a real server on `127.0.0.1:0`, real HTTP, WebSocket and
 //! Socket.IO clients, and a test model server. The realtime scenarios are written once and run
-//! over both transports (`realtime`, `replies`); what only one transport does has its own module.
+//! over every transport (`realtime`, `replies`); what only one transport does has its own module.
 
 #[path = "../support/mod.rs"]
 mod support;

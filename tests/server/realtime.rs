@@ -1,5 +1,5 @@
-//! Real-time streaming, black-box, written once and run over both transports (`/ws` and
-//! Socket.IO with the real `socket.io-client` 4.x): replies in order, members, leaving and
+//! Real-time streaming, black-box, written once and run over every transport (`/ws`, and
+//! Socket.IO with the real `socket.io-client` 4.x, polling first or a websocket from the start): replies in order, members, leaving and
 //! closing, bad payloads, acknowledgements, conflicts, a failing model, and the join limit.
 
 use std::time::Duration;
@@ -9,10 +9,10 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Mode, ModelServer, RealtimeClient, TestServer, assert_whole_reply, config_for, final_content,
-    names, over_both_transports, pieces_of,
+    names, over_every_transport, pieces_of,
 };
 
-over_both_transports!(
+over_every_transport!(
     a_reply_streams_in_order_and_is_stored,
     a_new_conversation_id_comes_back_in_stream_start,
     every_member_gets_the_same_events,

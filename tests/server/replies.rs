@@ -1,4 +1,4 @@
-//! What chat users ask for most, written once and run over both transports: replies that
+//! What chat users ask for most, written once and run over every transport: replies that
 //! outlive their connection, catch-up after a reconnect and for a second tab, stop, regenerate,
 //! rename and delete, and heartbeats.
 
@@ -9,10 +9,10 @@ use serde_json::{Value, json};
 
 use crate::support::{
     ModelServer, RealtimeClient, TestServer, chunks, config_for, deltas, eventually, final_content,
-    names, over_both_transports, pieces_of, seqs, words,
+    names, over_every_transport, pieces_of, seqs, words,
 };
 
-over_both_transports!(
+over_every_transport!(
     a_reply_outlives_the_connection_that_asked_for_it,
     a_second_tab_gets_the_reply_so_far_then_the_rest,
     a_reconnect_with_the_last_seq_receives_exactly_what_it_missed,

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::support::process::ServerProcess;
 use crate::support::{
     ModelServer, RealtimeClient, TestServer, WsClient, chunks, config_for, final_content,
-    over_both_transports, pieces_of,
+    over_every_transport, pieces_of,
 };
 
 const GRACE: Duration = Duration::from_millis(2000);
@@ -135,7 +135,7 @@ async fn sigint_with_nothing_in_progress_exits_at_once() {
     );
 }
 
-over_both_transports!(a_reply_ended_by_shutdown_reaches_its_members_whole);
+over_every_transport!(a_reply_ended_by_shutdown_reaches_its_members_whole);
 
 /// In process: the reply that shutdown interrupts ends for its members with the text so far as
 /// its last chunk, then `stream_complete`, whatever their transport.

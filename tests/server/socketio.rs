@@ -333,3 +333,190 @@ async fn socket_io_connections_per_address_are_capped() {
     assert_eq!(second.try_next(Duration::from_millis(100)).await, None);
     assert_eq!(second.disconnect_reason, None);
 }
+
+/// A raw websocket at `/socket.io/`, opened without polling first, speaking the packets
+/// themselves: what the protocol says of the handshake, namespaces, events and acknowledgements,
+/// and what the server answers to packets it cannot handle.
+struct RawSocket(
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+);
+
+impl RawSocket {
+    async fn open(server: &TestServer) -> RawSocket {
+        let url = format!(
+            "ws://{}/socket.io/?EIO=4&transport=websocket",
+            server.addr()
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        RawSocket(socket)
+    }
+
+    async fn send(&mut self, packet: &str) {
+        use futures::SinkExt;
+        self.0.send(packet.into()).await.unwrap();
+    }
+
+    /// The next text packet; `None` once the socket is closed.
+    async fn next(&mut self) -> Option<String> {
+        use futures::StreamExt;
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.0.next())
+                .await
+                .expect("a packet");
+            match frame {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                    return Some(text.to_string());
+                }
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)) | Err(_)) | None => {
+                    return None;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The payload of a packet that starts with `prefix`.
+    async fn expect(&mut self, prefix: &str) -> Value {
+        let packet = self.next().await.expect("the socket is open");
+        let payload = packet
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{packet} does not start with {prefix}"));
+        serde_json::from_str(payload).unwrap_or(Value::Null)
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_opened_directly_speaks_the_protocol() {
+    let (server, _model) = TestServer::with_model().await;
+    let mut socket = RawSocket::open(&server).await;
+    let open = socket.expect("0").await;
+    assert!(open["sid"].as_str().is_some_and(|sid| !sid.is_empty()));
+    assert_eq!(open["upgrades"], json!([]));
+    assert_eq!(open["pingInterval"], 25_000);
+    assert_eq!(open["pingTimeout"], 20_000);
+
+    // Only the main namespace exists; the socket may still connect to it afterwards.
+    socket.send("40/admin,").await;
+    let refused = socket.expect("44/admin,").await;
+    assert_eq!(refused["message"], "Invalid namespace");
+    socket.send("40").await;
+    let connected = socket.expect("40").await;
+    assert!(connected["sid"].as_str().is_some());
+
+    // An event with an acknowledgement id gets its acknowledgement.
+    socket
+        .send(r#"427["join_conversation",{"conversationId":"raw"}]"#)
+        .await;
+    assert_eq!(
+        socket.expect("437").await,
+        json!([{"conversationId": "raw"}])
+    );
+    // An answered client ping, and a client's pong, which needs no answer.
+    socket.send("2").await;
+    assert_eq!(socket.next().await.as_deref(), Some("3"));
+    socket.send("3").await;
+
+    // What cannot be handled is answered with an `error` event, and the socket stays.
+    for (packet, fragment) in [
+        (r#"42["stream_chat""#, "JSON array"),
+        (r#"42[7,{}]"#, "name"),
+        (
+            r#"451-["stream_chat",{"_placeholder":true,"num":0}]"#,
+            "Binary",
+        ),
+        ("49", "Unknown"),
+    ] {
+        socket.send(packet).await;
+        let error = socket.expect("42").await;
+        assert_eq!(error[0], "error", "{packet}");
+        assert_eq!(error[1]["code"], "INVALID_REQUEST", "{packet}");
+        let message = error[1]["message"].as_str().unwrap();
+        assert!(message.contains(fragment), "{packet}: {message}");
+    }
+    // An event without an acknowledgement id that fails is answered with the error alone.
+    socket.send(r#"42["stream_chat",{"message":""}]"#).await;
+    let error = socket.expect("42").await;
+    assert_eq!(error[1]["code"], "INVALID_REQUEST");
+    // Events of a namespace the socket is not connected to are ignored.
+    socket
+        .send(r#"42/admin,["stream_chat",{"message":"hi"}]"#)
+        .await;
+    socket
+        .send(r#"428["leave_conversation",{"conversationId":"raw"}]"#)
+        .await;
+    assert_eq!(
+        socket.expect("438").await,
+        json!([{"conversationId": "raw"}])
+    );
+
+    // The client's disconnect closes the connection.
+    socket.send("41").await;
+    assert_eq!(socket.next().await, None);
+    server
+        .wait_for_health(|h| h["activeConnections"] == 0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_websocket_opened_directly_is_pinged_and_closed_when_it_stops_answering() {
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.ws_ping_interval = Duration::from_millis(200);
+    config.ws_ping_timeout = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let mut socket = RawSocket::open(&server).await;
+    let open = socket.expect("0").await;
+    assert_eq!(open["pingInterval"], 200);
+    socket.send("40").await;
+    socket.expect("40").await;
+    // Answered pings keep it open.
+    for _ in 0..3 {
+        assert_eq!(socket.next().await.as_deref(), Some("2"));
+        socket.send("3").await;
+    }
+    // An unanswered one ends it.
+    assert_eq!(socket.next().await.as_deref(), Some("2"));
+    assert_eq!(socket.next().await, None);
+}
+
+#[tokio::test]
+async fn a_websocket_that_never_connects_to_a_namespace_is_not_a_member_of_anything() {
+    let (server, _model) = TestServer::with_model().await;
+    let mut socket = RawSocket::open(&server).await;
+    socket.expect("0").await;
+    // Events before the connect are not handled: the socket has no user yet.
+    socket
+        .send(r#"421["join_conversation",{"conversationId":"early"}]"#)
+        .await;
+    socket.send("40").await;
+    socket.expect("40").await;
+    socket
+        .send(r#"422["join_conversation",{"conversationId":"early"}]"#)
+        .await;
+    assert_eq!(
+        socket.expect("432").await,
+        json!([{"conversationId": "early"}])
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_opened_directly_over_the_cap_is_told_why_and_disconnected() {
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.max_connections_per_ip = 1;
+    let server = TestServer::start(config).await;
+    let mut first = RawSocket::open(&server).await;
+    first.expect("0").await;
+    first.send("40").await;
+    first.expect("40").await;
+
+    let mut second = RawSocket::open(&server).await;
+    second.expect("0").await;
+    second.send("40").await;
+    second.expect("40").await;
+    let error = second.expect("42").await;
+    assert_eq!(error[0], "error");
+    assert_eq!(error[1]["code"], "RATE_LIMIT_EXCEEDED");
+    assert_eq!(second.next().await.as_deref(), Some("41"));
+    assert_eq!(second.next().await, None);
+}

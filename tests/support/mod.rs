@@ -1,6 +1,6 @@
 //! What the black-box tests share: a real server on `127.0.0.1:0`, a test model server, HTTP,
 //! WebSocket and Socket.IO clients, and what a realtime scenario needs to run over either
-//! transport ([`RealtimeClient`], `over_both_transports!`).
+//! transport ([`RealtimeClient`], `over_every_transport!`).
 
 pub mod cluster;
 pub mod logs;
@@ -254,8 +254,9 @@ pub trait RealtimeClient: Sized {
 }
 
 /// Runs each generic scenario `async fn NAME<C: RealtimeClient>()` of the calling module over
-/// both transports, as the tests `ws::NAME` and `socketio::NAME`.
-macro_rules! over_both_transports {
+/// every transport, as the tests `ws::NAME`, `socketio::NAME` (the client's default: polling,
+/// then the upgrade) and `socketio_websocket::NAME` (a websocket from the start).
+macro_rules! over_every_transport {
     ($($scenario:ident),* $(,)?) => {
         mod ws {
             $(
@@ -273,9 +274,17 @@ macro_rules! over_both_transports {
                 }
             )*
         }
+        mod socketio_websocket {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario::<crate::support::socketio::SioWebsocketClient>().await;
+                }
+            )*
+        }
     };
 }
-pub(crate) use over_both_transports;
+pub(crate) use over_every_transport;
 
 /// A plain WebSocket client speaking `{"event", "data", "id"?}` frames. It answers pings
 /// whenever it reads.

@@ -238,3 +238,55 @@ impl RealtimeClient for SioClient {
         self.child.kill().await.expect("client killed");
     }
 }
+
+/// A Socket.IO client that opens a websocket straight away (`transports: ["websocket"]`), as
+/// many mobile and production front ends do; the server serves these without socketioxide.
+pub struct SioWebsocketClient(SioClient);
+
+impl SioWebsocketClient {
+    fn options(more: Value) -> Value {
+        let mut options = json!({"transports": ["websocket"]});
+        options
+            .as_object_mut()
+            .unwrap()
+            .extend(more.as_object().unwrap().clone());
+        options
+    }
+}
+
+impl RealtimeClient for SioWebsocketClient {
+    async fn connect(addr: SocketAddr) -> SioWebsocketClient {
+        SioWebsocketClient(SioClient::connect_with(addr, Self::options(json!({}))).await)
+    }
+
+    async fn connect_as(addr: SocketAddr, token: &str) -> Result<SioWebsocketClient, String> {
+        let options = Self::options(json!({"auth": {"token": token}}));
+        SioClient::try_connect_with(addr, options)
+            .await
+            .map(SioWebsocketClient)
+    }
+
+    async fn emit(&mut self, event: &str, data: Value) {
+        self.0.emit(event, data).await
+    }
+
+    async fn emit_with_ack(&mut self, event: &str, data: Value) -> Value {
+        self.0.emit_with_ack(event, data).await
+    }
+
+    async fn next(&mut self) -> (String, Value) {
+        self.0.next().await
+    }
+
+    async fn try_next(&mut self, wait: Duration) -> Option<(String, Value)> {
+        self.0.try_next(wait).await
+    }
+
+    async fn close(self) {
+        self.0.close().await
+    }
+
+    async fn kill(self) {
+        self.0.kill().await
+    }
+}

@@ -3,15 +3,12 @@
 // (benches/load/client.rs).
 //
 //   node bench.mjs SPEC    SPEC: {"scenario": "fanout", "addrs", "subscribers", "expected"}
-//                              | {"scenario": "streams", "addrs", "conversations"}
 //                              | {"scenario": "idle", "addr", "connections"}
 //
 // A fan-out's sockets connect to the servers at `addrs` in turn (the nodes of a cluster), and
 // the reply is asked for on the first.
 //
-// Connects and joins every socket (each join acknowledged, or, with "unacknowledged_joins", as
-// the original Node.js server does not acknowledge them, followed by a pause), prints
-// {"ready": true}; on the line
+// Connects and joins every socket (each join acknowledged), prints {"ready": true}; on the line
 // "go" runs and prints the outcome (the Rust client's Outcome fields); on "stop" or the end of
 // input exits. Sockets use the websocket transport only: polling 10,000 clients would measure
 // this process more than the server.
@@ -24,10 +21,8 @@ const urls = (spec.addrs ?? [spec.addr]).map((addr) => `http://${addr}`);
 // Connections being opened at once, so that the server's listen backlog is never overrun.
 const OPENING = 200;
 const ATTEMPTS = 20;
-// The longest a fan-out or a stream may take.
+// The longest a fan-out may take.
 const WAIT_MS = 120_000;
-// How long joins that are not acknowledged are given to be handled.
-const UNACKNOWLEDGED_JOIN_MS = 2_000;
 
 const input = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
@@ -67,10 +62,6 @@ async function connect(url = urls[0]) {
 }
 
 function join(socket, conversationId) {
-  if (spec.unacknowledged_joins) {
-    socket.emit("join_conversation", { conversationId });
-    return Promise.resolve();
-  }
   return new Promise((resolve, reject) =>
     socket.emit("join_conversation", { conversationId }, (ack) =>
       ack?.error ? reject(new Error(`join refused: ${JSON.stringify(ack.error)}`)) : resolve(),
@@ -92,7 +83,6 @@ async function openMany(count, setup) {
     }
   }
   await Promise.all(Array.from({ length: Math.min(OPENING, count) }, opener));
-  if (spec.unacknowledged_joins) await sleep(UNACKNOWLEDGED_JOIN_MS);
   return sockets;
 }
 
@@ -128,8 +118,7 @@ async function fanout() {
     results.push(result);
     socket.on("stream_chunk", (chunk) => {
       result.chunks++;
-      // The original server's chunks have no `seq`: each carries the whole text so far.
-      result.lastSeq = chunk.seq ?? result.chunks;
+      result.lastSeq = chunk.seq;
       if (chunk.isComplete) result.correct = chunk.content === spec.expected;
     });
     socket.on("stream_complete", () => {
@@ -159,56 +148,13 @@ async function fanout() {
   };
 }
 
-// `conversations` sockets each ask for a reply in a conversation of its own at once, and time
-// their first chunk and the end.
-async function streams() {
-  const sockets = [];
-  let next = 0;
-  async function opener() {
-    while (next < spec.conversations) {
-      const i = next++;
-      sockets[i] = await connect(urls[i % urls.length]);
-    }
-  }
-  await Promise.all(Array.from({ length: Math.min(OPENING, spec.conversations) }, opener));
-  return async () => {
-    const started = performance.now();
-    const results = await Promise.all(
-      sockets.map(
-        (socket, i) =>
-          new Promise((resolve) => {
-            let first = null;
-            const timer = setTimeout(() => resolve(null), WAIT_MS);
-            const end = (value) => {
-              clearTimeout(timer);
-              resolve(value);
-            };
-            socket.on("stream_chunk", () => (first ??= performance.now() - started));
-            socket.on("stream_complete", () => end(first === null ? null : { first, done: performance.now() - started }));
-            socket.on("error", () => end(null));
-            socket.on("disconnect", () => end(null));
-            socket.emit("stream_chat", { conversationId: `stream-${i}`, message: "stream please" });
-          }),
-      ),
-    );
-    const done = results.filter((r) => r !== null);
-    return outcome({
-      seconds: (performance.now() - started) / 1e3,
-      ok: done.length,
-      errors: results.length - done.length,
-      latency: latency(done.map((r) => r.done)),
-      first_chunk: latency(done.map((r) => r.first)),
-    });
-  };
-}
-
 // `connections` idle sockets, each a member of one of 100 conversations.
 async function idle() {
   await openMany(spec.connections, (_, i) => `idle-${i % 100}`);
   return async () => outcome({});
 }
 
-const run = await { fanout, streams, idle }[spec.scenario]();
+const run = await { fanout, idle }[spec.scenario]();
 say({ ready: true });
 await waitFor("go");
 say(await run());

@@ -1,5 +1,7 @@
 //! The Socket.IO transport at `/socket.io/` (protocol v5 over Engine.IO v4, polling and
-//! websocket), served by socketioxide on the same listener as REST and `/ws`.
+//! websocket) on the same listener as REST and `/ws`. A websocket opened straight away is served
+//! by this server's own loop ([`websocket`]); polling sessions, and the websockets they upgrade
+//! to, by socketioxide.
 //!
 //! socketioxide calls its handlers as callbacks, so each socket gets one task that owns its
 //! [`Session`]: the handlers forward client events to it over a channel, in arrival order, and the
@@ -29,6 +31,8 @@ use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
+
+pub mod websocket;
 
 use super::error::ApiError;
 use super::session::{Session, token_expired, token_expiry};
@@ -63,6 +67,22 @@ pub fn detach_head<B>(request: &mut http::Request<B>) {
             *value = copy;
         }
     }
+}
+
+/// Where the routes serve the Socket.IO websockets opened directly ([`websocket`]): socketioxide
+/// answers every request under `/socket.io/` and passes the others on.
+pub const DIRECT_PATH: &str = "/socket.io-websocket";
+
+/// Moves a Socket.IO websocket opened directly to [`DIRECT_PATH`], past socketioxide, keeping
+/// its query.
+pub fn steer_direct<B>(mut request: http::Request<B>) -> http::Request<B> {
+    if websocket::opens_directly(&request) {
+        let query = request.uri().query().unwrap_or_default();
+        if let Ok(uri) = http::Uri::try_from(format!("{DIRECT_PATH}?{query}")) {
+            *request.uri_mut() = uri;
+        }
+    }
+    request
 }
 
 /// The tower layer that answers `/socket.io/` and passes every other request on.
