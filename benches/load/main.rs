@@ -638,7 +638,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
 /// Raises the open-file limit, which the client children inherit, to fit `connections` sockets
 /// with room to spare: the server and the client each hold one descriptor per connection.
 fn ensure_open_files(connections: usize) {
-    let needed = connections as libc::rlim_t + 1024;
+    let needed = connections as libc::rlim_t + 512;
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
