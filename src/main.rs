@@ -7,6 +7,11 @@ use ai_chat_server::App;
 use ai_chat_server::config::Config;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc instead of glibc's allocator: under load glibc's malloc and free were a seventh of
+/// the server's CPU (`perf`, `POST /api/chat`); see BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Config::from_env() {

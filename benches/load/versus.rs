@@ -194,6 +194,39 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The CPU time it has used so far, user and system, from `/proc`.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the server's /proc stat");
+        // After the command's closing parenthesis: state is the first field, utime the 12th.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf only reads a system setting.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Duration::from_secs_f64(ticks as f64 / per_second)
+    }
+
+    /// Runs `work`, and returns its outcome with the CPU time the server spent meanwhile.
+    async fn timing<T>(&self, work: impl Future<Output = T>) -> (T, Duration) {
+        let before = self.cpu();
+        let outcome = work.await;
+        (outcome, self.cpu().saturating_sub(before))
+    }
+}
+
+/// How busy a server was: CPU time per unit of work, and the share of its core it used (below
+/// 100 %, the load, not the server, set the pace).
+fn busy(cpu: Duration, units: f64, unit: &str, seconds: f64) -> String {
+    format!(
+        "{:.0} µs/{unit}, {:.0} % of its core",
+        cpu.as_secs_f64() * 1e6 / units.max(1.0),
+        100.0 * cpu.as_secs_f64() / seconds.max(1e-9)
+    )
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -375,8 +408,15 @@ pub async fn fanout(sizes: &Sizes) -> Vec<Row> {
             dialect,
         };
         let client = start_client(spec).await;
-        let (outcome, peak) = while_sampling(&server, client.go()).await;
+        let ((outcome, peak), cpu) = server.timing(while_sampling(&server, client.go())).await;
         let (outcome, client) = outcome;
+        let usage = busy(
+            cpu,
+            outcome.chunks as f64 / 1e3,
+            "1,000 chunks",
+            outcome.seconds,
+        );
+        throughput.extra.push((format!("{who} cpu"), usage));
         client.finish();
         let per_second = rate(outcome.chunks as f64, outcome.seconds);
         throughput.add(
@@ -435,15 +475,14 @@ pub async fn streams(sizes: &Sizes) -> Vec<Row> {
             first.add(who, None, Value::Null);
             continue;
         };
-        let outcome: Outcome = run_client(
-            Transport::Ws,
-            Spec::Streams {
-                addrs: vec![server.addr],
-                conversations: sizes.streams,
-                dialect,
-            },
-        )
-        .await;
+        let spec = Spec::Streams {
+            addrs: vec![server.addr],
+            conversations: sizes.streams,
+            dialect,
+        };
+        let (outcome, cpu): (Outcome, _) = server.timing(run_client(Transport::Ws, spec)).await;
+        let usage = busy(cpu, outcome.ok as f64, "stream", outcome.seconds);
+        complete.extra.push((format!("{who} cpu"), usage));
         let ratio = outcome.latency.p99_ms / 1e3 / pace;
         complete.add(
             who,
@@ -489,7 +528,9 @@ pub async fn conversations(sizes: &Sizes) -> Vec<Row> {
         run_client(Transport::Ws, post(200)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = server.resident();
-        let outcome = run_client(Transport::Ws, post(count)).await;
+        let (outcome, cpu) = server.timing(run_client(Transport::Ws, post(count))).await;
+        let usage = busy(cpu, outcome.ok as f64, "conversation", outcome.seconds);
+        created.extra.push((format!("{who} cpu"), usage));
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = server.resident();
         let per_second = rate(outcome.ok as f64, outcome.seconds);
@@ -541,17 +582,19 @@ pub async fn rest(sizes: &Sizes) -> Vec<Row> {
             },
         ];
         for (versus, spec) in [&mut post, &mut get].into_iter().zip(specs) {
-            let outcome = run_client(Transport::Ws, spec).await;
+            let (outcome, cpu) = server.timing(run_client(Transport::Ws, spec)).await;
             let per_second = rate(outcome.ok as f64, outcome.seconds);
             versus.add(
                 who,
                 Some(per_second),
-                json!({"requests_per_second": per_second, "p50_ms": outcome.latency.p50_ms, "p99_ms": outcome.latency.p99_ms, "errors": outcome.errors}),
+                json!({"requests_per_second": per_second, "p50_ms": outcome.latency.p50_ms, "p99_ms": outcome.latency.p99_ms, "errors": outcome.errors, "cpu_seconds": cpu.as_secs_f64()}),
             );
             versus.extra.push((
                 format!("{who} p99"),
                 format!("{} ({} errors)", ms(outcome.latency.p99_ms), outcome.errors),
             ));
+            let usage = busy(cpu, outcome.ok as f64, "req", outcome.seconds);
+            versus.extra.push((format!("{who} cpu"), usage));
         }
     }
     vec![post.row(), get.row()]
