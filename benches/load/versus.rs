@@ -335,6 +335,22 @@ impl Versus {
     }
 }
 
+/// Starts `target`, or, when it cannot run here, marks it as not measured in each of `rows`.
+async fn start_or_mark(
+    target: Target,
+    model: &ModelServer,
+    who: &'static str,
+    rows: &mut [&mut Versus],
+) -> Option<Server> {
+    let server = Server::start(target, model).await;
+    if server.is_none() {
+        for row in rows {
+            row.add(who, None, Value::Null);
+        }
+    }
+    server
+}
+
 /// The label of a run in a row, and of its figures in the JSON.
 fn label(target: Target, dialect: Dialect) -> &'static str {
     match (target, dialect) {
@@ -350,8 +366,8 @@ pub async fn idle(sizes: &Sizes) -> Vec<Row> {
     let model = ModelServer::start().await;
     let mut versus = Versus::new(format!("versus idle {}", sizes.idle), "bytes/conn", 0);
     for (target, dialect) in RUNS {
-        let Some(server) = Server::start(target, &model).await else {
-            versus.add(label(target, dialect), None, Value::Null);
+        let who = label(target, dialect);
+        let Some(server) = start_or_mark(target, &model, who, &mut [&mut versus]).await else {
             continue;
         };
         let spec = |connections| Spec::Idle {
@@ -370,7 +386,7 @@ pub async fn idle(sizes: &Sizes) -> Vec<Row> {
         client.finish();
         let per_connection = after.saturating_sub(before) as f64 / sizes.idle as f64;
         versus.add(
-            label(target, dialect),
+            who,
             Some(per_connection),
             json!({"bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
         );
@@ -395,9 +411,9 @@ pub async fn fanout(sizes: &Sizes) -> Vec<Row> {
     let mut memory = Versus::new(format!("versus fanout {} rss", sizes.fanout), "MB", 0);
     for (target, dialect) in RUNS {
         let who = label(target, dialect);
-        let Some(server) = Server::start(target, &model).await else {
-            throughput.add(who, None, Value::Null);
-            memory.add(who, None, Value::Null);
+        let Some(server) =
+            start_or_mark(target, &model, who, &mut [&mut throughput, &mut memory]).await
+        else {
             continue;
         };
         let spec = Spec::Fanout {
@@ -470,9 +486,9 @@ pub async fn streams(sizes: &Sizes) -> Vec<Row> {
     let mut first = Versus::new(format!("{name}, first chunk p99"), "ms", 0);
     for (target, dialect) in RUNS {
         let who = label(target, dialect);
-        let Some(server) = Server::start(target, &model).await else {
-            complete.add(who, None, Value::Null);
-            first.add(who, None, Value::Null);
+        let Some(server) =
+            start_or_mark(target, &model, who, &mut [&mut complete, &mut first]).await
+        else {
             continue;
         };
         let spec = Spec::Streams {
@@ -514,9 +530,9 @@ pub async fn conversations(sizes: &Sizes) -> Vec<Row> {
     let mut memory = Versus::new(format!("versus conversations {count} rss"), "bytes each", 0);
     for target in [Target::Original, Target::This] {
         let who = target.key();
-        let Some(server) = Server::start(target, &model).await else {
-            created.add(who, None, Value::Null);
-            memory.add(who, None, Value::Null);
+        let Some(server) =
+            start_or_mark(target, &model, who, &mut [&mut created, &mut memory]).await
+        else {
             continue;
         };
         let post = |requests| Spec::RestPost {
@@ -562,9 +578,8 @@ pub async fn rest(sizes: &Sizes) -> Vec<Row> {
     let mut get = Versus::new("versus GET /api/conversations/:id".into(), "req/s", 0);
     for target in [Target::Original, Target::This] {
         let who = target.key();
-        let Some(server) = Server::start(target, &model).await else {
-            post.add(who, None, Value::Null);
-            get.add(who, None, Value::Null);
+        let Some(server) = start_or_mark(target, &model, who, &mut [&mut post, &mut get]).await
+        else {
             continue;
         };
         let specs = [

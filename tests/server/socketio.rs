@@ -351,6 +351,15 @@ impl RawSocket {
         RawSocket(socket)
     }
 
+    /// A socket opened and connected to the main namespace.
+    async fn connected(server: &TestServer) -> RawSocket {
+        let mut socket = RawSocket::open(server).await;
+        socket.expect("0").await;
+        socket.send("40").await;
+        socket.expect("40").await;
+        socket
+    }
+
     async fn send(&mut self, packet: &str) {
         use futures::SinkExt;
         self.0.send(packet.into()).await.unwrap();
@@ -505,15 +514,8 @@ async fn a_websocket_opened_directly_over_the_cap_is_told_why_and_disconnected()
     let mut config = config_for(&model);
     config.max_connections_per_ip = 1;
     let server = TestServer::start(config).await;
-    let mut first = RawSocket::open(&server).await;
-    first.expect("0").await;
-    first.send("40").await;
-    first.expect("40").await;
-
-    let mut second = RawSocket::open(&server).await;
-    second.expect("0").await;
-    second.send("40").await;
-    second.expect("40").await;
+    let _first = RawSocket::connected(&server).await;
+    let mut second = RawSocket::connected(&server).await;
     let error = second.expect("42").await;
     assert_eq!(error[0], "error");
     assert_eq!(error[1]["code"], "RATE_LIMIT_EXCEEDED");
