@@ -64,6 +64,9 @@ pub enum Spec {
         unacknowledged_joins: bool,
         #[serde(default)]
         dialect: Dialect,
+        /// Socket.IO (Node's client) only: polling first, then the upgrade.
+        #[serde(default)]
+        polling_first: bool,
     },
 }
 
@@ -353,6 +356,7 @@ async fn prepare(spec: &Spec) -> Prepared {
             connections,
             unacknowledged_joins,
             dialect,
+            ..
         } => {
             let sockets = connect_many(&[*addr], *connections, *dialect).await;
             let idle = |i| format!("idle-{}", i % 100);

@@ -75,7 +75,7 @@ struct Row {
 
 /// The scenarios, in the order they run; each runs in a fresh process of its own, so that no
 /// memory, task or socket of one is seen by the next.
-const SCENARIOS: [&str; 16] = [
+const SCENARIOS: [&str; 17] = [
     "rest_post",
     "rest_get",
     "fanout /ws",
@@ -83,6 +83,7 @@ const SCENARIOS: [&str; 16] = [
     "streams",
     "idle /ws",
     "idle socket.io",
+    "idle socket.io polling first",
     "conversations",
     "routing",
     "cluster fanout",
@@ -177,7 +178,10 @@ fn run_scenario(name: &str, quick: bool) {
                 nodes.finish().await;
             }
             "idle /ws" | "idle socket.io" => {
-                rows.push(idle(Transport::named(&name["idle ".len()..]), &sizes).await)
+                rows.push(idle(Transport::named(&name["idle ".len()..]), false, &sizes).await)
+            }
+            "idle socket.io polling first" => {
+                rows.push(idle(Transport::SocketIo, true, &sizes).await)
             }
             "conversations" => rows.push(conversations(&sizes).await),
             "routing" => rows.push(routing(&sizes).await),
@@ -366,12 +370,17 @@ impl Transport {
         command
     }
 
-    /// Notes on a row which client it measured, when it is not this binary.
-    fn note_client(self, row: &mut Row) {
+    /// Notes on a row which client it measured, when it is not this binary, and its transports.
+    fn note_client(self, row: &mut Row, polling_first: bool) {
         if let Transport::SocketIo = self {
+            let transports = if polling_first {
+                "polling, then websocket"
+            } else {
+                "websocket only"
+            };
             row.figures
-                .push(("client".into(), "node, websocket only".into()));
-            row.json["client"] = "node socket.io-client, websocket transport only".into();
+                .push(("client".into(), format!("node, {transports}")));
+            row.json["client"] = format!("node socket.io-client, {transports}").into();
         }
     }
 }
@@ -529,7 +538,7 @@ async fn fanout(nodes: &Nodes, transport: Transport, subscribers: usize) -> Row 
         ],
         json: json!({"transport": transport.key(), "nodes": nodes.apps.len(), "subscribers": subscribers, "chunks": outcome.chunks, "chunks_per_second": per_second, "complete_latency": latency_json(&outcome.latency), "missing_chunks": outcome.missing, "subscribers_complete": outcome.ok}),
     };
-    transport.note_client(&mut row);
+    transport.note_client(&mut row, false);
     row
 }
 
@@ -570,7 +579,9 @@ async fn wait_for(check: impl Fn() -> bool, limit: Duration) -> bool {
     check()
 }
 
-async fn idle(transport: Transport, sizes: &Sizes) -> Row {
+/// Idle connections, each joined; `polling_first`: Socket.IO clients on their default options,
+/// polling and then the upgrade, rather than a websocket from the start.
+async fn idle(transport: Transport, polling_first: bool, sizes: &Sizes) -> Row {
     ensure_open_files(sizes.idle);
     let bench = bench_server(|_| {}).await;
     let addr = bench.app.addr();
@@ -590,6 +601,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
             connections: 100,
             unacknowledged_joins: false,
             dialect: Dialect::Ws,
+            polling_first,
         },
     )
     .await;
@@ -602,6 +614,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
         connections: count,
         unacknowledged_joins: false,
         dialect: Dialect::Ws,
+        polling_first,
     };
     let process = tokio::task::spawn_blocking(move || ClientProcess::start(transport, &spec))
         .await
@@ -620,7 +633,11 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
     bench.finish().await;
     let per_connection = after.saturating_sub(before) as f64 / count as f64;
     let mut row = Row {
-        scenario: format!("idle {} {count}", transport.name()),
+        scenario: format!(
+            "idle {}{} {count}",
+            transport.name(),
+            if polling_first { " polling first" } else { "" }
+        ),
         figures: vec![
             ("bytes/connection".into(), format!("{per_connection:.0}")),
             (
@@ -631,7 +648,7 @@ async fn idle(transport: Transport, sizes: &Sizes) -> Row {
         ],
         json: json!({"transport": transport.key(), "connections": count, "bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
     };
-    transport.note_client(&mut row);
+    transport.note_client(&mut row, polling_first);
     row
 }
 

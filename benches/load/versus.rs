@@ -375,6 +375,7 @@ pub async fn idle(sizes: &Sizes) -> Vec<Row> {
             connections,
             unacknowledged_joins: target == Target::Original,
             dialect,
+            polling_first: false,
         };
         run_client(Transport::Ws, spec(100)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;

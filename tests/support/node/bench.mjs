@@ -11,7 +11,8 @@
 // Connects and joins every socket (each join acknowledged), prints {"ready": true}; on the line
 // "go" runs and prints the outcome (the Rust client's Outcome fields); on "stop" or the end of
 // input exits. Sockets use the websocket transport only: polling 10,000 clients would measure
-// this process more than the server.
+// this process more than the server. An idle spec with "polling_first" connects as the
+// client's default options do, polling first and then upgrading.
 
 import { createInterface } from "node:readline";
 import { io } from "socket.io-client";
@@ -41,7 +42,8 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function connectOnce(url) {
   return new Promise((resolve, reject) => {
-    const socket = io(url, { transports: ["websocket"], reconnection: false, forceNew: true });
+    const transports = spec.polling_first ? ["polling", "websocket"] : ["websocket"];
+    const socket = io(url, { transports, reconnection: false, forceNew: true });
     socket.once("connect", () => resolve(socket));
     socket.once("connect_error", (error) => {
       socket.close();
