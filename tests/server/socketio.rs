@@ -384,6 +384,13 @@ impl RawSocket {
         }
     }
 
+    /// Sends an event with the acknowledgement id `id`, and returns its acknowledgement's
+    /// arguments.
+    async fn call(&mut self, id: u32, event: &str, data: Value) -> Value {
+        self.send(&format!("42{id}{}", json!([event, data]))).await;
+        self.expect(&format!("43{id}")).await
+    }
+
     /// The payload of a packet that starts with `prefix`.
     async fn expect(&mut self, prefix: &str) -> Value {
         let packet = self.next().await.expect("the socket is open");
@@ -413,13 +420,8 @@ async fn a_websocket_opened_directly_speaks_the_protocol() {
     assert!(connected["sid"].as_str().is_some());
 
     // An event with an acknowledgement id gets its acknowledgement.
-    socket
-        .send(r#"427["join_conversation",{"conversationId":"raw"}]"#)
-        .await;
-    assert_eq!(
-        socket.expect("437").await,
-        json!([{"conversationId": "raw"}])
-    );
+    let joined = socket.call(7, "join_conversation", json!({"conversationId": "raw"}));
+    assert_eq!(joined.await, json!([{"conversationId": "raw"}]));
     // An answered client ping, and a client's pong, which needs no answer.
     socket.send("2").await;
     assert_eq!(socket.next().await.as_deref(), Some("3"));
@@ -450,13 +452,8 @@ async fn a_websocket_opened_directly_speaks_the_protocol() {
     socket
         .send(r#"42/admin,["stream_chat",{"message":"hi"}]"#)
         .await;
-    socket
-        .send(r#"428["leave_conversation",{"conversationId":"raw"}]"#)
-        .await;
-    assert_eq!(
-        socket.expect("438").await,
-        json!([{"conversationId": "raw"}])
-    );
+    let left = socket.call(8, "leave_conversation", json!({"conversationId": "raw"}));
+    assert_eq!(left.await, json!([{"conversationId": "raw"}]));
 
     // The client's disconnect closes the connection.
     socket.send("41").await;
@@ -499,13 +496,8 @@ async fn a_websocket_that_never_connects_to_a_namespace_is_not_a_member_of_anyth
         .await;
     socket.send("40").await;
     socket.expect("40").await;
-    socket
-        .send(r#"422["join_conversation",{"conversationId":"early"}]"#)
-        .await;
-    assert_eq!(
-        socket.expect("432").await,
-        json!([{"conversationId": "early"}])
-    );
+    let joined = socket.call(2, "join_conversation", json!({"conversationId": "early"}));
+    assert_eq!(joined.await, json!([{"conversationId": "early"}]));
 }
 
 #[tokio::test]
