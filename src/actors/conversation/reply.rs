@@ -179,12 +179,19 @@ impl ConversationState {
         }
     }
 
-    /// Adds a reply's tokens to what its owner used today.
-    async fn record_usage(&self, usage: MessageUsage) {
+    /// Adds a reply's tokens to what its owner used today. It borrows nothing, so that it goes
+    /// to the store together with the reply's own write, and the two are committed at once.
+    fn record_usage(&self, usage: MessageUsage) -> impl Future<Output = ()> + use<> {
         let day = Timestamp::now().utc_day();
-        let store = &self.ctx.store;
-        if let Err(e) = store.add_usage(&self.key.owner, &day, usage.total()).await {
-            tracing::error!(conversation = %self.key.id, error = %e, "could not count a reply's tokens");
+        let (store, owner, id) = (
+            self.ctx.store.clone(),
+            self.key.owner.clone(),
+            self.key.id.clone(),
+        );
+        async move {
+            if let Err(e) = store.add_usage(&owner, &day, usage.total()).await {
+                tracing::error!(conversation = %id, error = %e, "could not count a reply's tokens");
+            }
         }
     }
 
@@ -298,8 +305,8 @@ impl ConversationState {
         if let Some(message) = self.streamed_message(&reply.message_id) {
             message.usage = Some(usage);
         }
-        self.save_streamed(&reply.message_id).await;
-        self.record_usage(usage).await;
+        let counted = self.record_usage(usage);
+        futures::join!(self.save_streamed(&reply.message_id), counted);
         let seq = reply.progress.advance(content.len());
         self.members.broadcast(ChatEvent::StreamChunk {
             message_id: reply.message_id.clone(),
@@ -331,11 +338,10 @@ impl ConversationState {
             }
         };
         let usage = self.usage_of(reply.reported, &reply.message_id, &text);
-        let done = self
-            .store_whole(&reply.message_id, text, status, usage)
-            .await?;
-        self.record_usage(usage).await;
-        Ok(done)
+        // The tokens were spent whether or not the reply could be stored.
+        let counted = self.record_usage(usage);
+        let stored = self.store_whole(&reply.message_id, text, status, usage);
+        futures::join!(stored, counted).0
     }
 
     /// Stores a reply generated in one piece and shows it to the members as a one-chunk stream.
