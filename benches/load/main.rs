@@ -17,6 +17,7 @@ mod npm;
 #[allow(dead_code, reason = "what only the store's own tests use")]
 mod test_database;
 
+mod bare;
 mod client;
 mod versus;
 
@@ -100,6 +101,7 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("BENCH_QUICK").is_some();
     match args.get(1).map(String::as_str) {
         Some("--client") => return client::run(&args[2]),
+        Some("--bare") => return bare::run(&args[2]),
         Some("--scenario") => return run_scenario(&args[2], quick),
         _ => {}
     }

@@ -81,6 +81,8 @@ enum Target {
     Original,
     /// This server's release binary.
     This,
+    /// A WebSocket server that does no work (`bare.rs`), the floor.
+    Bare,
 }
 
 impl Target {
@@ -88,6 +90,7 @@ impl Target {
         match self {
             Target::Original => "original",
             Target::This => "this",
+            Target::Bare => "bare",
         }
     }
 }
@@ -124,6 +127,11 @@ impl Server {
                     .args(["--import", "tsx", "src/index.ts"])
                     .current_dir(seed)
                     .env("SEED_QUIET", "1");
+                command
+            }
+            Target::Bare => {
+                let mut command = Command::new(std::env::current_exe().unwrap());
+                command.arg("--bare").arg(port.to_string());
                 command
             }
             Target::This => {
@@ -169,13 +177,10 @@ impl Server {
         Some(server)
     }
 
+    /// Waits until it accepts connections (each server listens once it is ready).
     async fn wait_until_up(&self) {
-        let url = format!("http://{}/api/health", self.addr);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while reqwest::get(&url)
-            .await
-            .map_or(true, |r| !r.status().is_success())
-        {
+        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
             assert!(Instant::now() < deadline, "the server did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -284,6 +289,9 @@ const RUNS: [(Target, Dialect); 3] = [
     (Target::This, Dialect::Ws),
 ];
 
+/// The runs of the rows that also show the floor: a server that does no work.
+const WITH_BARE: [(Target, Dialect); 4] = [RUNS[0], RUNS[1], RUNS[2], (Target::Bare, Dialect::Ws)];
+
 /// One figure of each server, and how they compare.
 struct Versus {
     scenario: String,
@@ -309,6 +317,17 @@ impl Versus {
     fn add(&mut self, who: &'static str, figure: Option<f64>, details: Value) {
         self.figures.push((who, figure));
         self.json[who] = details;
+    }
+
+    /// Adds how the figure of `a` compares with that of `b`.
+    fn compare(&mut self, a: &str, b: &str) {
+        let figure = |who: &str| self.figures.iter().find(|f| f.0 == who).and_then(|f| f.1);
+        if let (Some(x), Some(y)) = (figure(a), figure(b))
+            && y > 0.0
+        {
+            self.extra
+                .push((format!("{a}/{b}"), format!("{:.2}x", x / y)));
+        }
     }
 
     fn row(self) -> Row {
@@ -355,6 +374,7 @@ async fn start_or_mark(
 fn label(target: Target, dialect: Dialect) -> &'static str {
     match (target, dialect) {
         (Target::Original, _) => "original",
+        (Target::Bare, _) => "bare",
         (Target::This, Dialect::SocketIo) => "this",
         (Target::This, Dialect::Ws) => "this /ws",
     }
@@ -365,7 +385,7 @@ pub async fn idle(sizes: &Sizes) -> Vec<Row> {
     ensure_open_files(sizes.idle);
     let model = ModelServer::start().await;
     let mut versus = Versus::new(format!("versus idle {}", sizes.idle), "bytes/conn", 0);
-    for (target, dialect) in RUNS {
+    for (target, dialect) in WITH_BARE {
         let who = label(target, dialect);
         let Some(server) = start_or_mark(target, &model, who, &mut [&mut versus]).await else {
             continue;
@@ -410,7 +430,7 @@ pub async fn fanout(sizes: &Sizes) -> Vec<Row> {
     model.set_reply(words, Duration::from_millis(2));
     let mut throughput = Versus::new(format!("versus fanout {}", sizes.fanout), "chunks/s", 0);
     let mut memory = Versus::new(format!("versus fanout {} rss", sizes.fanout), "MB", 0);
-    for (target, dialect) in RUNS {
+    for (target, dialect) in WITH_BARE {
         let who = label(target, dialect);
         let Some(server) =
             start_or_mark(target, &model, who, &mut [&mut throughput, &mut memory]).await
@@ -450,6 +470,8 @@ pub async fn fanout(sizes: &Sizes) -> Vec<Row> {
         ));
         memory.add(who, Some(peak as f64 / 1e6), json!({"peak_rss": peak}));
     }
+    throughput.compare("this /ws", "bare");
+    throughput.compare("this", "bare");
     vec![throughput.row(), memory.row()]
 }
 
