@@ -82,10 +82,7 @@ impl Framing {
     async fn handle(self, session: &mut Session, frame: Message) -> Option<Vec<Message>> {
         match self {
             Framing::Plain => Some(handle_frame(session, frame).await),
-            Framing::SocketIo => match websocket::handle_frame(session, frame).await {
-                websocket::Handled::Answer(answer) => Some(answer),
-                websocket::Handled::Close => None,
-            },
+            Framing::SocketIo => websocket::handle_frame(session, frame).await,
         }
     }
 

@@ -114,13 +114,9 @@ pub async fn connect(
             .ok()?;
         return match client.map(|c| shared.connection_limit.open(c.0.ip())) {
             Some(Err(error)) => {
-                let (event, _) = ApiError::outcome(Err(error));
-                let refusal = event.map(|e| Message::Text(e.socketio_frame()));
+                let refusal = Message::Text(error.event().encode().socketio_frame());
                 let mut farewell = futures::stream::iter(
-                    refusal
-                        .into_iter()
-                        .chain([Message::text(DISCONNECT), Message::Close(None)])
-                        .map(Ok),
+                    [refusal, Message::text(DISCONNECT), Message::Close(None)].map(Ok),
                 );
                 let _ = socket.send_all(&mut farewell).await;
                 None
@@ -131,31 +127,24 @@ pub async fn connect(
     }
 }
 
-/// What a client's frame asks of the connection.
-pub enum Handled {
-    /// Frames to send back, possibly none.
-    Answer(Vec<Message>),
-    /// The client disconnected or closed the session.
-    Close,
-}
-
-/// Handles one client frame of a connected socket: an event is handled by the session and
-/// answered with an `error` event when it failed, then its acknowledgement when it asked for one.
-pub async fn handle_frame(session: &mut Session, frame: Message) -> Handled {
+/// Handles one client frame of a connected socket: the frames to send back, or `None` when the
+/// client disconnected or closed the session. An event is handled by the session and answered
+/// with an `error` event when it failed, then its acknowledgement when it asked for one.
+pub async fn handle_frame(session: &mut Session, frame: Message) -> Option<Vec<Message>> {
     let Message::Text(text) = frame else {
-        return Handled::Answer(Vec::new());
+        return Some(Vec::new());
     };
     match text.as_bytes().first() {
-        Some(b'1') => Handled::Close,
-        Some(b'2') => Handled::Answer(vec![Message::text("3")]),
+        Some(b'1') => None,
+        Some(b'2') => Some(vec![Message::text("3")]),
         Some(b'4') => match text[1..].as_bytes().first() {
-            Some(b'1') => Handled::Close,
-            Some(b'2') => Handled::Answer(event(session, &text[2..]).await),
-            Some(b'5' | b'6') => Handled::Answer(refusal("Binary attachments are not supported")),
-            Some(b'0' | b'3') => Handled::Answer(Vec::new()),
-            _ => Handled::Answer(refusal("Unknown Socket.IO packet")),
+            Some(b'1') => None,
+            Some(b'2') => Some(event(session, &text[2..]).await),
+            Some(b'5' | b'6') => Some(refusal("Binary attachments are not supported")),
+            Some(b'0' | b'3') => Some(Vec::new()),
+            _ => Some(refusal("Unknown Socket.IO packet")),
         },
-        _ => Handled::Answer(Vec::new()),
+        _ => Some(Vec::new()),
     }
 }
 
