@@ -67,13 +67,13 @@ pub struct Config {
     pub max_message_chars: usize,
     /// Largest real-time frame in bytes (`WS_MAX_FRAME_BYTES`).
     pub ws_max_frame_bytes: usize,
-    /// How often a `/ws` connection is pinged (`WS_PING_INTERVAL_MS`).
+    /// How often a real-time connection is pinged (`WS_PING_INTERVAL_MS`).
     pub ws_ping_interval: Duration,
-    /// How long a `/ws` connection may take to answer a ping before it is closed
+    /// How long a real-time connection may take to answer a ping before it is closed
     /// (`WS_PING_TIMEOUT_MS`); any frame from the client counts as an answer.
     pub ws_ping_timeout: Duration,
-    /// Packets socketioxide buffers for one Socket.IO connection (`SOCKETIO_BUFFER`); beyond
-    /// them, events wait in the connection's outbox.
+    /// Packets waiting for a Socket.IO long-polling client's next request (`SOCKETIO_BUFFER`);
+    /// beyond them, events wait in the connection's outbox.
     pub socketio_buffer: usize,
     /// How many conversations one connection may join (`MAX_JOINED_CONVERSATIONS`).
     pub max_joined_conversations: usize,

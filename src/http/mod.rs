@@ -264,7 +264,7 @@ pub fn routes(
         .and(state.clone())
         .map(|shared: Arc<Shared>| rest::metrics(&shared));
     let websocket = ws::route(shared.clone());
-    let socketio_websocket = ws::socketio_route(shared.clone());
+    let socketio = socketio::route(shared.clone());
     let page = web::routes(shared.config.web_client);
     let reference = openapi::routes();
 
@@ -295,7 +295,7 @@ pub fn routes(
         .unify()
         .or(websocket)
         .unify()
-        .or(socketio_websocket)
+        .or(socketio)
         .unify()
         .or(page)
         .unify()
@@ -360,12 +360,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
         shared.auth.clone(),
         shared.rates.clone(),
     );
-    let routes = rate_limit.layer(warp::service(routes(shared.clone())));
-    // One Socket.IO engine for every connection: a polling session spans many of them.
-    let app = ServiceBuilder::new()
-        .map_request(socketio::steer_direct)
-        .layer(socketio::layer(shared.clone()))
-        .service(routes);
+    let app = rate_limit.layer(warp::service(routes(shared.clone())));
     let cors = cors(&config.frontend_url);
     let access_log = AccessLogLayer::new(shared.metrics.clone());
     tokio::spawn(middleware::upkeep(
@@ -402,7 +397,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, grace: Duration) 
                 let client = proxies.client(addr, request.headers());
                 request.extensions_mut().insert(client);
                 ws::PendingUpgrade::take_from(&mut request);
-                socketio::detach_head(&mut request);
                 request
             })
             .layer(middleware::security_headers())

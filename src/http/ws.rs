@@ -6,23 +6,24 @@
 //! that every connection gets small read and write buffers: an idle connection costs a few
 //! kilobytes, not tungstenite's default 128 KiB of buffer.
 //!
-//! Socket.IO clients that open a websocket straight away are served by the same loop in
-//! Socket.IO's framing ([`Framing::SocketIo`], `socketio/websocket.rs`).
+//! Socket.IO connections, on a websocket or on long polling, are served by the same loop in
+//! Socket.IO's framing ([`Framing::SocketIo`], `socketio/`).
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, Stream, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use warp::http::{HeaderMap, StatusCode, header};
 use warp::reply::{Reply, Response};
@@ -31,10 +32,11 @@ use warp::{Filter, Rejection};
 use super::error::ApiError;
 use super::payload::parse_json;
 use super::session::{Session, token_expired, token_expiry};
-use super::socketio::{self, websocket};
+use super::socketio::{self, protocol};
 use super::{ClientAddr, FAREWELL_TIMEOUT, Shared, error_response};
 use crate::actors::EncodedEvent;
 use crate::auth::{AuthError, User};
+use crate::config::Config;
 
 /// Close code for a client that could not keep up with its events.
 const CLOSE_TOO_SLOW: u16 = 1008;
@@ -54,9 +56,66 @@ const WRITE_BATCH: usize = 64;
 /// An upgraded connection.
 pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// What a connection's frames travel over: a WebSocket, or Socket.IO's long polling.
+pub trait Transport:
+    Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin + Send + 'static
+{
+}
+
+impl<T> Transport for T where
+    T: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Unpin
+        + Send
+        + 'static
+{
+}
+
+/// A connection's heartbeat: a ping every `WS_PING_INTERVAL_MS`, and a connection that sends
+/// nothing for `WS_PING_TIMEOUT_MS` after one is presumed gone. One timer per connection: when to
+/// ping next or, once a ping is out, when to give up.
+pub struct Heartbeat {
+    timer: Pin<Box<Sleep>>,
+    ping_sent: Option<Instant>,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl Heartbeat {
+    pub fn new(config: &Config) -> Heartbeat {
+        Heartbeat {
+            timer: Box::pin(tokio::time::sleep(config.ws_ping_interval)),
+            ping_sent: None,
+            interval: config.ws_ping_interval,
+            timeout: config.ws_ping_timeout,
+        }
+    }
+
+    /// Waits until it is time to ping: `true`, or `false` when the ping that is out went
+    /// unanswered.
+    pub async fn due(&mut self) -> bool {
+        self.timer.as_mut().await;
+        self.ping_sent.is_none()
+    }
+
+    /// A ping went out now.
+    pub fn pinged(&mut self) {
+        let now = Instant::now();
+        self.ping_sent = Some(now);
+        self.timer.as_mut().reset(now + self.timeout);
+    }
+
+    /// The client sent a frame, which answers the ping that is out.
+    pub fn answered(&mut self) {
+        if let Some(sent) = self.ping_sent.take() {
+            self.timer.as_mut().reset(sent + self.interval);
+        }
+    }
+}
+
 /// How a connection's frames carry events.
 #[derive(Clone, Copy)]
-enum Framing {
+pub enum Framing {
     /// `/ws`: `{"event", "data", "id"?}` text frames, WebSocket pings.
     Plain,
     /// Engine.IO v4 packets holding Socket.IO v5 packets of the main namespace, Engine.IO pings.
@@ -74,7 +133,7 @@ impl Framing {
     fn ping(self) -> Message {
         match self {
             Framing::Plain => Message::Ping(Default::default()),
-            Framing::SocketIo => Message::text(websocket::PING),
+            Framing::SocketIo => Message::text(protocol::PING),
         }
     }
 
@@ -82,18 +141,34 @@ impl Framing {
     async fn handle(self, session: &mut Session, frame: Message) -> Option<Vec<Message>> {
         match self {
             Framing::Plain => Some(handle_frame(session, frame).await),
-            Framing::SocketIo => websocket::handle_frame(session, frame).await,
+            Framing::SocketIo => protocol::handle_frame(session, frame).await,
         }
     }
 
     /// The frames that end a connection whose token expired.
     fn expired(self) -> Vec<Message> {
         let mut farewell = vec![self.event(&token_expired())];
-        if let Framing::SocketIo = self {
-            farewell.push(Message::text(websocket::DISCONNECT));
-        }
-        farewell.push(close(CLOSE_EXPIRED, "token expired"));
+        farewell.extend(self.disconnected(CLOSE_EXPIRED, "token expired"));
         farewell
+    }
+
+    /// The frames that end a connection the server sends off: Socket.IO's disconnect first, so
+    /// that the client does not reconnect on its own.
+    fn disconnected(self, code: u16, reason: &'static str) -> Vec<Message> {
+        match self {
+            Framing::Plain => vec![close(code, reason)],
+            Framing::SocketIo => vec![Message::text(protocol::DISCONNECT), close(code, reason)],
+        }
+    }
+
+    /// How long the server waits for a client that fell behind to take its last frames: a
+    /// Socket.IO client is told it was disconnected once it reads again (a polling client with
+    /// its next request), as long as its heartbeat would keep it.
+    fn patience(self, config: &Config) -> Duration {
+        match self {
+            Framing::Plain => FAREWELL_TIMEOUT,
+            Framing::SocketIo => config.ws_ping_interval + config.ws_ping_timeout,
+        }
     }
 }
 
@@ -102,10 +177,10 @@ impl Framing {
 pub struct PendingUpgrade(Arc<Mutex<Option<OnUpgrade>>>);
 
 impl PendingUpgrade {
-    /// Takes the upgrade of a `/ws` request, or of a Socket.IO websocket opened directly, out of
-    /// it, for the route to complete.
+    /// Takes the upgrade of a `/ws` request, or of a Socket.IO websocket, out of it, for the
+    /// route to complete.
     pub fn take_from<B>(request: &mut http::Request<B>) {
-        if request.uri().path() == "/ws" || websocket::opens_directly(request) {
+        if request.uri().path() == "/ws" || socketio::is_websocket(request) {
             let upgrade = hyper::upgrade::on(&mut *request);
             let pending = PendingUpgrade(Arc::new(Mutex::new(Some(upgrade))));
             request.extensions_mut().insert(pending);
@@ -138,38 +213,6 @@ pub fn route(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = 
                     .await
                     .unwrap_or_else(|e| error_response(&e))
             }
-        })
-}
-
-/// `GET /socket.io/?EIO=4&transport=websocket` with no polling session, steered past
-/// socketioxide to `socketio::DIRECT_PATH`: answers 101, then the Engine.IO handshake and the
-/// Socket.IO connect, and serves the socket.
-pub fn socketio_route(
-    shared: Arc<Shared>,
-) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path(&socketio::DIRECT_PATH[1..])
-        .and(warp::path::end())
-        .and(warp::get())
-        .and(warp::header::headers_cloned())
-        .and(warp::ext::optional::<PendingUpgrade>())
-        .and(warp::ext::optional::<ClientAddr>())
-        .map(move |headers: HeaderMap, pending, client| {
-            let shared = shared.clone();
-            let (on_upgrade, switching) = match accept(&headers, pending) {
-                Ok(accepted) => accepted,
-                Err(e) => return error_response(&e),
-            };
-            tokio::spawn(async move {
-                let Some(mut socket) = opened(on_upgrade, &shared).await else {
-                    return;
-                };
-                if let Some((user, permit)) = websocket::connect(&mut socket, &shared, client).await
-                {
-                    serve(socket, user, shared, Framing::SocketIo).await;
-                    drop(permit);
-                }
-            });
-            switching
         })
 }
 
@@ -221,7 +264,7 @@ async fn upgrade(
 }
 
 /// Checks a WebSocket handshake: the connection's upgrade and the 101 answer that completes it.
-fn accept(
+pub fn accept(
     headers: &HeaderMap,
     pending: Option<PendingUpgrade>,
 ) -> Result<(OnUpgrade, Response), ApiError> {
@@ -242,7 +285,7 @@ fn accept(
 }
 
 /// The WebSocket of an upgraded connection, with small buffers and the frame size limit.
-async fn opened(on_upgrade: OnUpgrade, shared: &Shared) -> Option<Socket> {
+pub async fn opened(on_upgrade: OnUpgrade, shared: &Shared) -> Option<Socket> {
     match on_upgrade.await {
         Ok(upgraded) => {
             let limit = Some(shared.config.ws_max_frame_bytes);
@@ -268,23 +311,20 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
-/// Serves one upgraded connection until either side closes it. Every write is boxed, as is the
-/// handling of a client's frame: a task is as large as its largest await for its whole life, and
-/// a connection spends most of it waiting, idle.
-async fn serve(socket: Socket, user: User, shared: Arc<Shared>, framing: Framing) {
+/// Serves one connection until either side closes it. Every write is boxed, as is the handling
+/// of a client's frame: a task is as large as its largest await for its whole life, and a
+/// connection spends most of it waiting, idle.
+pub async fn serve(socket: impl Transport, user: User, shared: Arc<Shared>, framing: Framing) {
     let expiry = token_expiry(user.token_lifetime());
     tokio::pin!(expiry);
     let (mut session, mut inbox) = Session::open(&shared, user.id);
     let (mut sink, mut frames) = socket.split();
     let shutdown = shared.shutdown.clone();
     let send_timeout = shared.config.send_timeout;
-    let ping_interval = shared.config.ws_ping_interval;
     let ping_timeout = shared.config.ws_ping_timeout;
-    // One timer per connection: when to ping next, or, once a ping is out, when to give up.
-    let heartbeat = tokio::time::sleep(ping_interval);
-    tokio::pin!(heartbeat);
-    let mut ping_sent: Option<Instant> = None;
-    loop {
+    let mut heartbeat = Heartbeat::new(&shared.config);
+    // Whether the client fell behind: it is sent off once the session is closed.
+    let too_slow = loop {
         tokio::select! {
             frame = frames.next() => {
                 let frame = match frame {
@@ -292,43 +332,38 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>, framing: Framing
                     Some(Err(e)) => {
                         tracing::debug!(connection = session.id(), error = %e, "unreadable frame");
                         let _ = Box::pin(sink.send(close(CLOSE_TOO_BIG, "frame too large or malformed"))).await;
-                        break;
+                        break false;
                     }
-                    None => break,
+                    None => break false,
                 };
                 if let Message::Close(_) = frame {
                     // Sends the close frame that answers the client's.
                     let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, sink.flush())).await;
-                    break;
+                    break false;
                 }
-                // Any frame answers the ping that is out.
-                if let Some(sent) = ping_sent.take() {
-                    heartbeat.as_mut().reset(sent + ping_interval);
-                }
+                heartbeat.answered();
                 // Boxed, like a membership change: the connection's task stays small while it waits.
                 let Some(answer) = Box::pin(framing.handle(&mut session, frame)).await else {
                     let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, sink.close())).await;
-                    break;
+                    break false;
                 };
                 if !answer.is_empty()
                     && !Box::pin(write(&mut sink, answer, &inbox.dropped, send_timeout)).await
                 {
-                    break;
+                    break true;
                 }
             }
-            () = &mut heartbeat => {
-                if ping_sent.is_some() {
+            alive = heartbeat.due() => {
+                if !alive {
                     // The client is presumed gone: no close frame, the socket is just dropped.
                     tracing::debug!(connection = session.id(), "no answer to a ping, closing");
-                    break;
+                    break false;
                 }
-                let now = Instant::now();
                 let ping = sink.send(framing.ping());
                 if !matches!(Box::pin(tokio::time::timeout(ping_timeout, ping)).await, Ok(Ok(()))) {
-                    break;
+                    break false;
                 }
-                ping_sent = Some(now);
-                heartbeat.as_mut().reset(now + ping_timeout);
+                heartbeat.pinged();
             }
             event = inbox.events.recv() => {
                 let mut batch = vec![framing.event(&event)];
@@ -338,20 +373,16 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>, framing: Framing
                     batch.push(framing.event(&event));
                 }
                 if !Box::pin(write(&mut sink, batch, &inbox.dropped, send_timeout)).await {
-                    break;
+                    break true;
                 }
             }
             Some(change) = inbox.memberships.recv() => {
                 Box::pin(session.membership_changed(change)).await
             }
-            _ = inbox.dropped.cancelled() => {
-                let farewell = sink.send(close(CLOSE_TOO_SLOW, "too slow"));
-                let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, farewell)).await;
-                break;
-            }
+            _ = inbox.dropped.cancelled() => break true,
             () = &mut expiry => {
                 Box::pin(write(&mut sink, framing.expired(), &inbox.dropped, send_timeout)).await;
-                break;
+                break false;
             }
             _ = shutdown.cancelled() => {
                 let farewell = async {
@@ -363,11 +394,17 @@ async fn serve(socket: Socket, user: User, shared: Arc<Shared>, framing: Framing
                     write(&mut sink, last, &inbox.dropped, send_timeout).await;
                 };
                 let _ = Box::pin(tokio::time::timeout(FAREWELL_TIMEOUT, farewell)).await;
-                break;
+                break false;
             }
         }
-    }
+    };
     Box::pin(session.close()).await;
+    if too_slow {
+        let farewell = framing.disconnected(CLOSE_TOO_SLOW, "too slow");
+        let mut farewell = futures::stream::iter(farewell.into_iter().map(Ok));
+        let patience = framing.patience(&shared.config);
+        let _ = tokio::time::timeout(patience, sink.send_all(&mut farewell)).await;
+    }
 }
 
 /// Writes frames and flushes once; false when the connection is gone, was dropped for being

@@ -343,8 +343,17 @@ struct RawSocket(
 
 impl RawSocket {
     async fn open(server: &TestServer) -> RawSocket {
+        RawSocket::at(server, "").await
+    }
+
+    /// A websocket upgrading the polling session `sid`.
+    async fn upgrading(server: &TestServer, sid: &str) -> RawSocket {
+        RawSocket::at(server, &format!("&sid={sid}")).await
+    }
+
+    async fn at(server: &TestServer, query: &str) -> RawSocket {
         let url = format!(
-            "ws://{}/socket.io/?EIO=4&transport=websocket",
+            "ws://{}/socket.io/?EIO=4&transport=websocket{query}",
             server.addr()
         );
         let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
@@ -513,4 +522,212 @@ async fn a_websocket_opened_directly_over_the_cap_is_told_why_and_disconnected()
     assert_eq!(error[1]["code"], "RATE_LIMIT_EXCEEDED");
     assert_eq!(second.next().await.as_deref(), Some("41"));
     assert_eq!(second.next().await, None);
+}
+
+/// A raw long-polling session at `/socket.io/`: each `GET` takes the server's packets, each
+/// `POST` sends the client's, as Engine.IO's own protocol test suite drives a server.
+struct RawPolling {
+    http: reqwest::Client,
+    url: String,
+    sid: String,
+}
+
+impl RawPolling {
+    /// A session opened by its handshake, and the handshake's open packet.
+    async fn open(server: &TestServer) -> (RawPolling, Value) {
+        let handshake = server.url("/socket.io/?EIO=4&transport=polling");
+        let response = server.http.get(&handshake).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.text().await.unwrap();
+        let open: Value = serde_json::from_str(body.strip_prefix('0').unwrap()).unwrap();
+        let sid = open["sid"].as_str().unwrap().to_owned();
+        let polling = RawPolling {
+            http: server.http.clone(),
+            url: format!("{handshake}&sid={sid}"),
+            sid,
+        };
+        (polling, open)
+    }
+
+    /// A session connected to the main namespace.
+    async fn connected(server: &TestServer) -> RawPolling {
+        let (polling, _) = RawPolling::open(server).await;
+        assert_eq!(polling.post("40").await, (StatusCode::OK, "ok".into()));
+        let (status, connected) = polling.get().await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(connected.starts_with("40{\"sid\":"), "{connected}");
+        polling
+    }
+
+    async fn get(&self) -> (StatusCode, String) {
+        let response = tokio::time::timeout(WAIT, self.http.get(&self.url).send())
+            .await
+            .expect("a poll answered in time")
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+
+    async fn post(&self, payload: &str) -> (StatusCode, String) {
+        let response = self
+            .http
+            .post(&self.url)
+            .body(payload.to_owned())
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+}
+
+/// An Engine.IO error's status and numeric code.
+async fn engine_error(response: reqwest::Response) -> (StatusCode, u64) {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    (status, body["code"].as_u64().unwrap())
+}
+
+#[tokio::test]
+async fn long_polling_speaks_the_protocol() {
+    let (server, _model) = TestServer::with_model().await;
+    let (polling, open) = RawPolling::open(&server).await;
+    assert_eq!(open["upgrades"], json!(["websocket"]));
+    assert_eq!(open["pingInterval"], 25_000);
+    assert_eq!(open["pingTimeout"], 20_000);
+    assert_eq!(open["maxPayload"], 1_048_576);
+
+    // Engine.IO's refusals, in its own words.
+    let http = &server.http;
+    for (method, query, status, code) in [
+        ("GET", "EIO=4", StatusCode::BAD_REQUEST, 0),
+        (
+            "GET",
+            "EIO=4&transport=carrier-pigeon",
+            StatusCode::BAD_REQUEST,
+            0,
+        ),
+        (
+            "GET",
+            "EIO=4&transport=polling&sid=nope",
+            StatusCode::BAD_REQUEST,
+            1,
+        ),
+        (
+            "POST",
+            "EIO=4&transport=polling",
+            StatusCode::BAD_REQUEST,
+            2,
+        ),
+        ("GET", "transport=polling", StatusCode::BAD_REQUEST, 5),
+        ("GET", "EIO=3&transport=polling", StatusCode::BAD_REQUEST, 5),
+    ] {
+        let url = server.url(&format!("/socket.io/?{query}"));
+        let request = http.request(method.parse().unwrap(), url);
+        let answer = engine_error(request.send().await.unwrap()).await;
+        assert_eq!(answer, (status, code), "{method} {query}");
+    }
+
+    // Several packets in one payload, answered in one.
+    assert_eq!(polling.post("40\u{1e}2").await.1, "ok");
+    let (_, answer) = polling.get().await;
+    let packets: Vec<&str> = answer.split('\u{1e}').collect();
+    assert_eq!(packets.len(), 2, "{answer}");
+    assert!(packets[0].starts_with("40{"), "{answer}");
+    assert_eq!(packets[1], "3");
+    let join = r#"421["join_conversation",{"conversationId":"polled"}]"#;
+    polling.post(join).await;
+    assert_eq!(polling.get().await.1, r#"431[{"conversationId":"polled"}]"#);
+
+    // A client's close ends the session: the poll waiting gets a noop, later ones are refused.
+    let waiting = polling.get();
+    let closing = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        polling.post("1").await
+    };
+    let ((status, answer), _) = tokio::join!(waiting, closing);
+    assert_eq!((status, answer.as_str()), (StatusCode::OK, "6"));
+    assert_eq!(polling.get().await.0, StatusCode::BAD_REQUEST);
+    server
+        .wait_for_health(|h| h["activeConnections"] == 0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_polling_session_ends_on_two_polls_at_once_a_bad_packet_or_a_payload_too_large() {
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.ws_max_frame_bytes = 1000;
+    let server = TestServer::start(config).await;
+
+    let polling = RawPolling::connected(&server).await;
+    let first = polling.get();
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        polling.get().await
+    };
+    let ((status, answer), (second_status, _)) = tokio::join!(first, second);
+    assert_eq!((status, answer.as_str()), (StatusCode::OK, "1"));
+    assert_eq!(second_status, StatusCode::BAD_REQUEST);
+    assert_eq!(polling.get().await.0, StatusCode::BAD_REQUEST);
+
+    let polling = RawPolling::connected(&server).await;
+    assert_eq!(polling.post("abc").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(polling.get().await.0, StatusCode::BAD_REQUEST);
+
+    let polling = RawPolling::connected(&server).await;
+    let at_the_limit = format!(r#"42["noop","{}"]"#, "x".repeat(1000 - 13));
+    assert_eq!(at_the_limit.len(), 1000);
+    assert_eq!(polling.post(&at_the_limit).await.0, StatusCode::OK);
+    let over = format!("{at_the_limit} ");
+    assert_eq!(polling.post(&over).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(polling.get().await.0, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_polling_session_is_pinged_and_ends_when_it_stops_answering() {
+    let model = ModelServer::start().await;
+    let mut config = config_for(&model);
+    config.ws_ping_interval = Duration::from_millis(200);
+    config.ws_ping_timeout = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    // Before and after connecting to the namespace.
+    let (polling, open) = RawPolling::open(&server).await;
+    assert_eq!(open["pingInterval"], 200);
+    for _ in 0..2 {
+        assert_eq!(polling.get().await.1, "2");
+        polling.post("3").await;
+    }
+    polling.post("40").await;
+    assert!(polling.get().await.1.starts_with("40"));
+    for _ in 0..2 {
+        assert_eq!(polling.get().await.1, "2");
+        polling.post("3").await;
+    }
+    assert_eq!(polling.get().await.1, "2");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(polling.get().await.0, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_polling_session_upgrades_and_its_waiting_packets_come_first_on_the_websocket() {
+    let (server, _model) = TestServer::with_model().await;
+    let polling = RawPolling::connected(&server).await;
+    let mut socket = RawSocket::upgrading(&server, &polling.sid).await;
+    socket.send("2probe").await;
+    assert_eq!(socket.next().await.as_deref(), Some("3probe"));
+    // The poll waiting is let go with a noop, for the client to complete the upgrade.
+    assert_eq!(polling.get().await, (StatusCode::OK, "6".into()));
+    // An acknowledgement the client has not polled for goes over the websocket, first.
+    let join = r#"421["join_conversation",{"conversationId":"moved"}]"#;
+    polling.post(join).await;
+    socket.send("5").await;
+    socket.expect("431").await;
+    let joined = socket.call(2, "join_conversation", json!({"conversationId": "moved"}));
+    assert_eq!(joined.await, json!([{"conversationId": "moved"}]));
+
+    // The session is on the websocket now: polling is refused, another upgrade closed at once.
+    assert_eq!(polling.get().await.0, StatusCode::BAD_REQUEST);
+    let mut again = RawSocket::upgrading(&server, &polling.sid).await;
+    assert_eq!(again.next().await, None);
+    let left = socket.call(3, "leave_conversation", json!({"conversationId": "moved"}));
+    assert_eq!(left.await, json!([{"conversationId": "moved"}]));
 }

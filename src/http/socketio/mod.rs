@@ -1,412 +1,340 @@
-//! The Socket.IO transport at `/socket.io/` (protocol v5 over Engine.IO v4, polling and
-//! websocket) on the same listener as REST and `/ws`. A websocket opened straight away is served
-//! by this server's own loop ([`websocket`]); polling sessions, and the websockets they upgrade
-//! to, by socketioxide.
-//!
-//! socketioxide calls its handlers as callbacks, so each socket gets one task that owns its
-//! [`Session`]: the handlers forward client events to it over a channel, in arrival order, and the
-//! task writes the session's events out as Socket.IO events.
-//!
-//! socketioxide buffers `SOCKETIO_BUFFER` packets per socket and refuses more until the client
-//! takes them (a polling client with its next request). The task then holds what was refused and
-//! tries again shortly, taking nothing else meanwhile: the session's events wait in its outbox,
-//! where a reply's chunks merge, and client events wait in their channel. A socket that takes
-//! nothing for `SEND_TIMEOUT_MS` is disconnected.
+//! The Socket.IO transport at `/socket.io/`: protocol v5 over Engine.IO v4, on long polling
+//! (upgraded to a websocket when the client asks) or on a websocket from the start, on the same
+//! listener as REST and `/ws`. Every connection runs the `/ws` loop in Socket.IO's framing
+//! ([`protocol`]); long polling is a transport of its own ([`polling`]).
 
-use std::collections::VecDeque;
-use std::fmt::Display;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::OptionFuture;
-use socketioxide::adapter::LocalAdapter;
-use socketioxide::extract::{AckSender, Event, TryData};
-use socketioxide::handler::{
-    ConnectHandler, FromConnectParts, FromMessageParts, MessageHandler, Value as PacketValue,
-};
-use socketioxide::layer::SocketIoLayer;
-use socketioxide::socket::Socket;
-use socketioxide::{SendError, SocketError, SocketIo};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep};
-
-pub mod websocket;
+use futures::Stream;
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use warp::reply::{Reply, Response};
+use warp::{Buf, Filter, Rejection};
 
 use super::error::ApiError;
-use super::session::{Session, token_expired, token_expiry};
-use super::{ClientAddr, FAREWELL_TIMEOUT, Shared};
-use crate::actors::EncodedEvent;
-use crate::actors::outbox::Outbox;
-use crate::auth::User;
+use super::ws::{self, Framing, PendingUpgrade, Transport};
+use super::{ClientAddr, Shared, read_limited};
+use polling::{Polling, Session, Sessions};
 
-/// Client events one socket may have waiting to be handled; more are refused with an `error`.
-const PENDING_EVENTS: usize = 1024;
-/// How often a socket whose buffer is full is offered again what it refused.
-const FULL_BUFFER_RETRY: Duration = Duration::from_millis(20);
+pub mod polling;
+pub mod protocol;
 
-/// Where socketioxide serves Socket.IO (its default).
-const PATH: &str = "/socket.io";
-/// The websocket read buffer of a socket; it grows for larger frames, up to the frame limit.
-const READ_BUFFER: usize = 1024;
+/// Where Socket.IO is served (its clients' default).
+const PATH: &str = "/socket.io/";
 
-/// Copies a `/socket.io/` request's URI and headers out of the connection's read buffer.
-/// hyper parses them as slices of that buffer (8 to 16 KiB), and socketioxide keeps every
-/// session's request head for the life of the session, so without the copy each socket would
-/// hold a whole buffer.
-pub fn detach_head<B>(request: &mut http::Request<B>) {
-    if !request.uri().path().starts_with(PATH) {
-        return;
+/// The Engine.IO query of a request.
+#[derive(Debug, Default, PartialEq)]
+struct Query<'a> {
+    version: Option<&'a str>,
+    transport: Option<&'a str>,
+    sid: Option<&'a str>,
+}
+
+impl<'a> Query<'a> {
+    fn parse(query: &'a str) -> Query<'a> {
+        let mut parsed = Query::default();
+        for pair in query.split('&') {
+            match pair.split_once('=').unwrap_or((pair, "")) {
+                ("EIO", version) => parsed.version = Some(version),
+                ("transport", transport) => parsed.transport = Some(transport),
+                ("sid", sid) => parsed.sid = Some(sid),
+                _ => {}
+            }
+        }
+        parsed
     }
-    if let Ok(uri) = http::Uri::try_from(request.uri().to_string()) {
-        *request.uri_mut() = uri;
-    }
-    for value in request.headers_mut().values_mut() {
-        if let Ok(copy) = http::HeaderValue::from_bytes(value.as_bytes()) {
-            *value = copy;
+}
+
+/// Whether a request asks for a Socket.IO websocket, opened directly or upgrading a polling
+/// session.
+pub fn is_websocket<B>(request: &http::Request<B>) -> bool {
+    matches!(request.uri().path(), "/socket.io/" | "/socket.io")
+        && request.method() == http::Method::GET
+        && Query::parse(request.uri().query().unwrap_or_default()).transport == Some("websocket")
+}
+
+/// Engine.IO's refusals of a request, answered in its own words: `{code, message}` with a
+/// numeric code, as Socket.IO's own server answers them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EngineError {
+    TransportUnknown,
+    SessionUnknown,
+    BadHandshakeMethod,
+    BadRequest,
+    UnsupportedVersion,
+    PayloadTooLarge,
+}
+
+impl EngineError {
+    fn code(self) -> u8 {
+        match self {
+            EngineError::TransportUnknown => 0,
+            EngineError::SessionUnknown => 1,
+            EngineError::BadHandshakeMethod => 2,
+            EngineError::BadRequest | EngineError::PayloadTooLarge => 3,
+            EngineError::UnsupportedVersion => 5,
         }
     }
-}
 
-/// Where the routes serve the Socket.IO websockets opened directly ([`websocket`]): socketioxide
-/// answers every request under `/socket.io/` and passes the others on.
-pub const DIRECT_PATH: &str = "/socket.io-websocket";
-
-/// Moves a Socket.IO websocket opened directly to [`DIRECT_PATH`], past socketioxide, keeping
-/// its query.
-pub fn steer_direct<B>(mut request: http::Request<B>) -> http::Request<B> {
-    if websocket::opens_directly(&request) {
-        let query = request.uri().query().unwrap_or_default();
-        if let Ok(uri) = http::Uri::try_from(format!("{DIRECT_PATH}?{query}")) {
-            *request.uri_mut() = uri;
+    fn message(self) -> &'static str {
+        match self {
+            EngineError::TransportUnknown => "Transport unknown",
+            EngineError::SessionUnknown => "Session ID unknown",
+            EngineError::BadHandshakeMethod => "Bad handshake method",
+            EngineError::BadRequest => "Bad request",
+            EngineError::UnsupportedVersion => "Unsupported protocol version",
+            EngineError::PayloadTooLarge => "Payload too large",
         }
     }
-    request
+
+    fn response(self) -> Response {
+        let status = match self {
+            EngineError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let body = serde_json::json!({ "code": self.code(), "message": self.message() });
+        warp::reply::with_status(warp::reply::json(&body), status).into_response()
+    }
 }
 
-/// The tower layer that answers `/socket.io/` and passes every other request on.
-pub fn layer(shared: Arc<Shared>) -> SocketIoLayer {
-    let limit = shared.config.ws_max_frame_bytes;
-    let (layer, io) = SocketIo::builder()
-        .ws_read_buffer_size(READ_BUFFER)
-        .max_buffer_size(shared.config.socketio_buffer)
-        .max_payload(limit as u64)
-        .ws_max_message_size(limit)
-        .ws_max_frame_size(limit)
-        .build_layer();
-    io.ns("/", OnConnect(shared.clone()));
-    tokio::spawn(async move {
-        shared.shutdown.cancelled().await;
-        // The sockets hand over their last events first.
-        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, shared.connections.wait()).await;
-        io.close().await;
-    });
-    layer
+/// A request under `/socket.io/`, as the route takes it.
+struct Request {
+    method: Method,
+    query: String,
+    headers: HeaderMap,
+    pending: Option<PendingUpgrade>,
+    client: Option<ClientAddr>,
 }
 
-/// What the handlers tell a socket's task.
-enum Incoming {
-    /// A client event; boxed, so the channel's slots stay small while the socket is idle.
-    Event(Box<ClientEvent>),
-    /// The socket is gone.
-    Disconnected,
-}
-
-/// A client event, with the id of its acknowledgement when the client asked for one.
-struct ClientEvent {
-    name: String,
-    data: serde_json::Value,
-    ack: Option<i64>,
-}
-
-/// A packet for the client, kept in order while socketioxide's buffer is full.
-enum Outgoing {
-    /// A server event.
-    Event(Arc<EncodedEvent>),
-    /// The acknowledgement of a client event, by its id.
-    Ack(i64, serde_json::Value),
-}
-
-/// Sets up a socket as it connects: its handlers first, so no event can arrive before them,
-/// then its task.
-#[derive(Clone)]
-struct OnConnect(Arc<Shared>);
-
-/// Marks this crate's own handler implementations apart from socketioxide's closure ones.
-struct Direct;
-
-impl ConnectHandler<LocalAdapter, Direct> for OnConnect {
-    /// Checks the handshake's `auth: {token}` before the socket is connected: a missing or bad
-    /// token is refused with a `connect_error` whose message begins with the code
-    /// (`UNAUTHORIZED: token expired`); socketioxide sends a message alone, no data.
-    fn call_middleware<'a>(
-        &'a self,
-        socket: Arc<Socket>,
-        auth: &'a Option<PacketValue>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), Box<dyn Display + Send>>> + Send + 'a>> {
-        let Ok(TryData(payload)) = TryData::<serde_json::Value>::from_connect_parts(&socket, auth);
-        Box::pin(async move {
-            let token = payload.ok();
-            let token = token
-                .as_ref()
-                .and_then(|p| p.get("token"))
-                .and_then(|t| t.as_str());
-            match self.0.auth.authenticate(token).await {
-                Ok(user) => {
-                    socket.extensions.insert(user);
-                    Ok(())
-                }
-                Err(e) => {
-                    let error = ApiError::from(e);
-                    let refusal: Box<dyn Display + Send> =
-                        Box::new(format!("{}: {}", error.code(), error));
-                    Err(refusal)
-                }
+/// Every request under `/socket.io/`: a polling session's handshake, `GET`s and `POST`s, and
+/// websockets, opened directly or upgrading a polling session.
+pub fn route(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let sessions = Arc::new(Sessions::default());
+    warp::path(&PATH[1..PATH.len() - 1])
+        .and(warp::path::end())
+        .and(warp::method())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PendingUpgrade>())
+        .and(warp::ext::optional::<ClientAddr>())
+        .and(warp::body::stream())
+        .then(move |method, query, headers, pending, client, body| {
+            let request = Request {
+                method,
+                query,
+                headers,
+                pending,
+                client,
+            };
+            let (shared, sessions) = (shared.clone(), sessions.clone());
+            async move {
+                handle(request, Box::pin(body), &shared, &sessions)
+                    .await
+                    .unwrap_or_else(EngineError::response)
             }
         })
-    }
-
-    fn call(&self, socket: Arc<Socket>, _auth: Option<PacketValue>) {
-        // The middleware let the socket in only once it had put its user here.
-        let Some(user) = socket.extensions.get::<User>() else {
-            let _ = socket.disconnect();
-            return;
-        };
-        let client = socket.req_parts().extensions.get::<ClientAddr>().copied();
-        let permit = match client.map(|c| self.0.connection_limit.open(c.0.ip())) {
-            Some(Err(error)) => {
-                reply_now(&socket, error, None);
-                let _ = socket.disconnect();
-                return;
-            }
-            Some(Ok(permit)) => Some(permit),
-            None => None,
-        };
-        let (incoming, events) = mpsc::channel(PENDING_EVENTS);
-        socket.on_fallback(ForwardEvent(incoming.clone()));
-        socket.on_disconnect(async move || {
-            let _ = incoming.send(Incoming::Disconnected).await;
-        });
-        let shared = self.0.clone();
-        tokio::spawn(async move {
-            serve(socket, user, events, shared).await;
-            drop(permit);
-        });
-    }
 }
 
-/// Forwards every client event, whatever its name, to the socket's task. It runs inline as the
-/// packet is read (socketioxide spawns closure handlers, which could reorder events).
-struct ForwardEvent(mpsc::Sender<Incoming>);
-
-impl MessageHandler<LocalAdapter, Direct> for ForwardEvent {
-    fn call(&self, socket: Arc<Socket>, mut packet: PacketValue, ack_id: Option<i64>) {
-        let name = Event::from_message_parts(&socket, &mut packet, &ack_id)
-            .map(|Event(name)| name)
-            .unwrap_or_default();
-        let Ok(TryData(data)) =
-            TryData::<serde_json::Value>::from_message_parts(&socket, &mut packet, &ack_id);
-        let event = Incoming::Event(Box::new(ClientEvent {
-            name,
-            data: data.unwrap_or_default(),
-            ack: ack_id,
-        }));
-        if let Err(mpsc::error::TrySendError::Full(Incoming::Event(event))) = self.0.try_send(event)
-        {
-            tracing::warn!(socket = %socket.id, "too many client events waiting, refusing one");
-            reply_now(&socket, ApiError::RateLimited, event.ack);
+async fn handle(
+    request: Request,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Unpin,
+    shared: &Arc<Shared>,
+    sessions: &Arc<Sessions>,
+) -> Result<Response, EngineError> {
+    let query = Query::parse(&request.query);
+    let websocket = match query.transport {
+        Some("polling") => false,
+        Some("websocket") => true,
+        _ => return Err(EngineError::TransportUnknown),
+    };
+    let Some(sid) = query.sid else {
+        if request.method != Method::GET {
+            return Err(EngineError::BadHandshakeMethod);
         }
+        if query.version != Some("4") {
+            return Err(EngineError::UnsupportedVersion);
+        }
+        return match websocket {
+            true => open_websocket(request, shared.clone()),
+            false => open_polling(request, shared, sessions).await,
+        };
+    };
+    let session = match sessions.get(sid) {
+        Some(Session::Polling(session)) => session,
+        Some(Session::Upgraded) if websocket => return refuse_websocket(request, shared.clone()),
+        Some(Session::Upgraded) => return Err(EngineError::BadRequest),
+        None => return Err(EngineError::SessionUnknown),
+    };
+    match (websocket, &request.method) {
+        (true, &Method::GET) => upgrade(request, session, shared, sessions.clone()),
+        (false, &Method::GET) => {
+            let payload = session
+                .poll(sessions, shared.config.socketio_buffer)
+                .await?;
+            Ok(payload_response(payload, "text/plain; charset=UTF-8"))
+        }
+        (false, &Method::POST) => {
+            let limit = shared.config.ws_max_frame_bytes;
+            let payload = read_limited(body, limit).await.map_err(|error| {
+                session.refuse(sessions);
+                match error {
+                    ApiError::PayloadTooLarge => EngineError::PayloadTooLarge,
+                    _ => EngineError::BadRequest,
+                }
+            })?;
+            session.post(sessions, &payload).await?;
+            Ok(payload_response(Bytes::from_static(b"ok"), "text/html"))
+        }
+        _ => Err(EngineError::BadRequest),
     }
 }
 
-/// Serves one socket until it disconnects, is too slow, or the server shuts down.
-async fn serve(
-    socket: Arc<Socket>,
-    user: User,
-    mut incoming: mpsc::Receiver<Incoming>,
+fn payload_response(payload: Bytes, content_type: &'static str) -> Response {
+    let mut response = Response::new(payload.into());
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// The 101 that opens a websocket, and the connection's upgrade.
+fn accept(request: Request) -> Result<(hyper::upgrade::OnUpgrade, Response), EngineError> {
+    ws::accept(&request.headers, request.pending).map_err(|_| EngineError::BadRequest)
+}
+
+/// A websocket opened straight away: the handshake and the connect on it, then the socket.
+fn open_websocket(request: Request, shared: Arc<Shared>) -> Result<Response, EngineError> {
+    let client = request.client;
+    let (on_upgrade, switching) = accept(request)?;
+    tokio::spawn(async move {
+        if let Some(socket) = ws::opened(on_upgrade, &shared).await {
+            let sid = uuid::Uuid::new_v4().simple().to_string();
+            connect_and_serve(socket, sid, &[], client, shared).await;
+        }
+    });
+    Ok(switching)
+}
+
+/// A polling session's handshake: the session opens, and this first `GET` takes its open packet.
+async fn open_polling(
+    request: Request,
+    shared: &Arc<Shared>,
+    sessions: &Arc<Sessions>,
+) -> Result<Response, EngineError> {
+    let config = &shared.config;
+    let linger = config.ws_ping_interval + config.ws_ping_timeout;
+    let (session, transport) = sessions.open(config.socketio_buffer, linger);
+    let sid = session.sid.to_string();
+    let serving = connect_and_serve(
+        transport,
+        sid,
+        &["websocket"],
+        request.client,
+        shared.clone(),
+    );
+    tokio::spawn(serving);
+    let payload = session.poll(sessions, config.socketio_buffer).await?;
+    Ok(payload_response(payload, "text/plain; charset=UTF-8"))
+}
+
+/// The Socket.IO connect on a transport, then the socket until it ends.
+async fn connect_and_serve(
+    mut transport: impl Transport,
+    sid: String,
+    upgrades: &'static [&'static str],
+    client: Option<ClientAddr>,
     shared: Arc<Shared>,
 ) {
-    let expiry = token_expiry(user.token_lifetime());
-    tokio::pin!(expiry);
-    let (mut session, mut inbox) = Session::open(&shared, user.id);
-    tracing::debug!(connection = session.id(), socket = %socket.id, "socket.io connected");
-    let shutdown = shared.shutdown.clone();
-    let send_timeout = shared.config.send_timeout;
-    let mut refused = Refused::default();
-    let too_slow = loop {
-        let backed_up = !refused.is_empty();
-        // Boxed, and only while backed up: an idle socket's task stays small.
-        let retry = OptionFuture::from(backed_up.then(|| Box::pin(sleep(FULL_BUFFER_RETRY))));
-        let sent = tokio::select! {
-            message = incoming.recv(), if !backed_up => match message {
-                Some(Incoming::Event(event)) => {
-                    // Boxed: the socket's task stays small while it waits between events.
-                    let result = Box::pin(session.handle(&event.name, &event.data)).await;
-                    replies(result, event.ack).try_for_each(|o| refused.offer(&socket, o))
-                }
-                Some(Incoming::Disconnected) | None => break false,
-            },
-            event = inbox.events.recv(), if !backed_up => {
-                refused.offer(&socket, Outgoing::Event(event))
-            }
-            Some(()) = retry, if backed_up => refused.retry(&socket),
-            Some(change) = inbox.memberships.recv() => {
-                Box::pin(session.membership_changed(change)).await;
-                Ok(())
-            }
-            _ = inbox.dropped.cancelled() => break true,
-            () = &mut expiry => {
-                let _ = emit(&socket, &token_expired());
-                disconnect(socket.clone()).await;
-                break false;
-            }
-            _ = shutdown.cancelled() => {
-                let farewell = refused.flush(&socket, &mut inbox.events);
-                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
-                break false;
-            }
-        };
-        if sent.is_err() {
-            break false;
+    if let Some((user, permit)) =
+        protocol::connect(&mut transport, &shared, client, &sid, upgrades).await
+    {
+        ws::serve(transport, user, shared, Framing::SocketIo).await;
+        drop(permit);
+    }
+}
+
+/// A websocket asking to upgrade a session that is on a websocket already: opened, then closed.
+fn refuse_websocket(request: Request, shared: Arc<Shared>) -> Result<Response, EngineError> {
+    let (on_upgrade, switching) = accept(request)?;
+    tokio::spawn(async move {
+        if let Some(mut socket) = ws::opened(on_upgrade, &shared).await {
+            let _ = socket.close(None).await;
         }
-        if refused.stalled_for(send_timeout) {
-            break true;
+    });
+    Ok(switching)
+}
+
+/// A websocket upgrading a polling session: once the client has probed it and said so, the
+/// session carries on over it.
+fn upgrade(
+    request: Request,
+    session: Arc<Polling>,
+    shared: &Arc<Shared>,
+    sessions: Arc<Sessions>,
+) -> Result<Response, EngineError> {
+    let Some(handover) = session.take_upgrade() else {
+        // Another websocket is upgrading the session.
+        return refuse_websocket(request, shared.clone());
+    };
+    let (on_upgrade, switching) = match accept(request) {
+        Ok(accepted) => accepted,
+        Err(error) => {
+            session.give_back(handover);
+            return Err(error);
         }
     };
-    let connection = session.id();
-    session.close().await;
-    drop(incoming);
-    if too_slow {
-        tracing::warn!(connection, socket = %socket.id, "socket.io client too slow, disconnecting it");
-        disconnect(socket).await;
-    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match ws::opened(on_upgrade, &shared).await {
+            Some(socket) => session.upgrade(&sessions, handover, socket).await,
+            None => session.give_back(handover),
+        }
+    });
+    Ok(switching)
 }
 
-/// The packets socketioxide's full buffer refused, in order, and since when it took none.
-#[derive(Default)]
-struct Refused {
-    packets: VecDeque<Outgoing>,
-    since: Option<Instant>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Refused {
-    fn is_empty(&self) -> bool {
-        self.packets.is_empty()
+    fn request(method: http::Method, uri: &str) -> http::Request<()> {
+        http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap()
     }
 
-    /// Hands a packet to socketioxide, or keeps it behind those refused before; fails only when
-    /// the socket is gone.
-    fn offer(&mut self, socket: &Arc<Socket>, outgoing: Outgoing) -> Result<(), SocketError> {
-        if self.packets.is_empty() {
-            match send(socket, &outgoing) {
-                Err(SocketError::InternalChannelFull) => self.since = Some(Instant::now()),
-                sent => return sent,
-            }
-        }
-        self.packets.push_back(outgoing);
-        Ok(())
+    #[test]
+    fn queries_name_version_transport_and_session() {
+        let query = Query::parse("EIO=4&transport=polling&t=abc&sid=s1");
+        let expected = Query {
+            version: Some("4"),
+            transport: Some("polling"),
+            sid: Some("s1"),
+        };
+        assert_eq!(query, expected);
+        assert_eq!(Query::parse(""), Query::default());
     }
 
-    /// Hands socketioxide every event still waiting, then retries the refused packets until all
-    /// are taken or the socket is gone: the last events before a shutdown.
-    async fn flush(&mut self, socket: &Arc<Socket>, events: &mut Outbox) {
-        while let Some(event) = events.try_recv() {
-            if self.offer(socket, Outgoing::Event(event)).is_err() {
-                return;
-            }
-        }
-        while !self.is_empty() {
-            sleep(FULL_BUFFER_RETRY).await;
-            if self.retry(socket).is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Offers the refused packets again, oldest first, until the buffer is full again.
-    fn retry(&mut self, socket: &Arc<Socket>) -> Result<(), SocketError> {
-        let waiting = self.packets.len();
-        while let Some(outgoing) = self.packets.front() {
-            match send(socket, outgoing) {
-                Ok(()) => {
-                    self.packets.pop_front();
-                }
-                Err(SocketError::InternalChannelFull) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        if self.packets.is_empty() {
-            self.packets.shrink_to_fit();
-            self.since = None;
-        } else if self.packets.len() < waiting {
-            self.since = Some(Instant::now());
-        }
-        Ok(())
-    }
-
-    /// Whether packets have waited `timeout` without the socket taking any.
-    fn stalled_for(&self, timeout: Duration) -> bool {
-        self.since.is_some_and(|since| since.elapsed() >= timeout)
-    }
-}
-
-/// Hands one packet to socketioxide.
-fn send(socket: &Arc<Socket>, outgoing: &Outgoing) -> Result<(), SocketError> {
-    if !socket.connected() {
-        return Err(SocketError::Closed);
-    }
-    match outgoing {
-        Outgoing::Event(event) => emit(socket, event),
-        Outgoing::Ack(id, value) => {
-            let mut no_payload = PacketValue::Bytes(Bytes::new());
-            let Ok(ack) = AckSender::from_message_parts(socket, &mut no_payload, &Some(*id));
-            match ack.send(value) {
-                Err(SendError::Socket(e)) => Err(e),
-                _ => Ok(()),
-            }
-        }
-    }
-}
-
-/// Emits one event.
-fn emit(socket: &Socket, event: &EncodedEvent) -> Result<(), SocketError> {
-    match socket.emit(event.name, &event.data) {
-        Ok(()) => Ok(()),
-        Err(SendError::Socket(e)) => Err(e),
-        Err(SendError::Serialize(e)) => {
-            tracing::error!(error = %e, event = event.name, "event not encodable for socket.io");
-            Ok(())
-        }
-    }
-}
-
-/// What answers a client event: on failure an `error` event, then the acknowledgement when the
-/// client asked for one.
-fn replies(
-    result: Result<serde_json::Value, ApiError>,
-    ack: Option<i64>,
-) -> impl Iterator<Item = Outgoing> {
-    let (error, acknowledgement) = ApiError::outcome(result);
-    let ack = ack.map(|id| Outgoing::Ack(id, acknowledgement));
-    error.map(Outgoing::Event).into_iter().chain(ack)
-}
-
-/// Answers a client event at once, for a socket the task does not serve; what a full buffer
-/// refuses is lost.
-fn reply_now(socket: &Arc<Socket>, error: ApiError, ack: Option<i64>) {
-    for outgoing in replies(Err(error), ack) {
-        let _ = send(socket, &outgoing);
-    }
-}
-
-/// Disconnects a socket whose buffer may be full: retries until the disconnect packet fits or
-/// the socket is gone (Engine.IO's heartbeat closes a client that never reads again).
-async fn disconnect(socket: Arc<Socket>) {
-    while socket.connected() {
-        match socket.clone().disconnect() {
-            Err(SocketError::InternalChannelFull) => sleep(FULL_BUFFER_RETRY).await,
-            _ => return,
+    #[test]
+    fn only_websocket_gets_under_the_path_are_websockets() {
+        use http::Method;
+        assert!(is_websocket(&request(
+            Method::GET,
+            "/socket.io/?EIO=4&transport=websocket"
+        )));
+        assert!(is_websocket(&request(
+            Method::GET,
+            "/socket.io/?EIO=4&transport=websocket&sid=abc"
+        )));
+        for (method, uri) in [
+            (Method::GET, "/socket.io/?EIO=4&transport=polling"),
+            (Method::POST, "/socket.io/?EIO=4&transport=websocket"),
+            (Method::GET, "/socket.io/x?EIO=4&transport=websocket"),
+            (Method::GET, "/ws?EIO=4&transport=websocket"),
+        ] {
+            assert!(!is_websocket(&request(method, uri)), "{uri}");
         }
     }
 }

@@ -1,9 +1,7 @@
-//! Socket.IO clients that open a websocket straight away (`transports: ["websocket"]`), served
-//! without socketioxide: the Engine.IO handshake and the Socket.IO connect are answered here, and
-//! the connection then runs the same loop as `/ws` in Socket.IO's framing. Every member of a
-//! conversation so gets the one frame encoded for all of them, and an idle socket costs what an
-//! idle `/ws` connection costs. Polling sessions, and the websockets they upgrade to, stay with
-//! socketioxide.
+//! The packets of a Socket.IO connection, whichever transport carries them: the Engine.IO
+//! handshake and the Socket.IO connect, then each client packet of a connected socket. A connected
+//! socket runs the same loop as `/ws`, in Socket.IO's framing, so every member of a conversation
+//! gets the one frame encoded for all of them.
 //!
 //! Engine.IO v4 packets are one text frame each: `0` open, `1` close, `2` ping, `3` pong, `4`
 //! message. A message holds a Socket.IO v5 packet: `0` connect, `1` disconnect, `2` event,
@@ -19,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::super::error::ApiError;
 use super::super::limits::ConnectionPermit;
 use super::super::session::Session;
-use super::super::ws::Socket;
+use super::super::ws::{Heartbeat, Transport};
 use super::super::{ClientAddr, Shared};
 use crate::auth::User;
 
@@ -32,55 +30,59 @@ pub const PING: &str = "2";
 /// Socket.IO's disconnect of the main namespace, in an Engine.IO message.
 pub const DISCONNECT: &str = "41";
 
-/// Whether a request opens a Socket.IO websocket with no polling session before it:
-/// `GET /socket.io/?EIO=4&transport=websocket` without a `sid`.
-pub fn opens_directly<B>(request: &http::Request<B>) -> bool {
-    if request.method() != http::Method::GET
-        || !matches!(request.uri().path(), "/socket.io/" | "/socket.io")
-    {
-        return false;
-    }
-    let (mut version, mut websocket) = (false, false);
-    for pair in request.uri().query().unwrap_or_default().split('&') {
-        match pair.split_once('=').unwrap_or((pair, "")) {
-            ("EIO", "4") => version = true,
-            ("transport", "websocket") => websocket = true,
-            ("sid", _) => return false,
-            _ => {}
-        }
-    }
-    version && websocket
-}
-
-/// Opens the Engine.IO session and waits for the client to connect to the main namespace with
-/// its `auth: {token}`; the socket's user and its place under the connection cap, or `None` when
-/// the client went away or did not connect in time. A token that does not verify is answered
-/// with a connect error (`UNAUTHORIZED: token expired`) and the client may try again; a client
-/// over the cap is connected, told why in an `error` event, and disconnected.
+/// Opens the Engine.IO session `sid` and waits for the client to connect to the main namespace
+/// with its `auth: {token}`, pinging it meanwhile; the socket's user and its place under the
+/// connection cap, or `None` when the client went away, did not connect in time, or the server is
+/// stopping. A token that does not verify is answered with a connect error
+/// (`UNAUTHORIZED: token expired`) and the client may try again; a client over the cap is
+/// connected, told why in an `error` event, and disconnected. `upgrades` are the transports the
+/// session may move to.
 pub async fn connect(
-    socket: &mut Socket,
+    socket: &mut impl Transport,
     shared: &Shared,
     client: Option<ClientAddr>,
+    sid: &str,
+    upgrades: &[&str],
 ) -> Option<(User, Option<ConnectionPermit>)> {
     let config = &shared.config;
     let open = json!({
-        "sid": uuid::Uuid::new_v4().simple().to_string(),
-        "upgrades": [],
+        "sid": sid,
+        "upgrades": upgrades,
         "pingInterval": config.ws_ping_interval.as_millis() as u64,
         "pingTimeout": config.ws_ping_timeout.as_millis() as u64,
         "maxPayload": config.ws_max_frame_bytes,
     });
     socket.send(Message::text(format!("0{open}"))).await.ok()?;
-    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut heartbeat = Heartbeat::new(config);
+    let deadline = tokio::time::sleep(CONNECT_TIMEOUT);
+    tokio::pin!(deadline);
     loop {
-        let text = match tokio::time::timeout_at(deadline, socket.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => text,
-            Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) | Err(_) => return None,
-            Ok(Some(Ok(_))) => continue,
-        };
-        let Some(packet) = text.strip_prefix("40") else {
-            if text.starts_with('1') {
+        let text = tokio::select! {
+            frame = socket.next() => match frame {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
+                Some(Ok(_)) => continue,
+            },
+            alive = heartbeat.due() => {
+                if !alive {
+                    return None;
+                }
+                socket.send(Message::text(PING)).await.ok()?;
+                heartbeat.pinged();
+                continue;
+            }
+            () = &mut deadline => return None,
+            _ = shared.shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
                 return None;
+            }
+        };
+        heartbeat.answered();
+        let Some(packet) = text.strip_prefix("40") else {
+            match text.as_bytes().first() {
+                Some(b'1') => return None,
+                Some(b'2') => socket.send(Message::text("3")).await.ok()?,
+                _ => {}
             }
             continue;
         };
@@ -192,32 +194,4 @@ async fn event(session: &mut Session, body: &str) -> Vec<Message> {
 fn refusal(message: &str) -> Vec<Message> {
     let event = ApiError::InvalidRequest(message.into()).event().encode();
     vec![Message::Text(event.socketio_frame())]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(uri: &str) -> http::Request<()> {
-        http::Request::get(uri).body(()).unwrap()
-    }
-
-    #[test]
-    fn only_websockets_without_a_polling_session_open_directly() {
-        assert!(opens_directly(&request(
-            "/socket.io/?EIO=4&transport=websocket"
-        )));
-        assert!(opens_directly(&request(
-            "/socket.io/?transport=websocket&t=abc&EIO=4"
-        )));
-        for uri in [
-            "/socket.io/?EIO=4&transport=websocket&sid=abc",
-            "/socket.io/?EIO=4&transport=polling",
-            "/socket.io/?EIO=3&transport=websocket",
-            "/socket.io/x?EIO=4&transport=websocket",
-            "/ws?EIO=4&transport=websocket",
-        ] {
-            assert!(!opens_directly(&request(uri)), "{uri}");
-        }
-    }
 }
