@@ -403,7 +403,7 @@ pub async fn serve(socket: impl Transport, user: User, shared: Arc<Shared>, fram
         let farewell = framing.disconnected(CLOSE_TOO_SLOW, "too slow");
         let mut farewell = futures::stream::iter(farewell.into_iter().map(Ok));
         let patience = framing.patience(&shared.config);
-        let _ = tokio::time::timeout(patience, sink.send_all(&mut farewell)).await;
+        let _ = Box::pin(tokio::time::timeout(patience, sink.send_all(&mut farewell))).await;
     }
 }
 

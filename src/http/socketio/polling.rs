@@ -591,24 +591,28 @@ impl Sink<Message> for PollingTransport {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        match &mut *self {
-            PollingTransport::Upgraded {
-                socket, leftover, ..
-            } => {
-                ready!(poll_leftover(socket, leftover, cx))?;
-                socket.poll_flush_unpin(cx)
-            }
-            PollingTransport::Polling(_) => Poll::Ready(Ok(())),
-        }
+        self.poll_websocket(cx, |socket, cx| socket.poll_flush_unpin(cx))
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        match &mut *self {
+        self.poll_websocket(cx, |socket, cx| socket.poll_close_unpin(cx))
+    }
+}
+
+impl PollingTransport {
+    /// Flushes or closes the websocket, `then`, once the leftover is out; long polling has
+    /// nothing to flush, and its session ends with the transport.
+    fn poll_websocket(
+        &mut self,
+        cx: &mut Context<'_>,
+        then: fn(&mut Socket, &mut Context<'_>) -> Poll<Result<(), WsError>>,
+    ) -> Poll<Result<(), WsError>> {
+        match self {
             PollingTransport::Upgraded {
                 socket, leftover, ..
             } => {
                 ready!(poll_leftover(socket, leftover, cx))?;
-                socket.poll_close_unpin(cx)
+                then(socket, cx)
             }
             PollingTransport::Polling(_) => Poll::Ready(Ok(())),
         }
