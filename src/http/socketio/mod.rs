@@ -14,7 +14,7 @@ use warp::{Buf, Filter, Rejection};
 use super::error::ApiError;
 use super::ws::{self, Framing, PendingUpgrade, Transport};
 use super::{ClientAddr, Shared, read_limited};
-use polling::{Polling, Session, Sessions};
+use polling::{Known, Polling, Sessions};
 
 pub mod polling;
 pub mod protocol;
@@ -160,9 +160,9 @@ async fn handle(
         };
     };
     let session = match sessions.get(sid) {
-        Some(Session::Polling(session)) => session,
-        Some(Session::Upgraded) if websocket => return refuse_websocket(request, shared.clone()),
-        Some(Session::Upgraded) => return Err(EngineError::BadRequest),
+        Some(Known::Polling(session)) => session,
+        Some(Known::Upgraded) if websocket => return refuse_websocket(request, shared.clone()),
+        Some(Known::Upgraded) => return Err(EngineError::BadRequest),
         None => return Err(EngineError::SessionUnknown),
     };
     match (websocket, &request.method) {
@@ -176,7 +176,7 @@ async fn handle(
         (false, &Method::POST) => {
             let limit = shared.config.ws_max_frame_bytes;
             let payload = read_limited(body, limit).await.map_err(|error| {
-                session.refuse(sessions);
+                session.close(sessions);
                 match error {
                     ApiError::PayloadTooLarge => EngineError::PayloadTooLarge,
                     _ => EngineError::BadRequest,

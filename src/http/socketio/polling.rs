@@ -48,7 +48,7 @@ struct Registry {
 }
 
 /// What a session id names.
-pub enum Session {
+pub enum Known {
     Polling(Arc<Polling>),
     /// A session now on a websocket.
     Upgraded,
@@ -59,11 +59,11 @@ impl Sessions {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn get(&self, sid: &str) -> Option<Session> {
+    pub fn get(&self, sid: &str) -> Option<Known> {
         let registry = self.registry();
         match registry.polling.get(sid) {
-            Some(polling) => Some(Session::Polling(polling.clone())),
-            None => registry.upgraded.contains(sid).then_some(Session::Upgraded),
+            Some(polling) => Some(Known::Polling(polling.clone())),
+            None => registry.upgraded.contains(sid).then_some(Known::Upgraded),
         }
     }
 
@@ -162,7 +162,7 @@ pub struct Polling {
 
 impl Polling {
     /// Ends the session: the transport's loop ends, and the session's requests are refused.
-    fn close(&self, sessions: &Sessions) {
+    pub fn close(&self, sessions: &Sessions) {
         sessions.remove(self);
         self.closed.cancel();
     }
@@ -264,11 +264,6 @@ impl Polling {
             tokio::time::sleep(polling.linger).await;
             polling.close(&sessions);
         });
-    }
-
-    /// Ends the session on a payload over the size limit.
-    pub fn refuse(&self, sessions: &Sessions) {
-        self.close(sessions);
     }
 
     /// Takes the session's upgrade for a websocket that asks for it; `None` when another has it
