@@ -381,13 +381,16 @@ fn label(target: Target, dialect: Dialect) -> &'static str {
 }
 
 /// Idle connections, each joined to one of 100 conversations: resident bytes per connection.
+/// Once with websockets from the start (this binary's client, the bare server too), once as
+/// `socket.io-client` connects on its default options, polling and then upgrading (Node's client,
+/// each server started afresh).
 pub async fn idle(sizes: &Sizes) -> Vec<Row> {
     ensure_open_files(sizes.idle);
     let model = ModelServer::start().await;
-    let mut versus = Versus::new(format!("versus idle {}", sizes.idle), "bytes/conn", 0);
+    let mut direct = Versus::new(format!("versus idle {}", sizes.idle), "bytes/conn", 0);
     for (target, dialect) in WITH_BARE {
         let who = label(target, dialect);
-        let Some(server) = start_or_mark(target, &model, who, &mut [&mut versus]).await else {
+        let Some(server) = start_or_mark(target, &model, who, &mut [&mut direct]).await else {
             continue;
         };
         let spec = |connections| Spec::Idle {
@@ -397,26 +400,54 @@ pub async fn idle(sizes: &Sizes) -> Vec<Row> {
             dialect,
             polling_first: false,
         };
-        run_client(Transport::Ws, spec(100)).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = server.resident();
-        let client = start_client(spec(sizes.idle)).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let after = server.resident();
-        let (_, client) = client.go().await;
-        client.finish();
-        let per_connection = after.saturating_sub(before) as f64 / sizes.idle as f64;
-        versus.add(
-            who,
-            Some(per_connection),
-            json!({"bytes_per_connection": per_connection, "rss_before": before, "rss_after": after}),
-        );
+        let (bytes, details) = bytes_per_connection(&server, Transport::Ws, spec, sizes.idle).await;
+        direct.add(who, Some(bytes), details);
     }
-    vec![versus.row()]
+    let scenario = format!("versus idle polling first {}", sizes.idle);
+    let mut polling = Versus::new(scenario, "bytes/conn", 0);
+    for (target, dialect) in [RUNS[0], RUNS[1]] {
+        let who = label(target, dialect);
+        let Some(server) = start_or_mark(target, &model, who, &mut [&mut polling]).await else {
+            continue;
+        };
+        let spec = |connections| Spec::Idle {
+            addr: server.addr,
+            connections,
+            unacknowledged_joins: target == Target::Original,
+            dialect,
+            polling_first: true,
+        };
+        let transport = Transport::SocketIo;
+        let (bytes, details) = bytes_per_connection(&server, transport, spec, sizes.idle).await;
+        polling.add(who, Some(bytes), details);
+    }
+    vec![direct.row(), polling.row()]
 }
 
-async fn start_client(spec: Spec) -> ClientProcess {
-    tokio::task::spawn_blocking(move || ClientProcess::start(Transport::Ws, &spec))
+/// The resident bytes each of `count` idle clients of `spec` adds to `server`, measured after 100
+/// of them have come and gone (so that the server's start-up is not counted).
+async fn bytes_per_connection(
+    server: &Server,
+    transport: Transport,
+    spec: impl Fn(usize) -> Spec,
+    count: usize,
+) -> (f64, Value) {
+    run_client(transport, spec(100)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.resident();
+    let client = start_client(transport, spec(count)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = server.resident();
+    let (_, client) = client.go().await;
+    client.finish();
+    let per_connection = after.saturating_sub(before) as f64 / count as f64;
+    let details =
+        json!({"bytes_per_connection": per_connection, "rss_before": before, "rss_after": after});
+    (per_connection, details)
+}
+
+async fn start_client(transport: Transport, spec: Spec) -> ClientProcess {
+    tokio::task::spawn_blocking(move || ClientProcess::start(transport, &spec))
         .await
         .unwrap()
 }
@@ -444,7 +475,7 @@ pub async fn fanout(sizes: &Sizes) -> Vec<Row> {
             unacknowledged_joins: target == Target::Original,
             dialect,
         };
-        let client = start_client(spec).await;
+        let client = start_client(Transport::Ws, spec).await;
         let ((outcome, peak), cpu) = server.timing(while_sampling(&server, client.go())).await;
         let (outcome, client) = outcome;
         let usage = busy(

@@ -3,7 +3,8 @@
 // (benches/load/client.rs).
 //
 //   node bench.mjs SPEC    SPEC: {"scenario": "fanout", "addrs", "subscribers", "expected"}
-//                              | {"scenario": "idle", "addr", "connections"}
+//                              | {"scenario": "idle", "addr", "connections", "polling_first"?,
+//                                 "unacknowledged_joins"?}
 //
 // A fan-out's sockets connect to the servers at `addrs` in turn (the nodes of a cluster), and
 // the reply is asked for on the first.
@@ -63,7 +64,12 @@ async function connect(url = urls[0]) {
   }
 }
 
+// A join; the original server acknowledges none (`unacknowledged_joins`), so there it is only sent.
 function join(socket, conversationId) {
+  if (spec.unacknowledged_joins) {
+    socket.emit("join_conversation", { conversationId });
+    return Promise.resolve();
+  }
   return new Promise((resolve, reject) =>
     socket.emit("join_conversation", { conversationId }, (ack) =>
       ack?.error ? reject(new Error(`join refused: ${JSON.stringify(ack.error)}`)) : resolve(),
@@ -150,9 +156,15 @@ async function fanout() {
   };
 }
 
-// `connections` idle sockets, each a member of one of 100 conversations.
+// `connections` idle sockets, each a member of one of 100 conversations; sockets that polled first
+// are ready once every one of them has upgraded.
 async function idle() {
-  await openMany(spec.connections, (_, i) => `idle-${i % 100}`);
+  const sockets = await openMany(spec.connections, (_, i) => `idle-${i % 100}`);
+  const deadline = Date.now() + WAIT_MS;
+  while (spec.polling_first && sockets.some((s) => s.io.engine.transport.name !== "websocket")) {
+    if (Date.now() > deadline) throw new Error("sockets still polling");
+    await sleep(100);
+  }
   return async () => outcome({});
 }
 
