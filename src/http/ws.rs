@@ -284,8 +284,9 @@ pub fn accept(
     Ok((on_upgrade, reply.into_response()))
 }
 
-/// The WebSocket of an upgraded connection, with small buffers and the frame size limit.
-pub async fn opened(on_upgrade: OnUpgrade, shared: &Shared) -> Option<Socket> {
+/// The WebSocket of an upgraded connection, with small buffers and the frame size limit. Boxed:
+/// a connection's task moves it from one step to the next, and each step would keep a copy.
+pub async fn opened(on_upgrade: OnUpgrade, shared: &Shared) -> Option<Box<Socket>> {
     match on_upgrade.await {
         Ok(upgraded) => {
             let limit = Some(shared.config.ws_max_frame_bytes);
@@ -295,7 +296,8 @@ pub async fn opened(on_upgrade: OnUpgrade, shared: &Shared) -> Option<Socket> {
                 .max_frame_size(limit)
                 .max_message_size(limit);
             let io = TokioIo::new(upgraded);
-            Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            Some(Box::new(socket))
         }
         Err(e) => {
             tracing::debug!(error = %e, "websocket upgrade failed");

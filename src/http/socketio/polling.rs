@@ -153,7 +153,7 @@ pub struct Polling {
     /// The close packet waits for the next `GET`.
     goodbye: AtomicBool,
     /// Hands the websocket over to the transport once the client upgraded.
-    upgrade: Mutex<Option<oneshot::Sender<Socket>>>,
+    upgrade: Mutex<Option<oneshot::Sender<Box<Socket>>>>,
     /// The session is over.
     closed: CancellationToken,
     /// How long an ended session waits for the client to take its last packets.
@@ -268,7 +268,7 @@ impl Polling {
 
     /// Takes the session's upgrade for a websocket that asks for it; `None` when another has it
     /// already.
-    pub fn take_upgrade(&self) -> Option<oneshot::Sender<Socket>> {
+    pub fn take_upgrade(&self) -> Option<oneshot::Sender<Box<Socket>>> {
         self.upgrade
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -282,8 +282,8 @@ impl Polling {
     pub async fn upgrade(
         &self,
         sessions: &Sessions,
-        handover: oneshot::Sender<Socket>,
-        mut socket: Socket,
+        handover: oneshot::Sender<Box<Socket>>,
+        mut socket: Box<Socket>,
     ) {
         let upgraded = tokio::time::timeout(UPGRADE_TIMEOUT, async {
             let noop = tokio::time::sleep(UPGRADE_TIMEOUT);
@@ -333,7 +333,7 @@ impl Polling {
             let mut last = futures::stream::iter(self.leftover().into_iter().map(Ok));
             let farewell = async {
                 socket.send_all(&mut last).await?;
-                socket.close(None).await
+                socket.close().await
             };
             let _ = tokio::time::timeout(UPGRADE_TIMEOUT, farewell).await;
         }
@@ -354,7 +354,7 @@ impl Polling {
     }
 
     /// Gives back an upgrade that did not happen, for the client to try again.
-    pub fn give_back(&self, handover: oneshot::Sender<Socket>) {
+    pub fn give_back(&self, handover: oneshot::Sender<Box<Socket>>) {
         *self.upgrade.lock().unwrap_or_else(PoisonError::into_inner) = Some(handover);
     }
 }
@@ -422,7 +422,7 @@ pub struct PollingEnd {
     packets: mpsc::Receiver<Message>,
     outgoing: PollSender<Utf8Bytes>,
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
-    upgraded: Option<oneshot::Receiver<Socket>>,
+    upgraded: Option<oneshot::Receiver<Box<Socket>>>,
     /// The close packet went out: the session stays until the client takes it.
     said_goodbye: bool,
     /// The session moved to a websocket.
@@ -431,7 +431,7 @@ pub struct PollingEnd {
 
 impl PollingEnd {
     /// The websocket, once the client has upgraded to it.
-    fn poll_upgraded(&mut self, cx: &mut Context<'_>) -> Option<Socket> {
+    fn poll_upgraded(&mut self, cx: &mut Context<'_>) -> Option<Box<Socket>> {
         let upgraded = self.upgraded.as_mut()?;
         match Pin::new(upgraded).poll(cx) {
             Poll::Ready(Ok(socket)) => Some(socket),
@@ -465,7 +465,7 @@ impl Drop for PollingEnd {
 
 impl PollingTransport {
     /// Moves to the websocket the client upgraded to, with the packets it had not taken.
-    fn upgrade(&mut self, socket: Socket) {
+    fn upgrade(&mut self, socket: Box<Socket>) {
         let PollingTransport::Polling(end) = self else {
             return;
         };
@@ -476,7 +476,7 @@ impl PollingTransport {
             sid: end.polling.sid.clone(),
         };
         *self = PollingTransport::Upgraded {
-            socket: Box::new(socket),
+            socket,
             leftover,
             _id: id,
         };
