@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -60,8 +61,11 @@ pub fn pin_load() {
     }
 }
 
+/// Whether this process may run on two cores or more, as it could before [`pin_load`] pinned it
+/// (after that, `available_parallelism` counts the one core it is pinned to).
 fn two_cores() -> bool {
-    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+    static TWO_CORES: OnceLock<bool> = OnceLock::new();
+    *TWO_CORES.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2))
 }
 
 /// Pins the calling thread (and the threads and processes it starts) to one core.

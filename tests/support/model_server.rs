@@ -91,6 +91,30 @@ struct Behaviour {
     minimal: bool,
 }
 
+/// Serves each connection `listener` accepts with `service`, writes not held back (as model
+/// servers answer: uvicorn and Node set `TCP_NODELAY` too).
+async fn serve<S>(listener: tokio::net::TcpListener, service: S)
+where
+    S: tower::Service<
+            warp::http::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 /// A running test model server.
 #[derive(Clone)]
 pub struct ModelServer {
@@ -149,7 +173,7 @@ impl ModelServer {
             });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(warp::serve(route).incoming(listener).run());
+        tokio::spawn(serve(listener, warp::service(route)));
         ModelServer { addr, ..server }
     }
 
@@ -260,7 +284,7 @@ impl ModelServer {
             Mode::Reply | Mode::Cut => {}
         }
         if !stream {
-            tokio::time::sleep(delay).await;
+            pause(delay).await;
             let content = pieces.concat();
             let body = if minimal {
                 json!({
@@ -353,13 +377,13 @@ fn sse(pieces: Vec<String>, timing: Timing, format: Format, mut guard: StreamGua
         pieces.len()
     };
     async_stream(move |tx| async move {
-        tokio::time::sleep(timing.first_delay).await;
+        pause(timing.first_delay).await;
         let first = format.delta(json!({"role": "assistant", "content": ""}), None);
         if tx.send(Ok(first)).await.is_err() {
             return;
         }
         for piece in pieces.into_iter().take(keep) {
-            tokio::time::sleep(timing.delay).await;
+            pause(timing.delay).await;
             let next = format.delta(json!({"content": piece}), None);
             if tx.send(Ok(next)).await.is_err() {
                 return;
@@ -379,6 +403,14 @@ fn sse(pieces: Vec<String>, timing: Timing, format: Format, mut guard: StreamGua
         guard.done = true;
         drop(guard);
     })
+}
+
+/// Sleeps for `delay`; no pause at all when it is zero (tokio's timer would still wait for its
+/// next tick, up to a millisecond).
+async fn pause(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// A stream fed by a task; dropping the stream stops the task.
