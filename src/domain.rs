@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -52,8 +52,28 @@ impl Timestamp {
 }
 
 impl Serialize for Timestamp {
+    /// Written digit by digit for years 0 to 9999 (every answer carries several), by chrono
+    /// beyond them and for leap seconds.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_rfc3339())
+        let time = &self.0;
+        if !(0..=9999).contains(&time.year()) || time.nanosecond() >= 1_000_000_000 {
+            return serializer.serialize_str(&self.to_rfc3339());
+        }
+        let mut text = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut value: u32| {
+            for digit in text[at..at + width].iter_mut().rev() {
+                *digit = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        put(0, 4, time.year() as u32);
+        put(5, 2, time.month());
+        put(8, 2, time.day());
+        put(11, 2, time.hour());
+        put(14, 2, time.minute());
+        put(17, 2, time.second());
+        put(20, 3, time.timestamp_subsec_millis());
+        serializer.serialize_str(std::str::from_utf8(&text).map_err(serde::ser::Error::custom)?)
     }
 }
 
@@ -258,6 +278,35 @@ pub fn validate_conversation_id(id: &str) -> Result<(), ChatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_serialize_as_chrono_writes_them() {
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|day| day.and_hms_milli_opt(23, 59, 59, 1_500))
+            .map(|time| time.and_utc())
+            .unwrap();
+        let times = [
+            0,
+            1,
+            999,
+            1_000,
+            1_764_186_322_123,
+            253_402_300_799_999,
+            -1,
+            -62_135_596_800_001,
+        ]
+        .map(Timestamp::from_millis)
+        .into_iter()
+        .chain([
+            Timestamp::now(),
+            Timestamp(leap),
+            Timestamp(DateTime::<Utc>::MAX_UTC),
+        ]);
+        for time in times {
+            let written = serde_json::to_string(&time).unwrap();
+            assert_eq!(written, format!("\"{}\"", time.to_rfc3339()), "{time:?}");
+        }
+    }
 
     #[test]
     fn title_keeps_short_messages_whole() {

@@ -1,6 +1,8 @@
 //! Live measures of the server's activity: counters the health route reads, and the
 //! Prometheus series `GET /metrics` renders. Each server has its own recorder, never a global one.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -37,6 +39,8 @@ pub struct Metrics {
     open_connections: AtomicI64,
     replies_in_progress: AtomicI64,
     recorder: PrometheusRecorder,
+    /// The request series registered so far, by method, route and status.
+    requests: Mutex<HashMap<RequestSeries, (Counter, Histogram)>>,
     tokens: Counter,
     upstream_errors: Counter,
     upstream_latency: Histogram,
@@ -45,6 +49,9 @@ pub struct Metrics {
     calls_forwarded: Counter,
     events_published: Counter,
 }
+
+/// What labels a request's series: method, route and status.
+type RequestSeries = (&'static str, &'static str, u16);
 
 /// What a node of a cluster reports beside its own measures.
 #[derive(Debug, Clone)]
@@ -139,6 +146,7 @@ impl Default for Metrics {
             leases_lost: counter(LEASES_LOST),
             calls_forwarded: counter(CALLS_FORWARDED),
             events_published: counter(EVENTS_PUBLISHED),
+            requests: Mutex::default(),
             recorder,
         }
     }
@@ -216,17 +224,20 @@ impl Metrics {
         status: u16,
         took: Duration,
     ) {
-        let labels = vec![
-            Label::new("method", method),
-            Label::new("route", route),
-            Label::new("status", status.to_string()),
-        ];
-        let key = Key::from_parts(HTTP_REQUESTS, labels.clone());
-        self.recorder.register_counter(&key, &METADATA).increment(1);
-        let key = Key::from_parts(HTTP_DURATION, labels);
-        self.recorder
-            .register_histogram(&key, &METADATA)
-            .record(took.as_secs_f64());
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, duration) = requests.entry((method, route, status)).or_insert_with(|| {
+            let labels = vec![
+                Label::new("method", method),
+                Label::new("route", route),
+                Label::new("status", status.to_string()),
+            ];
+            let key = Key::from_parts(HTTP_REQUESTS, labels.clone());
+            let count = self.recorder.register_counter(&key, &METADATA);
+            let key = Key::from_parts(HTTP_DURATION, labels);
+            (count, self.recorder.register_histogram(&key, &METADATA))
+        });
+        count.increment(1);
+        duration.record(took.as_secs_f64());
     }
 
     /// The gauges now.

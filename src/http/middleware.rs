@@ -1,16 +1,15 @@
 //! Tower layers around every HTTP answer: helmet's security headers, and the access log that
 //! also feeds the request metrics and names the allowed methods on a 405.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use hyper::body::Body;
 use tokio_util::sync::CancellationToken;
+use tower::util::MapResponseLayer;
 use tower::{Layer, Service};
-use tower_http::set_header::HeaderMetadata;
-use tower_http::set_header::response::SetMultipleResponseHeadersLayer;
 use warp::http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::ClientAddr;
@@ -43,19 +42,31 @@ const SECURITY_HEADERS: [(&str, &str); 12] = [
     ("x-xss-protection", "0"),
 ];
 
+/// helmet's default security headers, ready to insert.
+static SECURITY_HEADER_VALUES: LazyLock<Vec<(HeaderName, HeaderValue)>> = LazyLock::new(|| {
+    SECURITY_HEADERS
+        .iter()
+        .map(|&(name, value)| {
+            (
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            )
+        })
+        .collect()
+});
+
 /// Sets helmet's default security headers on every answer, replacing any the routes set.
-pub fn security_headers<B>() -> SetMultipleResponseHeadersLayer<Response<B>> {
-    SetMultipleResponseHeadersLayer::overriding(
-        SECURITY_HEADERS
-            .iter()
-            .map(|&(name, value)| {
-                HeaderMetadata::from((
-                    HeaderName::from_static(name),
-                    HeaderValue::from_static(value),
-                ))
-            })
-            .collect(),
-    )
+pub fn security_headers<B>() -> MapResponseLayer<fn(Response<B>) -> Response<B>> {
+    MapResponseLayer::new(with_security_headers)
+}
+
+fn with_security_headers<B>(mut response: Response<B>) -> Response<B> {
+    let headers = response.headers_mut();
+    headers.reserve(SECURITY_HEADERS.len());
+    for (name, value) in SECURITY_HEADER_VALUES.iter() {
+        headers.insert(name.clone(), value.clone());
+    }
+    response
 }
 
 /// Logs one line per answered request (method, path, status, bytes, duration, client address)
@@ -107,16 +118,19 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
         let method = method_label(request.method());
-        let path = request.uri().path().to_owned();
-        let client = request
-            .extensions()
-            .get::<ClientAddr>()
-            .map_or_else(|| "-".to_owned(), ToString::to_string);
+        let route = route_of(request.uri().path());
+        // The line's own fields are made only when it is written.
+        let line = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
+            let client = request
+                .extensions()
+                .get::<ClientAddr>()
+                .map_or_else(|| "-".to_owned(), ToString::to_string);
+            (request.uri().path().to_owned(), client)
+        });
         let metrics = self.metrics.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {
             let mut response = answer.await?;
-            let route = route_of(&path);
             if response.status() == StatusCode::METHOD_NOT_ALLOWED
                 && let Some(route) = route
             {
@@ -126,18 +140,20 @@ where
             }
             let took = started.elapsed();
             let status = response.status().as_u16();
-            let size = response.body().size_hint();
-            let bytes = size.exact().unwrap_or(size.lower());
-            tracing::info!(
-                target: "access",
-                %method,
-                %path,
-                status,
-                bytes,
-                duration_ms = millis(took),
-                %client,
-                "request"
-            );
+            if let Some((path, client)) = line {
+                let size = response.body().size_hint();
+                let bytes = size.exact().unwrap_or(size.lower());
+                tracing::info!(
+                    target: "access",
+                    %method,
+                    %path,
+                    status,
+                    bytes,
+                    duration_ms = millis(took),
+                    %client,
+                    "request"
+                );
+            }
             let label = route.map_or("unmatched", |r| r.template);
             metrics.request_answered(method, label, status, took);
             Ok(response)

@@ -8,6 +8,7 @@ pub mod limits;
 mod middleware;
 pub mod openapi;
 mod payload;
+mod reply;
 mod rest;
 mod routes;
 mod session;
@@ -307,7 +308,7 @@ pub fn routes(
 
 /// The `{message, code}` answer for an error.
 pub fn error_response(error: &ApiError) -> Response {
-    warp::reply::with_status(warp::reply::json(&error.body()), error.status()).into_response()
+    warp::reply::with_status(reply::json(&error.body()), error.status()).into_response()
 }
 
 async fn recover(rejection: Rejection) -> Result<Response, Infallible> {

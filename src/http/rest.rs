@@ -14,6 +14,7 @@ use super::openapi::{
     ChatReply, ChatRequest, ConversationPath, Credentials, Me, RenameRequest, SignedInAnswer,
 };
 use super::payload::Payload;
+use super::reply;
 use super::{ClientAddr, Shared};
 use crate::auth::{SignedIn, User};
 use crate::cluster::Cluster;
@@ -124,7 +125,7 @@ pub fn health(shared: &Shared) -> Response {
         uptime: shared.started.elapsed().as_secs_f64(),
         version: env!("CARGO_PKG_VERSION"),
     };
-    warp::reply::json(&body).into_response()
+    reply::json(&body).into_response()
 }
 
 /// Every series in Prometheus's text format; not rate limited.
@@ -192,7 +193,7 @@ fn signed_in_answer(signed_in: SignedIn, status: StatusCode) -> Response {
         "token": signed_in.token,
         "user": { "id": signed_in.user.id.as_str(), "username": signed_in.user.username },
     });
-    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+    warp::reply::with_status(reply::json(&body), status).into_response()
 }
 
 /// Who the caller is, and what they have used today.
@@ -212,7 +213,7 @@ pub async fn me(shared: Arc<Shared>, user: User) -> Result<Response, ApiError> {
     if let Some(username) = user.username {
         body["username"] = username.into();
     }
-    Ok(warp::reply::json(&body).into_response())
+    Ok(reply::json(&body).into_response())
 }
 
 /// Sends a user message and answers, once the model is done, with its whole reply.
@@ -236,7 +237,7 @@ pub async fn chat(
     let done = shared.conversations.chat(&user.id, id, message).await?;
     // Built with `json!`, whose objects, nested ones too, keep their fields sorted, as this
     // answer has always had them.
-    Ok(warp::reply::json(&json!({
+    Ok(reply::json(&json!({
         "message": done.message,
         "conversation": done.conversation,
     }))
@@ -268,7 +269,7 @@ pub async fn list(shared: Arc<Shared>, user: User, query: ListQuery) -> Result<R
         offset: query.offset.unwrap_or(0),
     };
     let conversations = shared.conversations.list(&user.id, page).await?;
-    Ok(warp::reply::json(&conversations).into_response())
+    Ok(reply::json(&conversations).into_response())
 }
 
 /// One conversation with its messages.
@@ -281,7 +282,7 @@ pub async fn list(shared: Arc<Shared>, user: User, query: ListQuery) -> Result<R
 pub async fn get(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     let conversation = shared.conversations.get(&user.id, &id).await?;
-    Ok(warp::reply::json(&conversation).into_response())
+    Ok(reply::json(&conversation).into_response())
 }
 
 /// Deletes a conversation and its messages; its members get `conversation_deleted`.
@@ -294,7 +295,7 @@ pub async fn get(shared: Arc<Shared>, user: User, id: String) -> Result<Response
 pub async fn delete(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     shared.conversations.delete(&user.id, &id).await?;
-    Ok(warp::reply::json(&Notice {
+    Ok(reply::json(&Notice {
         message: "Conversation deleted successfully",
     })
     .into_response())
@@ -318,7 +319,7 @@ pub async fn rename(
     validate_conversation_id(&id)?;
     let title = Payload::new(&body)?.title()?;
     let conversation = shared.conversations.rename(&user.id, &id, title).await?;
-    Ok(warp::reply::json(&conversation).into_response())
+    Ok(reply::json(&conversation).into_response())
 }
 
 /// Stops the reply in progress (extension); success also when there is none.
@@ -330,7 +331,7 @@ pub async fn rename(
     ))]
 pub async fn stop(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     shared.conversations.stop_reply(&user.id, &id).await?;
-    Ok(warp::reply::json(&Stopped {
+    Ok(reply::json(&Stopped {
         conversation_id: id,
         message: "Generation stopped",
     })
@@ -352,5 +353,5 @@ pub async fn regenerate(shared: Arc<Shared>, user: User, id: String) -> Result<R
         conversation_id: started.conversation_id,
         message_id: started.message_id,
     };
-    Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
+    Ok(warp::reply::with_status(reply::json(&body), StatusCode::ACCEPTED).into_response())
 }

@@ -12,6 +12,7 @@ use warp::reply::{Reply, Response};
 use warp::{Buf, Filter, Rejection};
 
 use super::error::ApiError;
+use super::reply;
 use super::ws::{self, Framing, PendingUpgrade, Transport};
 use super::{ClientAddr, Shared, read_limited};
 use polling::{Known, Polling, Sessions};
@@ -93,7 +94,7 @@ impl EngineError {
             _ => StatusCode::BAD_REQUEST,
         };
         let body = serde_json::json!({ "code": self.code(), "message": self.message() });
-        warp::reply::with_status(warp::reply::json(&body), status).into_response()
+        warp::reply::with_status(reply::json(&body), status).into_response()
     }
 }
 
