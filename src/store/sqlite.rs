@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use percent_encoding::percent_decode_str;
-use rusqlite::{OpenFlags, OptionalExtension, TransactionBehavior, ffi};
+use rusqlite::{OpenFlags, OptionalExtension, ffi};
 use tokio::sync::mpsc;
 
 use super::group_commit::{GroupCommitted, MAX_BATCH, Write, WriteJob, Writes};
@@ -129,7 +129,7 @@ fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connecti
              PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
         ))
         .map_err(db_error)?;
-    connection.set_prepared_statement_cache_capacity(16);
+    connection.set_prepared_statement_cache_capacity(32);
     Ok(connection)
 }
 
@@ -367,7 +367,7 @@ impl GroupCommitted for SqliteStore {
 /// each and asks for a checkpoint. A write that fails is undone alone; a failed commit fails
 /// them all.
 fn write_loop(
-    mut connection: rusqlite::Connection,
+    connection: rusqlite::Connection,
     mut jobs: mpsc::Receiver<WriteJob>,
     checkpoints: std::sync::mpsc::SyncSender<()>,
 ) {
@@ -378,7 +378,7 @@ fn write_loop(
         {
             batch.push(job);
         }
-        let outcomes = match commit(&mut connection, &batch) {
+        let outcomes = match commit(&connection, &batch) {
             Ok(outcomes) => outcomes,
             Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
         };
@@ -402,33 +402,51 @@ fn checkpoint_loop(connection: rusqlite::Connection, requests: std::sync::mpsc::
 }
 
 fn commit(
-    connection: &mut rusqlite::Connection,
+    connection: &rusqlite::Connection,
     batch: &[WriteJob],
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     // Immediate: the write lock is taken (waiting behind another process's, up to the busy
     // timeout) before anything is read, so that a batch never fails on upgrading to it.
-    let mut tx = connection
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(db_error)?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for job in batch {
-        let outcome = if job.write.is_several_rows() {
-            // Rows that stand or fall together: a savepoint undoes a partial write.
-            let savepoint = tx.savepoint().map_err(db_error)?;
-            let outcome = apply(&savepoint, &job.write);
-            if outcome.is_ok() {
-                savepoint.commit().map_err(db_error)?;
-            }
-            outcome
-        } else {
-            // A single statement, or a first one that either fails alone or makes the rest
-            // succeed.
-            apply(&tx, &job.write)
-        };
-        outcomes.push(outcome);
+    control(connection, "BEGIN IMMEDIATE")?;
+    let outcomes = batch
+        .iter()
+        .map(|job| apply_job(connection, &job.write))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|outcomes| control(connection, "COMMIT").map(|()| outcomes));
+    if outcomes.is_err() {
+        let _ = control(connection, "ROLLBACK");
     }
-    tx.commit().map_err(db_error)?;
-    Ok(outcomes)
+    outcomes
+}
+
+/// Applies one job's write inside the batch's transaction; the outer error is one that ends the
+/// whole batch.
+fn apply_job(
+    connection: &rusqlite::Connection,
+    write: &Write,
+) -> Result<Result<u64, StoreError>, StoreError> {
+    if !write.is_several_rows() {
+        // A single statement, or a first one that either fails alone or makes the rest succeed.
+        return Ok(apply(connection, write));
+    }
+    // Rows that stand or fall together: a savepoint undoes a partial write.
+    control(connection, "SAVEPOINT job")?;
+    let outcome = apply(connection, write);
+    if outcome.is_err() {
+        control(connection, "ROLLBACK TO job")?;
+    }
+    control(connection, "RELEASE job")?;
+    Ok(outcome)
+}
+
+/// Runs a statement that begins or ends a transaction or savepoint, prepared once per connection
+/// (parsed anew for every batch, they cost the writer as much as the batch's rows).
+fn control(connection: &rusqlite::Connection, sql: &str) -> Result<(), StoreError> {
+    connection
+        .prepare_cached(sql)
+        .and_then(|mut statement| statement.execute([]))
+        .map(drop)
+        .map_err(db_error)
 }
 
 /// Runs one statement of the writer, prepared once per connection; the number is the rows it
