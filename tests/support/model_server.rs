@@ -284,7 +284,7 @@ impl ModelServer {
             Mode::Reply | Mode::Cut => {}
         }
         if !stream {
-            pause(delay).await;
+            tokio::time::sleep(delay).await;
             let content = pieces.concat();
             let body = if minimal {
                 json!({
@@ -377,13 +377,13 @@ fn sse(pieces: Vec<String>, timing: Timing, format: Format, mut guard: StreamGua
         pieces.len()
     };
     async_stream(move |tx| async move {
-        pause(timing.first_delay).await;
+        tokio::time::sleep(timing.first_delay).await;
         let first = format.delta(json!({"role": "assistant", "content": ""}), None);
         if tx.send(Ok(first)).await.is_err() {
             return;
         }
         for piece in pieces.into_iter().take(keep) {
-            pause(timing.delay).await;
+            tokio::time::sleep(timing.delay).await;
             let next = format.delta(json!({"content": piece}), None);
             if tx.send(Ok(next)).await.is_err() {
                 return;
@@ -403,14 +403,6 @@ fn sse(pieces: Vec<String>, timing: Timing, format: Format, mut guard: StreamGua
         guard.done = true;
         drop(guard);
     })
-}
-
-/// Sleeps for `delay`; no pause at all when it is zero (tokio's timer would still wait for its
-/// next tick, up to a millisecond).
-async fn pause(delay: Duration) {
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
 }
 
 /// A stream fed by a task; dropping the stream stops the task.
