@@ -391,10 +391,35 @@ fn label(target: Target, dialect: Dialect) -> &'static str {
 pub async fn idle(sizes: &Sizes) -> Vec<Row> {
     ensure_open_files(sizes.idle);
     let model = ModelServer::start().await;
-    let mut direct = Versus::new(format!("versus idle {}", sizes.idle), "bytes/conn", 0);
-    for (target, dialect) in WITH_BARE {
+    let direct = format!("versus idle {}", sizes.idle);
+    let polling = format!("versus idle polling first {}", sizes.idle);
+    vec![
+        idle_row(direct, &WITH_BARE, Transport::Ws, false, &model, sizes).await,
+        idle_row(
+            polling,
+            &RUNS[..2],
+            Transport::SocketIo,
+            true,
+            &model,
+            sizes,
+        )
+        .await,
+    ]
+}
+
+/// One row of [`idle`]: `runs` idle through `transport`'s client, polling first or not.
+async fn idle_row(
+    scenario: String,
+    runs: &[(Target, Dialect)],
+    transport: Transport,
+    polling_first: bool,
+    model: &ModelServer,
+    sizes: &Sizes,
+) -> Row {
+    let mut versus = Versus::new(scenario, "bytes/conn", 0);
+    for &(target, dialect) in runs {
         let who = label(target, dialect);
-        let Some(server) = start_or_mark(target, &model, who, &mut [&mut direct]).await else {
+        let Some(server) = start_or_mark(target, model, who, &mut [&mut versus]).await else {
             continue;
         };
         let spec = |connections| Spec::Idle {
@@ -402,30 +427,12 @@ pub async fn idle(sizes: &Sizes) -> Vec<Row> {
             connections,
             unacknowledged_joins: target == Target::Original,
             dialect,
-            polling_first: false,
+            polling_first,
         };
-        let (bytes, details) = bytes_per_connection(&server, Transport::Ws, spec, sizes.idle).await;
-        direct.add(who, Some(bytes), details);
-    }
-    let scenario = format!("versus idle polling first {}", sizes.idle);
-    let mut polling = Versus::new(scenario, "bytes/conn", 0);
-    for (target, dialect) in [RUNS[0], RUNS[1]] {
-        let who = label(target, dialect);
-        let Some(server) = start_or_mark(target, &model, who, &mut [&mut polling]).await else {
-            continue;
-        };
-        let spec = |connections| Spec::Idle {
-            addr: server.addr,
-            connections,
-            unacknowledged_joins: target == Target::Original,
-            dialect,
-            polling_first: true,
-        };
-        let transport = Transport::SocketIo;
         let (bytes, details) = bytes_per_connection(&server, transport, spec, sizes.idle).await;
-        polling.add(who, Some(bytes), details);
+        versus.add(who, Some(bytes), details);
     }
-    vec![direct.row(), polling.row()]
+    versus.row()
 }
 
 /// The resident bytes each of `count` idle clients of `spec` adds to `server`, measured after 100
