@@ -149,20 +149,24 @@ impl Conversations {
         let Some(sender) = sender else {
             return self.call(owner, key, call).await.and_then(started);
         };
-        // The relay listens first, so that the sender misses none of the reply.
+        // The relay listens first, so that the sender misses none of the reply, and waits for
+        // its word on the sender, whatever the owner answers.
         let (relay, owner) = self.ready_relay(key).await?;
-        let started = self.call(owner, key, call).await.and_then(started)?;
-        if let Some((epoch, from)) = started.published {
-            let member = RelayMsg::Sender {
-                subscriber: sender,
-                epoch,
-                from,
-            };
-            if relay.send_message(member).is_err() {
-                return Err(ChatError::Unavailable("the relay stopped".into()));
-            }
+        let started = self.call(owner, key, call).await.and_then(started);
+        let published = started.as_ref().ok().and_then(|s| s.published);
+        let Some((epoch, from)) = published else {
+            let _ = relay.send_message(RelayMsg::NoSender);
+            return started;
+        };
+        let member = RelayMsg::Sender {
+            subscriber: sender,
+            epoch,
+            from,
+        };
+        if relay.send_message(member).is_err() {
+            return Err(ChatError::Unavailable("the relay stopped".into()));
         }
-        Ok(started)
+        started
     }
 
     /// This node's relay of `key`, started when there is none.

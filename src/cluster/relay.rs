@@ -61,6 +61,8 @@ pub enum RelayMsg {
         epoch: u64,
         from: u64,
     },
+    /// A request that was answered `Ready` started no reply: no sender comes of it.
+    NoSender,
     /// The connection `id` leaves.
     Leave(u64),
     /// A message of the conversation's channel.
@@ -177,6 +179,9 @@ pub struct RelayState {
     /// Joins and requests waiting for the relay to be live.
     joins: Vec<WaitingJoin>,
     readies: Vec<oneshot::Sender<Result<NodeId, ChatError>>>,
+    /// Requests answered `Ready` whose `Sender` or `NoSender` has not come yet: the relay stays
+    /// for them even without members, or a reply that ends at once would find it stopped.
+    senders_due: usize,
     /// Events heard ahead of those delivered, by epoch and number.
     ahead: BTreeMap<(u64, u64), String>,
     /// The last events delivered.
@@ -221,6 +226,7 @@ impl Actor for Relay {
             reply: None,
             joins: Vec::new(),
             readies: Vec::new(),
+            senders_due: 0,
             ahead: BTreeMap::new(),
             recent: VecDeque::new(),
         };
@@ -269,6 +275,7 @@ impl Actor for Relay {
             }
             RelayMsg::Ready(answer) => match (&state.owner, state.phase) {
                 (Some(owner), Phase::Live | Phase::Fetching) => {
+                    state.senders_due += 1;
                     let _ = answer.send(Ok(owner.clone()));
                 }
                 _ => state.readies.push(answer),
@@ -277,7 +284,11 @@ impl Actor for Relay {
                 subscriber,
                 epoch,
                 from,
-            } => state.add_sender(subscriber, epoch, from),
+            } => {
+                state.senders_due = state.senders_due.saturating_sub(1);
+                state.add_sender(subscriber, epoch, from);
+            }
+            RelayMsg::NoSender => state.senders_due = state.senders_due.saturating_sub(1),
             RelayMsg::Leave(id) => state.members.remove(id),
             RelayMsg::Heard(payload) => state.heard(&myself, payload),
             RelayMsg::Homed(home) => state.homed(&myself, home),
@@ -303,7 +314,10 @@ impl Actor for Relay {
 impl RelayState {
     /// No members, and nothing waiting to become one.
     fn is_unused(&self) -> bool {
-        self.members.is_empty_here() && self.joins.is_empty() && self.readies.is_empty()
+        self.members.is_empty_here()
+            && self.joins.is_empty()
+            && self.readies.is_empty()
+            && self.senders_due == 0
     }
 
     /// Where the members stand: the reply relayed so far, and its text.
@@ -396,6 +410,7 @@ impl RelayState {
             self.join(subscriber, resume.as_ref());
             let _ = answer.send(Ok(()));
         }
+        self.senders_due += self.readies.len();
         for ready in self.readies.drain(..) {
             let _ = ready.send(Ok(owner.clone()));
         }

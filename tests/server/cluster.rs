@@ -322,12 +322,7 @@ async fn nodes_racing_to_activate_a_conversation_agree_on_one_owner() {
             let Some(message_id) = ack["messageId"].as_str() else {
                 continue;
             };
-            loop {
-                let (name, data) = client.next().await;
-                if name == "stream_complete" && data["messageId"] == message_id {
-                    break;
-                }
-            }
+            until_complete(client, message_id).await;
         }
         // Both starts that won are stored once each, whichever node took them.
         let path = format!("/api/conversations/{id}");
@@ -541,5 +536,41 @@ async fn a_users_daily_tokens_count_over_every_node() {
         let (status, answer) = chat(node).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
         assert_eq!(answer["code"], "QUOTA_EXCEEDED");
+    }
+}
+
+#[tokio::test]
+async fn a_sender_that_never_joined_gets_its_reply_from_the_owner_node() {
+    let model = ModelServer::start().await;
+    model.set_reply(words(3), Duration::ZERO);
+    let cluster = TestCluster::start(2, &model, &[]).await;
+    let mut owner_side = WsClient::connect(cluster.addr(0)).await;
+    let mut other_side = WsClient::connect(cluster.addr(1)).await;
+    let data = json!({"conversationId": "far", "message": "first"});
+    let ack = owner_side.emit_with_ack("stream_chat", data).await;
+    let first = ack["messageId"]
+        .as_str()
+        .expect("the first reply starts")
+        .to_owned();
+    until_complete(&mut owner_side, &first).await;
+    // The conversation lives on node 0; a client of node 1 that never joined it writes there.
+    let data = json!({"conversationId": "far", "message": "second"});
+    let ack = other_side.emit_with_ack("stream_chat", data).await;
+    let second = ack["messageId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{ack}"))
+        .to_owned();
+    until_complete(&mut other_side, &second).await;
+    let (_, stored) = cluster.get(1, "/api/conversations/far").await;
+    assert_eq!(stored["messages"].as_array().unwrap().len(), 4, "{stored}");
+}
+
+/// Reads `client`'s events until `message_id`'s reply completes.
+async fn until_complete(client: &mut WsClient, message_id: &str) {
+    loop {
+        let (name, data) = client.next().await;
+        if name == "stream_complete" && data["messageId"] == message_id {
+            return;
+        }
     }
 }
