@@ -152,12 +152,12 @@ impl Conversations {
         // The relay listens first, so that the sender misses none of the reply, and waits for
         // its word on the sender, whatever the owner answers.
         let (relay, owner) = self.ready_relay(key).await?;
+        let due = SenderDue { relay, told: false };
         let started = self.call(owner, key, call).await.and_then(started);
-        let published = started.as_ref().ok().and_then(|s| s.published);
-        let Some((epoch, from)) = published else {
-            let _ = relay.send_message(RelayMsg::NoSender);
+        let Some((epoch, from)) = started.as_ref().ok().and_then(|s| s.published) else {
             return started;
         };
+        let relay = due.take();
         let member = RelayMsg::Sender {
             subscriber: sender,
             epoch,
@@ -426,4 +426,27 @@ fn refuse<T>(answer: Reply<T>) {
     let _ = answer.send(Err(ChatError::Failed(
         "a request for this node's actors alone".into(),
     )));
+}
+
+/// A relay that answered `Ready` and waits for word of a sender: told `NoSender` when dropped
+/// before [`SenderDue::take`], however the request ended (cancelled too).
+struct SenderDue {
+    relay: ActorRef<RelayMsg>,
+    told: bool,
+}
+
+impl SenderDue {
+    /// The relay, to be sent the sender itself.
+    fn take(mut self) -> ActorRef<RelayMsg> {
+        self.told = true;
+        self.relay.clone()
+    }
+}
+
+impl Drop for SenderDue {
+    fn drop(&mut self) {
+        if !self.told {
+            let _ = self.relay.send_message(RelayMsg::NoSender);
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Tower layers around every HTTP answer: helmet's security headers, and the access log that
 //! also feeds the request metrics and names the allowed methods on a 405.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,46 +24,67 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self';base-uri 'self';\
     style-src 'self' https: 'unsafe-inline';upgrade-insecure-requests";
 
 /// The headers helmet sets by default, with its default values.
-const SECURITY_HEADERS: [(&str, &str); 12] = [
-    ("content-security-policy", CONTENT_SECURITY_POLICY),
-    ("cross-origin-opener-policy", "same-origin"),
-    ("cross-origin-resource-policy", "same-origin"),
-    ("origin-agent-cluster", "?1"),
-    ("referrer-policy", "no-referrer"),
+static SECURITY_HEADERS: [(HeaderName, HeaderValue); 12] = [
     (
-        "strict-transport-security",
-        "max-age=31536000; includeSubDomains",
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
     ),
-    ("x-content-type-options", "nosniff"),
-    ("x-dns-prefetch-control", "off"),
-    ("x-download-options", "noopen"),
-    ("x-frame-options", "SAMEORIGIN"),
-    ("x-permitted-cross-domain-policies", "none"),
-    ("x-xss-protection", "0"),
+    (
+        HeaderName::from_static("cross-origin-opener-policy"),
+        HeaderValue::from_static("same-origin"),
+    ),
+    (
+        HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("same-origin"),
+    ),
+    (
+        HeaderName::from_static("origin-agent-cluster"),
+        HeaderValue::from_static("?1"),
+    ),
+    (
+        HeaderName::from_static("referrer-policy"),
+        HeaderValue::from_static("no-referrer"),
+    ),
+    (
+        HeaderName::from_static("strict-transport-security"),
+        HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+    ),
+    (
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    ),
+    (
+        HeaderName::from_static("x-dns-prefetch-control"),
+        HeaderValue::from_static("off"),
+    ),
+    (
+        HeaderName::from_static("x-download-options"),
+        HeaderValue::from_static("noopen"),
+    ),
+    (
+        HeaderName::from_static("x-frame-options"),
+        HeaderValue::from_static("SAMEORIGIN"),
+    ),
+    (
+        HeaderName::from_static("x-permitted-cross-domain-policies"),
+        HeaderValue::from_static("none"),
+    ),
+    (
+        HeaderName::from_static("x-xss-protection"),
+        HeaderValue::from_static("0"),
+    ),
 ];
-
-/// helmet's default security headers, ready to insert.
-static SECURITY_HEADER_VALUES: LazyLock<Vec<(HeaderName, HeaderValue)>> = LazyLock::new(|| {
-    SECURITY_HEADERS
-        .iter()
-        .map(|&(name, value)| {
-            (
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            )
-        })
-        .collect()
-});
 
 /// Sets helmet's default security headers on every answer, replacing any the routes set.
 pub fn security_headers<B>() -> MapResponseLayer<fn(Response<B>) -> Response<B>> {
     MapResponseLayer::new(with_security_headers)
 }
 
+/// `response` with helmet's headers, in place of any of the same names.
 fn with_security_headers<B>(mut response: Response<B>) -> Response<B> {
     let headers = response.headers_mut();
     headers.reserve(SECURITY_HEADERS.len());
-    for (name, value) in SECURITY_HEADER_VALUES.iter() {
+    for (name, value) in &SECURITY_HEADERS {
         headers.insert(name.clone(), value.clone());
     }
     response
