@@ -2,6 +2,7 @@
 
 mod demo;
 mod dialect;
+mod endpoint;
 mod openai;
 
 use std::sync::Arc;

@@ -1,19 +1,15 @@
-//! OpenAI's chat-completions API through `async-openai`, or any server that speaks it.
+//! OpenAI's chat-completions API, or any server that speaks it.
 //!
-//! Requests use async-openai's types; answers are read with lenient types of our own (its
-//! "bring your own types" calls), so a server that leaves out `id`, `object`, `created` or
-//! `model`, or adds fields of its own, is understood. What a model refuses (the token cap's
+//! Requests use async-openai's types, sent through our own [`Endpoint`]; answers are read with
+//! lenient types of our own, so a server that leaves out `id`, `object`, `created` or `model`,
+//! or adds fields of its own, is understood. What a model refuses (the token cap's
 //! field, a temperature, usage in streams) is learned from its first refusal: the request is
 //! sent again without it, and so are all later ones.
 
-use std::error::Error;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_openai::Client;
-use async_openai::config::OpenAIConfig;
-use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
@@ -25,13 +21,14 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::dialect::{CapField, Dialect, refused_parameter};
+use super::endpoint::{CallError, Endpoint};
 use super::{Completion, ModelProvider, Prompt, ProviderError, Streamed, TokenStream, Usage};
 use crate::config::ModelConfig;
 use crate::domain::Role;
 
 /// A provider for OpenAI, vLLM, llama.cpp server, Ollama or any other OpenAI-compatible endpoint.
 pub struct OpenAiProvider {
-    client: Client<OpenAIConfig>,
+    endpoint: Endpoint,
     model: String,
     temperature: Option<f32>,
     max_tokens: Option<u32>,
@@ -44,13 +41,11 @@ impl OpenAiProvider {
     /// longer than `timeout`, so an abandoned request cannot linger. Fails when the HTTP client
     /// cannot be built (for instance when the system has no CA certificates).
     pub fn new(config: &ModelConfig, timeout: Duration) -> Result<Self, ProviderError> {
-        let mut openai =
-            OpenAIConfig::new().with_api_key(config.api_key.clone().unwrap_or_default());
-        if let Some(base) = &config.base_url {
-            openai = openai.with_api_base(base.trim_end_matches('/'));
-        }
+        let key = config.api_key.as_deref().unwrap_or_default();
+        let endpoint =
+            Endpoint::new(config.base_url.as_deref(), key, timeout).map_err(ProviderError)?;
         Ok(OpenAiProvider {
-            client: Client::build(http_client(timeout)?, openai),
+            endpoint,
             model: config.model.clone(),
             temperature: config.temperature,
             max_tokens: config.max_tokens,
@@ -104,7 +99,7 @@ impl OpenAiProvider {
     ) -> Result<T, ProviderError>
     where
         F: Fn(CreateChatCompletionRequest) -> Fut,
-        Fut: Future<Output = (CreateChatCompletionRequest, Result<T, OpenAIError>)>,
+        Fut: Future<Output = (CreateChatCompletionRequest, Result<T, CallError>)>,
     {
         let mut dialect = *self.dialect.lock().unwrap_or_else(|e| e.into_inner());
         let mut adjusted = Vec::new();
@@ -139,48 +134,20 @@ impl OpenAiProvider {
     }
 }
 
-fn http_client(timeout: Duration) -> Result<reqwest::Client, ProviderError> {
-    reqwest::Client::builder()
-        .read_timeout(timeout)
-        .connect_timeout(timeout)
-        .build()
-        .map_err(|e| {
-            ProviderError(format!(
-                "cannot build the HTTP client for the model: {}",
-                with_causes(&e)
-            ))
-        })
-}
-
-/// An error's message followed by those of its causes (each once, where a wrapper repeats it).
-fn with_causes(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        let more = inner.to_string();
-        if !text.ends_with(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = inner.source();
-    }
-    text
-}
-
-fn upstream(e: &OpenAIError) -> ProviderError {
-    ProviderError(with_causes(e))
+fn upstream(e: &CallError) -> ProviderError {
+    ProviderError(e.to_string())
 }
 
 /// The optional parameter a failed request was refused for, if that is why it failed.
-fn refused(error: &OpenAIError) -> Option<&'static str> {
+fn refused(error: &CallError) -> Option<&'static str> {
     match error {
-        OpenAIError::ApiError(answer) => refused_parameter(
-            answer.status_code.as_u16(),
-            answer.api_error.param.as_deref(),
-            answer.api_error.code.as_deref(),
-            &answer.api_error.message,
+        CallError::Answered { status, error } => refused_parameter(
+            status.as_u16(),
+            error.param.as_deref(),
+            error.code().as_deref(),
+            error.message.as_deref().unwrap_or_default(),
         ),
-        _ => None,
+        CallError::Exchange(_) => None,
     }
 }
 
@@ -235,7 +202,7 @@ impl Answer {
 /// The pieces of a stream of chunks, then the last usage any chunk reported. The stream ends
 /// at its first error.
 fn pieces(
-    chunks: impl futures::Stream<Item = Result<Answer, OpenAIError>> + Send + Unpin + 'static,
+    chunks: impl futures::Stream<Item = Result<Answer, CallError>> + Send + Unpin + 'static,
     model: String,
 ) -> TokenStream {
     let state = Some((chunks, None::<Usage>, model));
@@ -265,8 +232,7 @@ impl ModelProvider for OpenAiProvider {
     async fn stream(&self, prompt: Prompt) -> Result<TokenStream, ProviderError> {
         let chunks = self
             .send(self.request(prompt, true), |request| async move {
-                let chat = self.client.chat();
-                let answer = chat.create_stream_byot::<_, Answer>(&request).await;
+                let answer = self.endpoint.stream::<Answer>(&request).await;
                 (request, answer)
             })
             .await?;
@@ -276,7 +242,7 @@ impl ModelProvider for OpenAiProvider {
     async fn complete(&self, prompt: Prompt) -> Result<Completion, ProviderError> {
         let answer: Answer = self
             .send(self.request(prompt, false), |request| async move {
-                let answer = self.client.chat().create_byot(&request).await;
+                let answer = self.endpoint.complete(&request).await;
                 (request, answer)
             })
             .await?;
@@ -336,34 +302,6 @@ mod tests {
             })
         );
         assert_eq!(whole.text("m").unwrap().as_deref(), Some("Hello"));
-    }
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("{text}")]
-    struct Failure {
-        text: &'static str,
-        #[source]
-        cause: Option<Box<Failure>>,
-    }
-
-    #[test]
-    fn an_error_names_its_causes_once() {
-        let refused = Failure {
-            text: "connection refused",
-            cause: None,
-        };
-        let sending = Failure {
-            text: "error sending request",
-            cause: Some(Box::new(refused)),
-        };
-        let wrapper = Failure {
-            text: "http error: error sending request",
-            cause: Some(Box::new(sending)),
-        };
-        assert_eq!(
-            with_causes(&wrapper),
-            "http error: error sending request: connection refused"
-        );
     }
 
     #[test]
