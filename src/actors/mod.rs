@@ -10,7 +10,9 @@ pub mod registry;
 mod remote;
 pub mod supervisor;
 
-pub use conversation::{APOLOGY, ChatCompleted, ConversationContext, Resume, StreamStarted};
+pub use conversation::{
+    APOLOGY, ChatCompleted, ConversationContext, Resume, Snapshot, StreamStarted,
+};
 pub use events::{ChatEvent, EncodedEvent, MembershipChange, Subscriber, SubscriberInbox};
 pub use registry::{ConversationKey, Registry};
 pub use supervisor::{Activation, Conversations};

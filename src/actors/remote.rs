@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorRef, SpawnErr};
 use tokio::sync::oneshot;
 
-use super::conversation::{Answer as Reply, Request, Resume};
+use super::conversation::{Answer as Reply, Request, Resume, Snapshot};
 use super::events::Subscriber;
 use super::registry::ConversationKey;
 use super::supervisor::{Activation, Conversations, ROUTE_ATTEMPTS};
@@ -59,7 +59,7 @@ impl Conversations {
     pub(super) async fn forward(&self, owner: NodeId, key: &ConversationKey, request: Request) {
         match request {
             Request::Snapshot(answer) => {
-                let _ = answer.send(self.snapshot_from(owner, key).await);
+                let _ = answer.send(self.snapshot_from(owner, key).await.map(Snapshot::new));
             }
             Request::Join {
                 subscriber,
@@ -321,7 +321,7 @@ impl Conversations {
             Call::Snapshot => self
                 .request_here(key, activation, Request::Snapshot)
                 .await
-                .map(|c| Answer::Conversation(Box::new(c))),
+                .map(|c| Answer::Conversation(Box::new(c.into_conversation()))),
             Call::Relay { resume, seen } => self
                 .request_here(key, activation, |answer| Request::Relay {
                     node: Some(from),

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::conversation::{
     AlreadyRunning, Answer, ChatCompleted, ConversationActor, ConversationArgs,
-    ConversationContext, ConversationMsg, Request, Resume, StreamStarted,
+    ConversationContext, ConversationMsg, Request, Resume, Snapshot, StreamStarted,
 };
 use super::events::Subscriber;
 use super::registry::ConversationKey;
@@ -218,7 +218,7 @@ impl Conversations {
 
     /// One of `user`'s conversations with its messages; read from its actor when it runs, else
     /// from the store.
-    pub async fn get(&self, user: &UserId, id: &str) -> Result<Conversation, ChatError> {
+    pub async fn get(&self, user: &UserId, id: &str) -> Result<Snapshot, ChatError> {
         let key = ConversationKey::new(user, id);
         if self.ctx.registry.contains(&key) {
             return self
@@ -229,13 +229,14 @@ impl Conversations {
             match self.snapshot_from(owner, &key).await {
                 // The owner is out of reach: the store has what it last saved.
                 Err(ChatError::Unavailable(_)) => {}
-                answered => return answered,
+                answered => return answered.map(Snapshot::new),
             }
         }
         self.ctx
             .store
             .load_conversation(user, id)
             .await?
+            .map(Snapshot::new)
             .ok_or(ChatError::NotFound)
     }
 

@@ -11,7 +11,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::{ConversationContext, Conversations, Registry, Resume, Subscriber, SubscriberInbox};
+use super::{
+    ConversationContext, Conversations, Registry, Resume, Snapshot, Subscriber, SubscriberInbox,
+};
 use crate::config::{Config, ConversationSettings};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
 use crate::error::ChatError;
@@ -425,7 +427,10 @@ async fn two_users_with_the_same_conversation_id_never_meet() {
         .unwrap();
     let c = Some("c".to_owned());
     assert_eq!(
-        h.conversations.get(&bob, "c").await,
+        h.conversations
+            .get(&bob, "c")
+            .await
+            .map(Snapshot::into_conversation),
         Err(ChatError::NotFound)
     );
     assert_eq!(
@@ -483,7 +488,7 @@ async fn two_users_with_the_same_conversation_id_never_meet() {
     assert_eq!(bobs.messages[0].content, "bob's question");
     assert_eq!(bobs.messages[1].content, "for bob");
     let listed = h.conversations.list(&ann(), Page::default()).await.unwrap();
-    assert_eq!(listed, [anns]);
+    assert_eq!(listed, [anns.into_conversation()]);
 }
 
 #[tokio::test]
@@ -652,7 +657,8 @@ async fn requests_racing_an_activation_reach_the_one_actor_it_starts() {
     assert_eq!(stored.messages[1].id, started.message_id);
     assert_eq!(stored.messages[1].content, "fresh");
     assert_eq!(stored.messages[1].status, Some(MessageStatus::Complete));
-    assert_eq!(h.conversations.get(&ann(), "c").await.unwrap(), stored);
+    let got = h.conversations.get(&ann(), "c").await.unwrap();
+    assert_eq!(got.into_conversation(), stored);
     assert_eq!(h.metrics.snapshot().active_conversations, 1);
 }
 

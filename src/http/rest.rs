@@ -282,7 +282,7 @@ pub async fn list(shared: Arc<Shared>, user: User, query: ListQuery) -> Result<R
 pub async fn get(shared: Arc<Shared>, user: User, id: String) -> Result<Response, ApiError> {
     validate_conversation_id(&id)?;
     let conversation = shared.conversations.get(&user.id, &id).await?;
-    Ok(reply::json(&conversation).into_response())
+    Ok(reply::written(conversation.json()))
 }
 
 /// Deletes a conversation and its messages; its members get `conversation_deleted`.

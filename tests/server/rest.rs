@@ -172,6 +172,42 @@ async fn listing_is_newest_first_and_pages() {
 }
 
 #[tokio::test]
+async fn a_conversation_read_again_shows_every_change_since() {
+    let (server, model) = TestServer::with_model().await;
+    let (_, first) = server.post("/api/chat", json!({"message": "one"})).await;
+    let id = first["conversation"]["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/conversations/{id}");
+    let (_, read) = server.get(&path).await;
+    assert_eq!(read, first["conversation"]);
+    assert_eq!(server.get(&path).await.1, read, "read twice, the same");
+
+    let (_, second) = server
+        .post("/api/chat", json!({"message": "two", "conversationId": id}))
+        .await;
+    let (_, read) = server.get(&path).await;
+    assert_eq!(read, second["conversation"]);
+    let contents: Vec<_> = read["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["content"])
+        .collect();
+    assert_eq!(
+        contents,
+        ["one", &model.reply_text(), "two", &model.reply_text()]
+    );
+
+    let (status, renamed) = server
+        .call("PATCH", &path, Some(json!({"title": "renamed"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{renamed}");
+    let (_, read) = server.get(&path).await;
+    assert_eq!(read["title"], "renamed");
+    assert_eq!(read["updatedAt"], renamed["updatedAt"]);
+    assert_eq!(read["messages"], second["conversation"]["messages"]);
+}
+
+#[tokio::test]
 async fn delete_removes_a_conversation() {
     let (server, _model) = TestServer::with_model().await;
     let (_, body) = server.post("/api/chat", json!({"message": "bye"})).await;

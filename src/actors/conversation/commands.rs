@@ -6,7 +6,7 @@ use ractor::ActorRef;
 
 use super::generation::{spawn_streamed, spawn_whole};
 use super::reply::{Ending, Reply};
-use super::{Answer, ChatCompleted, ConversationMsg, ConversationState, StreamStarted};
+use super::{Answer, ChatCompleted, ConversationMsg, ConversationState, Snapshot, StreamStarted};
 use crate::actors::events::{ChatEvent, Subscriber};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
 use crate::error::ChatError;
@@ -17,13 +17,16 @@ const MAX_TITLE_CHARS: usize = 200;
 
 impl ConversationState {
     /// The conversation as it is now.
-    pub(super) fn snapshot(&self) -> Result<Conversation, ChatError> {
+    pub(super) fn snapshot(&self) -> Result<Snapshot, ChatError> {
         self.conversation.clone().ok_or(ChatError::NotFound)
     }
 
     /// The conversation, when it exists.
     pub(super) fn existing(&mut self) -> Result<&mut Conversation, ChatError> {
-        self.conversation.as_mut().ok_or(ChatError::NotFound)
+        self.conversation
+            .as_mut()
+            .map(Snapshot::edit)
+            .ok_or(ChatError::NotFound)
     }
 
     fn maybe_inject_fault(&self, content: &str) {
@@ -48,7 +51,7 @@ impl ConversationState {
     async fn add_messages(&mut self, added: Vec<Message>) -> Result<(), ChatError> {
         let store = self.ctx.store.clone();
         let updated_at = added.last().map_or_else(Timestamp::now, |m| m.timestamp);
-        match self.conversation.as_mut() {
+        match self.conversation.as_mut().map(Snapshot::edit) {
             Some(conversation) => {
                 store
                     .save_messages(&self.writer, &added, updated_at)
@@ -64,7 +67,7 @@ impl ConversationState {
                 store
                     .create_conversation(&self.writer, &conversation)
                     .await?;
-                self.conversation = Some(conversation);
+                self.conversation = Some(Snapshot::new(conversation));
             }
         }
         Ok(())

@@ -2,7 +2,7 @@
 //! needs; and the end of a reply that an earlier owner left unfinished.
 
 use super::reply::APOLOGY;
-use super::{ConversationState, Resume};
+use super::{ConversationState, Resume, Snapshot};
 use crate::actors::events::{ChatEvent, Subscriber};
 use crate::cluster::{NodeId, Relayed};
 use crate::domain::{Conversation, MessageStatus};
@@ -185,7 +185,7 @@ impl ConversationState {
             self.orphan.as_mut(),
             resume,
             seen.as_deref(),
-            self.conversation.as_mut(),
+            self.conversation.as_mut().map(Snapshot::edit),
         ) && orphan.message_id == resume.message_id
         {
             let store = self.ctx.store.clone();

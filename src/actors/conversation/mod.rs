@@ -17,6 +17,7 @@ mod commands;
 mod generation;
 mod members;
 mod reply;
+mod snapshot;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +29,8 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use serde::{Deserialize, Serialize};
+
+pub use snapshot::Snapshot;
 
 use super::events::Subscriber;
 use super::members::Members;
@@ -94,7 +97,7 @@ pub struct ChatCompleted {
 /// What clients ask of a conversation.
 pub enum Request {
     /// The conversation as it is now.
-    Snapshot(Answer<Conversation>),
+    Snapshot(Answer<Snapshot>),
     /// Add a member; it first gets what it missed of a reply in progress.
     Join {
         subscriber: Subscriber,
@@ -193,7 +196,8 @@ pub struct ConversationState {
     key: ConversationKey,
     /// Who writes the conversation to the store: its owner, with this actor's claim on it.
     writer: Writer,
-    conversation: Option<Conversation>,
+    /// Changed only through [`Snapshot::edit`], so that readers never see a stale JSON.
+    conversation: Option<Snapshot>,
     members: Members,
     /// Boxed, as is the orphan: an actor's state lives in its task for its whole life, and most
     /// of that life no reply runs.
@@ -384,7 +388,7 @@ impl ConversationState {
             members: Members::new(key.id.clone(), publication),
             key,
             writer,
-            conversation,
+            conversation: conversation.map(Snapshot::new),
             reply: None,
             orphan,
             fenced: false,

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::generation::GenerationEvent;
-use super::{Answer, ChatCompleted, ConversationContext, ConversationState};
+use super::{Answer, ChatCompleted, ConversationContext, ConversationState, Snapshot};
 use crate::actors::events::ChatEvent;
 use crate::actors::progress::Progress;
 use crate::domain::{Message, MessageStatus, MessageUsage, Role, Timestamp};
@@ -197,8 +197,10 @@ impl ConversationState {
 
     /// Appends new text to the streaming reply, fans it out, and checkpoints it now and then.
     async fn append(&mut self, text: String) {
-        let (Some(reply), Some(conversation)) = (self.reply.as_mut(), self.conversation.as_mut())
-        else {
+        let (Some(reply), Some(conversation)) = (
+            self.reply.as_mut(),
+            self.conversation.as_mut().map(Snapshot::edit),
+        ) else {
             return;
         };
         let Some(message) = conversation
@@ -234,7 +236,8 @@ impl ConversationState {
     /// The streamed reply stored as `message_id`, in the conversation.
     fn streamed_message(&mut self, message_id: &str) -> Option<&mut Message> {
         self.conversation
-            .as_mut()?
+            .as_mut()
+            .map(Snapshot::edit)?
             .messages
             .iter_mut()
             .rev()
@@ -248,7 +251,7 @@ impl ConversationState {
         let Some(message) = self.streamed_message(message_id).cloned() else {
             return;
         };
-        if let Some(conversation) = self.conversation.as_mut() {
+        if let Some(conversation) = self.conversation.as_mut().map(Snapshot::edit) {
             conversation.updated_at = now;
         }
         if let Err(e) = store.save_message(&self.writer, &message, now).await {

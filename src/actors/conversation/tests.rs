@@ -6,8 +6,8 @@ use std::sync::atomic::AtomicUsize;
 
 use tokio::time::Instant;
 
-use super::ConversationState;
 use super::reply::{Ending, Reply};
+use super::{ConversationState, Snapshot};
 use crate::actors::ConversationKey;
 use crate::actors::members::Members;
 use crate::actors::tests::{WAIT, ann, context, member, next_event, settings};
@@ -26,7 +26,7 @@ async fn a_reply_whose_message_is_gone_still_ends_whole() {
     let key = ConversationKey::new(&ann(), "c");
     let mut state = ConversationState {
         members: Members::new(key.id.clone(), None),
-        conversation: Some(Conversation::new(key.id.to_string(), "hi")),
+        conversation: Some(Snapshot::new(Conversation::new(key.id.to_string(), "hi"))),
         writer: crate::store::Writer::unfenced(&key.owner),
         key,
         reply: None,
