@@ -171,12 +171,18 @@ async fn listing_is_newest_first_and_pages() {
     assert_eq!(bad["code"], "INVALID_REQUEST");
 }
 
+/// Starts a conversation with `message`: the answer, the conversation's id and its path.
+async fn chatted(server: &TestServer, message: &str) -> (Value, String, String) {
+    let (_, answer) = server.post("/api/chat", json!({"message": message})).await;
+    let id = answer["conversation"]["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/conversations/{id}");
+    (answer, id, path)
+}
+
 #[tokio::test]
 async fn a_conversation_read_again_shows_every_change_since() {
     let (server, model) = TestServer::with_model().await;
-    let (_, first) = server.post("/api/chat", json!({"message": "one"})).await;
-    let id = first["conversation"]["id"].as_str().unwrap().to_owned();
-    let path = format!("/api/conversations/{id}");
+    let (first, id, path) = chatted(&server, "one").await;
     let (_, read) = server.get(&path).await;
     assert_eq!(read, first["conversation"]);
     assert_eq!(server.get(&path).await.1, read, "read twice, the same");
@@ -210,9 +216,7 @@ async fn a_conversation_read_again_shows_every_change_since() {
 #[tokio::test]
 async fn delete_removes_a_conversation() {
     let (server, _model) = TestServer::with_model().await;
-    let (_, body) = server.post("/api/chat", json!({"message": "bye"})).await;
-    let id = body["conversation"]["id"].as_str().unwrap().to_owned();
-    let path = format!("/api/conversations/{id}");
+    let (_, id, path) = chatted(&server, "bye").await;
     let (status, deleted) = server.call("DELETE", &path, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
