@@ -183,12 +183,9 @@ impl Endpoint {
                     let status = answer.status();
                     let pause = retry_after(answer.headers());
                     let failure = refusal(answer).await;
-                    let retryable = match &failure {
-                        CallError::Answered { error, .. } if status == 429 => {
-                            error.kind.as_deref() != Some(INSUFFICIENT_QUOTA)
-                        }
-                        _ => status.is_server_error(),
-                    };
+                    let out_of_quota = matches!(&failure, CallError::Answered { error, .. }
+                        if error.kind.as_deref() == Some(INSUFFICIENT_QUOTA));
+                    let retryable = (status == 429 && !out_of_quota) || status.is_server_error();
                     if !retryable {
                         return Err(failure);
                     }
