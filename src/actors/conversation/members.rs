@@ -2,7 +2,7 @@
 //! needs; and the end of a reply that an earlier owner left unfinished.
 
 use super::reply::APOLOGY;
-use super::{ConversationState, Resume, Snapshot};
+use super::{ConversationState, Resume};
 use crate::actors::events::{ChatEvent, Subscriber};
 use crate::cluster::{NodeId, Relayed};
 use crate::domain::{Conversation, MessageStatus};
@@ -185,12 +185,12 @@ impl ConversationState {
             self.orphan.as_mut(),
             resume,
             seen.as_deref(),
-            self.conversation.as_mut().map(Snapshot::edit),
+            self.conversation.as_mut(),
         ) && orphan.message_id == resume.message_id
         {
             let store = self.ctx.store.clone();
             orphan
-                .adopt(seen, &*store, &self.writer, conversation)
+                .adopt(seen, &*store, &self.writer, conversation.edit())
                 .await?;
         }
         let missed = self
