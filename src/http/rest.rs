@@ -235,13 +235,7 @@ pub async fn chat(
     let message = payload.message(shared.config.max_message_chars)?;
     let id = payload.optional_conversation_id()?;
     let done = shared.conversations.chat(&user.id, id, message).await?;
-    // Built with `json!`, whose objects, nested ones too, keep their fields sorted, as this
-    // answer has always had them.
-    Ok(reply::json(&json!({
-        "message": done.message,
-        "conversation": done.conversation,
-    }))
-    .into_response())
+    Ok(reply::json(&done))
 }
 
 /// Query of `GET /api/conversations`: both optional; none answers every conversation.
