@@ -62,7 +62,8 @@ impl ConversationState {
             None => {
                 let title = added.first().map_or("", |m| m.content.as_str());
                 let mut conversation = Conversation::new(self.key.id.to_string(), title);
-                conversation.messages.extend(added);
+                // Taken as they are (extended into an empty list, they would get room for four).
+                conversation.messages = added;
                 conversation.updated_at = updated_at;
                 store
                     .create_conversation(&self.writer, &conversation)
@@ -97,6 +98,8 @@ impl ConversationState {
         let mut placeholder = Message::new(&self.key.id, Role::Assistant, String::new());
         placeholder.status = Some(MessageStatus::Streaming);
         let message_id = placeholder.id.clone();
+        // Room for just the placeholder: a new conversation keeps this list as its messages.
+        added.reserve_exact(1);
         added.push(placeholder);
         self.add_messages(added).await?;
         let prompt = self.prompt(true);
@@ -149,7 +152,12 @@ impl ConversationState {
         answer: Answer<ChatCompleted>,
     ) -> Result<(), ChatError> {
         let added = match self.user_message(content, create) {
-            Ok(question) => self.add_messages(vec![question]).await,
+            Ok(question) => {
+                // With room for the reply that follows it.
+                let mut added = Vec::with_capacity(2);
+                added.push(question);
+                self.add_messages(added).await
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = added {
