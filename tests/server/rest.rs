@@ -65,6 +65,43 @@ async fn chat_creates_a_conversation_with_the_model_reply() {
 }
 
 #[tokio::test]
+async fn chat_answers_its_fields_in_the_original_order() {
+    let (server, _model) = TestServer::with_model().await;
+    let text = reqwest::Client::new()
+        .post(server.url("/api/chat"))
+        .json(&json!({"message": "Hello there"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The original's Express writes each object's fields in the order it made them.
+    let mut rest = text.as_str();
+    for key in [
+        r#"{"message":{"id":"#,
+        r#","content":"#,
+        r#","role":"#,
+        r#","timestamp":"#,
+        r#","conversationId":"#,
+        r#"},"conversation":{"id":"#,
+        r#","title":"#,
+        r#","messages":[{"id":"#,
+        r#","content":"#,
+        r#","role":"#,
+        r#","timestamp":"#,
+        r#","conversationId":"#,
+        r#","createdAt":"#,
+        r#","updatedAt":"#,
+    ] {
+        let at = rest
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} next, in order, in {text}"));
+        rest = &rest[at + key.len()..];
+    }
+}
+
+#[tokio::test]
 async fn the_model_receives_the_whole_history() {
     let (server, model) = TestServer::with_model().await;
     let (_, first) = server.post("/api/chat", json!({"message": "one"})).await;
