@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::actors::{ConversationContext, Conversations, Registry};
+use crate::actors::{ConversationContext, Conversations, Registry, idle_timers};
 use crate::auth::{Accounts, AuthConfig, AuthMode, Authenticator, TokenSigner};
 use crate::cluster::Cluster;
 use crate::cluster::rates::SharedRates;
@@ -153,6 +153,7 @@ impl App {
             metrics: metrics.clone(),
             replies: TaskTracker::new(),
             cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
+            idle_timers: idle_timers(),
         })
         .await?;
         if let Some((cluster, hearing)) = cluster {

@@ -1,6 +1,7 @@
 //! The actors: one per conversation, the registry that finds a running one, and the supervisor
 //! that activates them and cleans up after failures.
 
+pub mod alarms;
 pub mod conversation;
 pub mod events;
 pub mod members;
@@ -11,7 +12,7 @@ mod remote;
 pub mod supervisor;
 
 pub use conversation::{
-    APOLOGY, ChatCompleted, ConversationContext, Resume, Snapshot, StreamStarted,
+    APOLOGY, ChatCompleted, ConversationContext, Resume, Snapshot, StreamStarted, idle_timers,
 };
 pub use events::{ChatEvent, EncodedEvent, MembershipChange, Subscriber, SubscriberInbox};
 pub use registry::{ConversationKey, Registry};

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{
     ConversationContext, Conversations, Registry, Resume, Snapshot, Subscriber, SubscriberInbox,
+    idle_timers,
 };
 use crate::config::{Config, ConversationSettings};
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp, UserId};
@@ -229,6 +230,7 @@ pub(crate) fn context(
         metrics: Arc::new(Metrics::default()),
         replies: TaskTracker::new(),
         cluster: None,
+        idle_timers: idle_timers(),
     };
     (ctx, scripts)
 }

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use snapshot::Snapshot;
 
+use super::alarms::Alarms;
 use super::events::Subscriber;
 use super::members::Members;
 use super::registry::{ConversationKey, Registry};
@@ -64,6 +65,13 @@ pub struct ConversationContext {
     pub replies: TaskTracker,
     /// The other nodes, in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
+    /// Rings each actor's idle timer.
+    pub idle_timers: Alarms<ConversationMsg>,
+}
+
+/// The alarms that ring the conversations' idle timers, on the current runtime.
+pub fn idle_timers() -> Alarms<ConversationMsg> {
+    Alarms::start(|| ConversationMsg::IdleCheck)
 }
 
 /// The last chunk a reconnecting client saw.
@@ -441,11 +449,7 @@ impl ConversationState {
 
     fn arm_idle_timer(&mut self, myself: &ActorRef<ConversationMsg>, after: Duration) {
         self.idle_timer = true;
-        let actor = myself.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = actor.send_message(ConversationMsg::IdleCheck);
-        });
+        self.ctx.idle_timers.set(myself, after);
     }
 
     /// Answers a request, noting a write the store refused.

@@ -1,0 +1,127 @@
+//! Alarms: one task that sends actors a message when their time comes, so that an actor waiting
+//! to hear it (a conversation's idle check) costs an entry in a timer wheel rather than a task
+//! of its own.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use ractor::{ActorRef, Message};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::time::DelayQueue;
+
+/// Sets alarms; the task ends when the last handle is dropped, with the alarms not yet due.
+pub struct Alarms<M: Message> {
+    set: mpsc::UnboundedSender<(Instant, ActorRef<M>)>,
+}
+
+impl<M: Message> Alarms<M> {
+    /// Starts the task on the current runtime; each alarm sends its actor `ring()`.
+    pub fn start(ring: fn() -> M) -> Self {
+        let (set, alarms) = mpsc::unbounded_channel();
+        tokio::spawn(run(alarms, ring));
+        Alarms { set }
+    }
+
+    /// Sends `actor` the alarm's message after `after` (lost if it has stopped by then).
+    pub fn set(&self, actor: &ActorRef<M>, after: Duration) {
+        let _ = self.set.send((Instant::now() + after, actor.clone()));
+    }
+}
+
+async fn run<M: Message>(
+    mut alarms: mpsc::UnboundedReceiver<(Instant, ActorRef<M>)>,
+    ring: fn() -> M,
+) {
+    let mut due = DelayQueue::new();
+    loop {
+        tokio::select! {
+            alarm = alarms.recv() => match alarm {
+                Some((at, actor)) => {
+                    due.insert_at(actor, at);
+                }
+                None => return,
+            },
+            Some(expired) = due.next(), if !due.is_empty() => {
+                let _ = expired.into_inner().send_message(ring());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ractor::{Actor, ActorProcessingErr};
+
+    use super::*;
+
+    /// Tells its test which actor heard an alarm, and when.
+    struct Listener;
+
+    impl Actor for Listener {
+        type Msg = ();
+        type State = (u32, mpsc::UnboundedSender<(u32, Instant)>);
+        type Arguments = Self::State;
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<()>,
+            state: Self::State,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(state)
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<()>,
+            (): (),
+            (id, heard): &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            let _ = heard.send((*id, Instant::now()));
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_actor_hears_its_alarm_when_it_is_due_and_once() {
+        let (heard, mut hearing) = mpsc::unbounded_channel();
+        let (late, _) = Actor::spawn(None, Listener, (1, heard.clone()))
+            .await
+            .unwrap();
+        let (early, _) = Actor::spawn(None, Listener, (2, heard)).await.unwrap();
+        let alarms = Alarms::start(|| ());
+        let start = Instant::now();
+        alarms.set(&late, Duration::from_millis(300));
+        alarms.set(&early, Duration::from_millis(100));
+
+        // Due on the timer wheel's next millisecond.
+        let on_time = |at: Instant, after: u64| {
+            let waited = at - start;
+            waited >= Duration::from_millis(after) && waited <= Duration::from_millis(after + 2)
+        };
+        let (first, at) = hearing.recv().await.unwrap();
+        assert_eq!(first, 2);
+        assert!(on_time(at, 100), "{:?}", at - start);
+        let (second, at) = hearing.recv().await.unwrap();
+        assert_eq!(second, 1);
+        assert!(on_time(at, 300), "{:?}", at - start);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(hearing.try_recv().is_err(), "one message per alarm");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_alarm_for_a_stopped_actor_is_dropped_and_the_rest_ring() {
+        let (heard, mut hearing) = mpsc::unbounded_channel();
+        let (gone, handle) = Actor::spawn(None, Listener, (1, heard.clone()))
+            .await
+            .unwrap();
+        let (kept, _) = Actor::spawn(None, Listener, (2, heard)).await.unwrap();
+        let alarms = Alarms::start(|| ());
+        alarms.set(&gone, Duration::from_millis(100));
+        alarms.set(&kept, Duration::from_millis(200));
+        gone.stop(None);
+        handle.await.unwrap();
+
+        assert_eq!(hearing.recv().await.unwrap().0, 2);
+    }
+}
