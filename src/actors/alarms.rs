@@ -82,46 +82,61 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn each_actor_hears_its_alarm_when_it_is_due_and_once() {
-        let (heard, mut hearing) = mpsc::unbounded_channel();
-        let (late, _) = Actor::spawn(None, Listener, (1, heard.clone()))
+    /// Listeners 1 and 2 (with 1's end), what they hear, and alarms for them.
+    struct Setup {
+        one: ActorRef<()>,
+        one_ended: tokio::task::JoinHandle<()>,
+        two: ActorRef<()>,
+        hearing: mpsc::UnboundedReceiver<(u32, Instant)>,
+        alarms: Alarms<()>,
+    }
+
+    async fn setup() -> Setup {
+        let (heard, hearing) = mpsc::unbounded_channel();
+        let (one, one_ended) = Actor::spawn(None, Listener, (1, heard.clone()))
             .await
             .unwrap();
-        let (early, _) = Actor::spawn(None, Listener, (2, heard)).await.unwrap();
+        let (two, _) = Actor::spawn(None, Listener, (2, heard)).await.unwrap();
         let alarms = Alarms::start(|| ());
+        Setup {
+            one,
+            one_ended,
+            two,
+            hearing,
+            alarms,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_actor_hears_its_alarm_when_it_is_due_and_once() {
+        let mut setup = setup().await;
         let start = Instant::now();
-        alarms.set(&late, Duration::from_millis(300));
-        alarms.set(&early, Duration::from_millis(100));
+        setup.alarms.set(&setup.one, Duration::from_millis(300));
+        setup.alarms.set(&setup.two, Duration::from_millis(100));
 
         // Due on the timer wheel's next millisecond.
         let on_time = |at: Instant, after: u64| {
             let waited = at - start;
             waited >= Duration::from_millis(after) && waited <= Duration::from_millis(after + 2)
         };
-        let (first, at) = hearing.recv().await.unwrap();
+        let (first, at) = setup.hearing.recv().await.unwrap();
         assert_eq!(first, 2);
         assert!(on_time(at, 100), "{:?}", at - start);
-        let (second, at) = hearing.recv().await.unwrap();
+        let (second, at) = setup.hearing.recv().await.unwrap();
         assert_eq!(second, 1);
         assert!(on_time(at, 300), "{:?}", at - start);
         tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(hearing.try_recv().is_err(), "one message per alarm");
+        assert!(setup.hearing.try_recv().is_err(), "one message per alarm");
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_alarm_for_a_stopped_actor_is_dropped_and_the_rest_ring() {
-        let (heard, mut hearing) = mpsc::unbounded_channel();
-        let (gone, handle) = Actor::spawn(None, Listener, (1, heard.clone()))
-            .await
-            .unwrap();
-        let (kept, _) = Actor::spawn(None, Listener, (2, heard)).await.unwrap();
-        let alarms = Alarms::start(|| ());
-        alarms.set(&gone, Duration::from_millis(100));
-        alarms.set(&kept, Duration::from_millis(200));
-        gone.stop(None);
-        handle.await.unwrap();
+        let mut setup = setup().await;
+        setup.alarms.set(&setup.one, Duration::from_millis(100));
+        setup.alarms.set(&setup.two, Duration::from_millis(200));
+        setup.one.stop(None);
+        setup.one_ended.await.unwrap();
 
-        assert_eq!(hearing.recv().await.unwrap().0, 2);
+        assert_eq!(setup.hearing.recv().await.unwrap().0, 2);
     }
 }
