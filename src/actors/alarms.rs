@@ -10,6 +10,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::time::DelayQueue;
 
+/// The furthest an alarm rings ahead: one set later rings then (a conversation's idle check
+/// sets itself again for the rest). The timer wheel holds about two years at most.
+const FURTHEST: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// Sets alarms; the task ends when the last handle is dropped, with the alarms not yet due.
 pub struct Alarms<M: Message> {
     set: mpsc::UnboundedSender<(Instant, ActorRef<M>)>,
@@ -23,9 +27,11 @@ impl<M: Message> Alarms<M> {
         Alarms { set }
     }
 
-    /// Sends `actor` the alarm's message after `after` (lost if it has stopped by then).
+    /// Sends `actor` the alarm's message after `after`, or [`FURTHEST`] if that is sooner (lost
+    /// if it has stopped by then).
     pub fn set(&self, actor: &ActorRef<M>, after: Duration) {
-        let _ = self.set.send((Instant::now() + after, actor.clone()));
+        let at = Instant::now() + after.min(FURTHEST);
+        let _ = self.set.send((at, actor.clone()));
     }
 }
 
@@ -127,6 +133,23 @@ mod tests {
         assert!(on_time(at, 300), "{:?}", at - start);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(setup.hearing.try_recv().is_err(), "one message per alarm");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_alarm_set_beyond_the_furthest_rings_then() {
+        let mut setup = setup().await;
+        let start = Instant::now();
+        setup.alarms.set(&setup.one, Duration::MAX);
+        let (first, at) = setup.hearing.recv().await.unwrap();
+        assert_eq!(first, 1);
+        assert!(at - start >= FURTHEST && at - start <= FURTHEST + Duration::from_millis(2));
+
+        setup.alarms.set(&setup.two, Duration::from_millis(100));
+        assert_eq!(
+            setup.hearing.recv().await.unwrap().0,
+            2,
+            "the alarms still ring"
+        );
     }
 
     #[tokio::test(start_paused = true)]
