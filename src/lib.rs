@@ -145,7 +145,7 @@ impl App {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let conversations = Conversations::start(ConversationContext {
+        let conversations = Conversations::new(ConversationContext {
             store,
             provider,
             settings: config.conversations.clone(),
@@ -154,8 +154,7 @@ impl App {
             replies: TaskTracker::new(),
             cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
             idle_timers: idle_timers(),
-        })
-        .await?;
+        });
         if let Some((cluster, hearing)) = cluster {
             cluster.run(conversations.clone(), hearing);
         }

@@ -5,21 +5,22 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use ractor::{ActorRef, Message};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::time::DelayQueue;
+
+use super::mailbox::Mailbox;
 
 /// The furthest an alarm rings ahead: one set later rings then (a conversation's idle check
 /// sets itself again for the rest). The timer wheel holds about two years at most.
 const FURTHEST: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Sets alarms; the task ends when the last handle is dropped, with the alarms not yet due.
-pub struct Alarms<M: Message> {
-    set: mpsc::UnboundedSender<(Instant, ActorRef<M>)>,
+pub struct Alarms<M: Send + 'static> {
+    set: mpsc::UnboundedSender<(Instant, Mailbox<M>)>,
 }
 
-impl<M: Message> Alarms<M> {
+impl<M: Send + 'static> Alarms<M> {
     /// Starts the task on the current runtime; each alarm sends its actor `ring()`.
     pub fn start(ring: fn() -> M) -> Self {
         let (set, alarms) = mpsc::unbounded_channel();
@@ -29,14 +30,14 @@ impl<M: Message> Alarms<M> {
 
     /// Sends `actor` the alarm's message after `after`, or [`FURTHEST`] if that is sooner (lost
     /// if it has stopped by then).
-    pub fn set(&self, actor: &ActorRef<M>, after: Duration) {
+    pub fn set(&self, actor: &Mailbox<M>, after: Duration) {
         let at = Instant::now() + after.min(FURTHEST);
         let _ = self.set.send((at, actor.clone()));
     }
 }
 
-async fn run<M: Message>(
-    mut alarms: mpsc::UnboundedReceiver<(Instant, ActorRef<M>)>,
+async fn run<M: Send + 'static>(
+    mut alarms: mpsc::UnboundedReceiver<(Instant, Mailbox<M>)>,
     ring: fn() -> M,
 ) {
     let mut due = DelayQueue::new();
@@ -49,7 +50,7 @@ async fn run<M: Message>(
                 None => return,
             },
             Some(expired) = due.next(), if !due.is_empty() => {
-                let _ = expired.into_inner().send_message(ring());
+                let _ = expired.into_inner().send(ring());
             }
         }
     }
@@ -57,59 +58,41 @@ async fn run<M: Message>(
 
 #[cfg(test)]
 mod tests {
-    use ractor::{Actor, ActorProcessingErr};
-
+    use super::super::mailbox::{self, Actor};
     use super::*;
 
     /// Tells its test which actor heard an alarm, and when.
-    struct Listener;
+    struct Listener(u32, mpsc::UnboundedSender<(u32, Instant)>);
 
     impl Actor for Listener {
         type Msg = ();
-        type State = (u32, mpsc::UnboundedSender<(u32, Instant)>);
-        type Arguments = Self::State;
 
-        async fn pre_start(
-            &self,
-            _: ActorRef<()>,
-            state: Self::State,
-        ) -> Result<Self::State, ActorProcessingErr> {
-            Ok(state)
+        async fn handle(&mut self, _: &Mailbox<()>, (): ()) {
+            let _ = self.1.send((self.0, Instant::now()));
         }
 
-        async fn handle(
-            &self,
-            _: ActorRef<()>,
-            (): (),
-            (id, heard): &mut Self::State,
-        ) -> Result<(), ActorProcessingErr> {
-            let _ = heard.send((*id, Instant::now()));
-            Ok(())
-        }
+        fn stopped(&mut self) {}
     }
 
-    /// Listeners 1 and 2 (with 1's end), what they hear, and alarms for them.
+    /// Listeners 1 and 2, what they hear, and alarms for them.
     struct Setup {
-        one: ActorRef<()>,
-        one_ended: tokio::task::JoinHandle<()>,
-        two: ActorRef<()>,
+        one: Mailbox<()>,
+        two: Mailbox<()>,
         hearing: mpsc::UnboundedReceiver<(u32, Instant)>,
         alarms: Alarms<()>,
     }
 
     async fn setup() -> Setup {
         let (heard, hearing) = mpsc::unbounded_channel();
-        let (one, one_ended) = Actor::spawn(None, Listener, (1, heard.clone()))
-            .await
-            .unwrap();
-        let (two, _) = Actor::spawn(None, Listener, (2, heard)).await.unwrap();
-        let alarms = Alarms::start(|| ());
+        let listener = |id, heard| async move {
+            let start = move |_| async move { Ok::<_, ()>(Listener(id, heard)) };
+            mailbox::spawn(start, |_, _| {}).await.unwrap()
+        };
         Setup {
-            one,
-            one_ended,
-            two,
+            one: listener(1, heard.clone()).await,
+            two: listener(2, heard).await,
             hearing,
-            alarms,
+            alarms: Alarms::start(|| ()),
         }
     }
 
@@ -157,8 +140,7 @@ mod tests {
         let mut setup = setup().await;
         setup.alarms.set(&setup.one, Duration::from_millis(100));
         setup.alarms.set(&setup.two, Duration::from_millis(200));
-        setup.one.stop(None);
-        setup.one_ended.await.unwrap();
+        setup.one.stop();
 
         assert_eq!(setup.hearing.recv().await.unwrap().0, 2);
     }

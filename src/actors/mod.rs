@@ -4,6 +4,7 @@
 pub mod alarms;
 pub mod conversation;
 pub mod events;
+pub mod mailbox;
 pub mod members;
 pub mod outbox;
 pub mod progress;

@@ -9,9 +9,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use ractor::{ActorId, ActorRef};
-
 use super::conversation::{ConversationMsg, Request};
+use super::mailbox::Mailbox;
 use crate::domain::UserId;
 
 /// Which conversation an actor runs: its owner's, under an id unique for that owner.
@@ -39,7 +38,7 @@ pub struct Registry {
 
 #[derive(Clone)]
 struct Entry {
-    actor: ActorRef<ConversationMsg>,
+    actor: Mailbox<ConversationMsg>,
     /// Requests sent to the actor and not yet handled.
     pending: Arc<AtomicUsize>,
 }
@@ -53,16 +52,16 @@ impl Registry {
                 return Err(request);
             };
             entry.pending.fetch_add(1, Ordering::AcqRel);
-            match entry.actor.send_message(ConversationMsg::Request(request)) {
+            match entry.actor.send(ConversationMsg::Request(request)) {
                 Ok(()) => return Ok(()),
-                Err(ractor::MessagingErr::SendErr(ConversationMsg::Request(request))) => {
+                Err(ConversationMsg::Request(request)) => {
                     entry.pending.fetch_sub(1, Ordering::AcqRel);
-                    (entry.actor.get_id(), request)
+                    (entry.actor.clone(), request)
                 }
-                Err(_) => unreachable!("send_message returns the message it could not send"),
+                Err(_) => unreachable!("send gives back the message it could not send"),
             }
         };
-        self.remove(key, stale);
+        self.remove(key, &stale);
         Err(request)
     }
 
@@ -70,7 +69,7 @@ impl Registry {
     pub(super) fn tell(&self, key: &ConversationKey, message: ConversationMsg) {
         let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = actors.get(key) {
-            let _ = entry.actor.send_message(message);
+            let _ = entry.actor.send(message);
         }
     }
 
@@ -85,7 +84,7 @@ impl Registry {
     pub(super) fn register(
         &self,
         key: ConversationKey,
-        actor: ActorRef<ConversationMsg>,
+        actor: Mailbox<ConversationMsg>,
         pending: Arc<AtomicUsize>,
     ) -> bool {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
@@ -97,34 +96,46 @@ impl Registry {
     }
 
     /// Forgets a failed actor, whichever conversation it ran.
-    pub(super) fn remove_actor(&self, actor: ActorId) -> Option<ConversationKey> {
+    pub(super) fn remove_actor(&self, actor: &Mailbox<ConversationMsg>) -> Option<ConversationKey> {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
         let key = actors
             .iter()
-            .find(|(_, e)| e.actor.get_id() == actor)
+            .find(|(_, e)| e.actor.is(actor))
             .map(|(key, _)| key.clone())?;
         actors.remove(&key);
         Some(key)
     }
 
     /// Forgets `actor` as the actor of `key`, if it still is.
-    pub(super) fn remove(&self, key: &ConversationKey, actor: ActorId) {
+    pub(super) fn remove(&self, key: &ConversationKey, actor: &Mailbox<ConversationMsg>) {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
-        if actors.get(key).is_some_and(|e| e.actor.get_id() == actor) {
+        if actors.get(key).is_some_and(|e| e.actor.is(actor)) {
             actors.remove(key);
         }
     }
 
     /// Removes the actor of `key` if no request is on its way to it; true when removed.
-    pub(super) fn remove_if_unused(&self, key: &ConversationKey, actor: ActorId) -> bool {
+    pub(super) fn remove_if_unused(
+        &self,
+        key: &ConversationKey,
+        actor: &Mailbox<ConversationMsg>,
+    ) -> bool {
         let mut actors = self.actors.write().unwrap_or_else(|e| e.into_inner());
         let unused = actors
             .get(key)
-            .is_some_and(|e| e.actor.get_id() == actor && e.pending.load(Ordering::Acquire) == 0);
+            .is_some_and(|e| e.actor.is(actor) && e.pending.load(Ordering::Acquire) == 0);
         if unused {
             actors.remove(key);
         }
         unused
+    }
+
+    /// Stops every running actor once it has handled the message in hand.
+    pub(super) fn stop_all(&self) {
+        let actors = self.actors.read().unwrap_or_else(|e| e.into_inner());
+        for entry in actors.values() {
+            entry.actor.stop();
+        }
     }
 
     /// The keys of every running conversation.

@@ -1,6 +1,7 @@
 //! Routing to conversation actors: requests go straight to a running actor through the
-//! [`Registry`]; the supervisor actor is the parent of every conversation actor, and the
-//! [`Conversations`] front door activates conversations from the store when they are not running.
+//! [`Registry`]; the [`Conversations`] front door activates conversations from the store when
+//! they are not running, and supervises the actors it starts: it hears when one fails and
+//! forgets it, so that the next request starts it again from the store.
 //!
 //! Every request names the user asking, and reaches only that user's conversations: a
 //! conversation is keyed by (owner, id), so another user's is simply not found.
@@ -10,15 +11,15 @@
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::conversation::{
-    AlreadyRunning, Answer, ChatCompleted, ConversationActor, ConversationArgs,
-    ConversationContext, ConversationMsg, Request, Resume, Snapshot, StreamStarted,
+    Answer, ChatCompleted, ConversationContext, ConversationMsg, ConversationState, NotOpened,
+    Request, Resume, Snapshot, StreamStarted,
 };
 use super::events::Subscriber;
+use super::mailbox::{self, Mailbox, NotStarted};
 use super::registry::ConversationKey;
 use crate::cluster::{Cluster, NodeId};
 use crate::domain::{Conversation, Timestamp, UserId, new_id, validate_conversation_id};
@@ -40,36 +41,12 @@ pub enum Activation {
     New,
 }
 
-/// Parent of every conversation actor: hears when one fails and forgets it, so that the next
-/// request starts it again from the store. It never stops because a child did.
-pub struct ConversationSupervisor;
-
-impl Actor for ConversationSupervisor {
-    type Msg = ();
-    type State = Arc<ConversationContext>;
-    type Arguments = Arc<ConversationContext>;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<()>,
-        ctx: Arc<ConversationContext>,
-    ) -> Result<Arc<ConversationContext>, ActorProcessingErr> {
-        Ok(ctx)
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        _myself: ActorRef<()>,
-        event: SupervisionEvent,
-        ctx: &mut Arc<ConversationContext>,
-    ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorFailed(cell, error) = event {
-            ctx.metrics.actor_stopped();
-            if let Some(key) = ctx.registry.remove_actor(cell.get_id()) {
-                tracing::error!(conversation = %key.id, owner = %key.owner, %error, "conversation actor failed; it restarts from the store on next use");
-            }
-        }
-        Ok(())
+/// A conversation actor failed: it is forgotten, so that the next request starts it again from
+/// the store, and its members are asked to join again.
+fn failed(ctx: &ConversationContext, actor: &Mailbox<ConversationMsg>, error: String) {
+    ctx.metrics.actor_stopped();
+    if let Some(key) = ctx.registry.remove_actor(actor) {
+        tracing::error!(conversation = %key.id, owner = %key.owner, %error, "conversation actor failed; it restarts from the store on next use");
     }
 }
 
@@ -85,17 +62,12 @@ pub(super) enum Placement {
 #[derive(Clone)]
 pub struct Conversations {
     pub(super) ctx: Arc<ConversationContext>,
-    supervisor: ActorRef<()>,
 }
 
 impl Conversations {
-    /// Starts the supervisor.
-    pub async fn start(ctx: ConversationContext) -> Result<Conversations, ChatError> {
-        let ctx = Arc::new(ctx);
-        let (supervisor, _) = Actor::spawn(None, ConversationSupervisor, ctx.clone())
-            .await
-            .map_err(|e| ChatError::Failed(e.to_string()))?;
-        Ok(Conversations { ctx, supervisor })
+    /// The front door to the conversations `ctx` holds.
+    pub fn new(ctx: ConversationContext) -> Conversations {
+        Conversations { ctx: Arc::new(ctx) }
     }
 
     /// Lets replies in progress finish for up to `grace`, then ends the rest as interrupted
@@ -119,7 +91,7 @@ impl Conversations {
         if let Some(cluster) = &self.ctx.cluster {
             cluster.leave().await;
         }
-        self.supervisor.stop(None);
+        self.ctx.registry.stop_all();
     }
 
     /// How many conversation actors are running.
@@ -199,20 +171,17 @@ impl Conversations {
         {
             return Ok(Placement::There(owner));
         }
-        let args = ConversationArgs {
-            key: key.clone(),
-            activation,
-            ctx: self.ctx.clone(),
-        };
-        let supervisor = self.supervisor.get_cell();
-        match Actor::spawn_linked(None, ConversationActor, args, supervisor).await {
-            Ok(_) => Ok(Placement::Here),
-            Err(SpawnErr::StartupFailed(error)) => match error.downcast::<ChatError>() {
-                Ok(error) => Err(*error),
-                Err(error) if error.is::<AlreadyRunning>() => Ok(Placement::Here),
-                Err(error) => Err(ChatError::Failed(error.to_string())),
-            },
-            Err(error) => Err(ChatError::Failed(error.to_string())),
+        let (opened, ctx) = (key.clone(), self.ctx.clone());
+        let supervisor = ctx.clone();
+        let open = move |myself| ConversationState::open(myself, opened, activation, ctx);
+        let failed = move |actor: &Mailbox<_>, error| failed(&supervisor, actor, error);
+        match mailbox::spawn(open, failed).await {
+            Ok(_) | Err(NotStarted::Refused(NotOpened::AlreadyRunning)) => Ok(Placement::Here),
+            Err(NotStarted::Refused(NotOpened::Failed(error))) => Err(error),
+            Err(NotStarted::Panicked) => Err(ChatError::Failed(format!(
+                "conversation {} failed to start",
+                key.id
+            ))),
         }
     }
 

@@ -248,7 +248,7 @@ impl Harness {
         let store = Arc::new(SteeredStore::default());
         let (ctx, scripts) = context(store.clone(), settings);
         let metrics = ctx.metrics.clone();
-        let conversations = Conversations::start(ctx).await.unwrap();
+        let conversations = Conversations::new(ctx);
         Harness {
             conversations,
             scripts,

@@ -2,12 +2,11 @@
 //! stop or regenerate the reply, rename, delete, and the server's own interrupt at shutdown.
 //! Every change is stored before anyone is told about it.
 
-use ractor::ActorRef;
-
 use super::generation::{spawn_streamed, spawn_whole};
 use super::reply::{Ending, Reply};
 use super::{Answer, ChatCompleted, ConversationMsg, ConversationState, Snapshot, StreamStarted};
 use crate::actors::events::{ChatEvent, Subscriber};
+use crate::actors::mailbox::Mailbox;
 use crate::domain::{Conversation, Message, MessageStatus, Role, Timestamp};
 use crate::error::ChatError;
 use crate::llm::Prompt;
@@ -78,7 +77,7 @@ impl ConversationState {
     /// has started.
     pub(super) async fn stream_chat(
         &mut self,
-        myself: &ActorRef<ConversationMsg>,
+        myself: &Mailbox<ConversationMsg>,
         content: String,
         sender: Option<Subscriber>,
     ) -> Result<StreamStarted, ChatError> {
@@ -91,7 +90,7 @@ impl ConversationState {
     /// announces the reply. Nothing changes when the write fails.
     async fn start_streamed(
         &mut self,
-        myself: &ActorRef<ConversationMsg>,
+        myself: &Mailbox<ConversationMsg>,
         mut added: Vec<Message>,
         sender: Option<Subscriber>,
     ) -> Result<StreamStarted, ChatError> {
@@ -146,7 +145,7 @@ impl ConversationState {
     /// Stores `content` and starts a reply in one piece, answered on `answer` when it ends.
     pub(super) async fn chat(
         &mut self,
-        myself: &ActorRef<ConversationMsg>,
+        myself: &Mailbox<ConversationMsg>,
         content: String,
         create: bool,
         answer: Answer<ChatCompleted>,
@@ -201,7 +200,7 @@ impl ConversationState {
     /// becomes a member once it has started.
     pub(super) async fn regenerate(
         &mut self,
-        myself: &ActorRef<ConversationMsg>,
+        myself: &Mailbox<ConversationMsg>,
         sender: Option<Subscriber>,
     ) -> Result<StreamStarted, ChatError> {
         if self.reply.is_some() {

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use ractor::ActorRef;
 use tokio::task::AbortHandle;
 
 use super::{ConversationContext, ConversationMsg};
+use crate::actors::mailbox::Mailbox;
 use crate::llm::{Completion, ModelProvider, Prompt, ProviderError, Streamed, Usage};
 
 /// What a generation task reports.
@@ -28,14 +28,14 @@ pub enum GenerationEvent {
 /// Starts the task that streams reply `generation` from the model into the actor's mailbox.
 pub(super) fn spawn_streamed(
     ctx: Arc<ConversationContext>,
-    actor: ActorRef<ConversationMsg>,
+    actor: Mailbox<ConversationMsg>,
     generation: u64,
     prompt: Prompt,
 ) -> AbortHandle {
     tokio::spawn(async move {
         let report = |event| {
             actor
-                .send_message(ConversationMsg::Generated { generation, event })
+                .send(ConversationMsg::Generated { generation, event })
                 .is_ok()
         };
         let heartbeat = ctx.settings.heartbeat_interval;
@@ -49,7 +49,7 @@ pub(super) fn spawn_streamed(
 /// Starts the task that asks the model for reply `generation` in one piece.
 pub(super) fn spawn_whole(
     ctx: Arc<ConversationContext>,
-    actor: ActorRef<ConversationMsg>,
+    actor: Mailbox<ConversationMsg>,
     generation: u64,
     prompt: Prompt,
 ) -> AbortHandle {
@@ -57,7 +57,7 @@ pub(super) fn spawn_whole(
         let whole = ctx.provider.complete(prompt);
         let result = within(&ctx, whole).await;
         let event = GenerationEvent::Whole(result);
-        let _ = actor.send_message(ConversationMsg::Generated { generation, event });
+        let _ = actor.send(ConversationMsg::Generated { generation, event });
     })
     .abort_handle()
 }

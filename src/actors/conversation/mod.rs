@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -34,6 +33,7 @@ pub use snapshot::Snapshot;
 
 use super::alarms::Alarms;
 use super::events::Subscriber;
+use super::mailbox::{Actor, Mailbox};
 use super::members::Members;
 use super::registry::{ConversationKey, Registry};
 use super::supervisor::Activation;
@@ -182,22 +182,15 @@ pub enum ConversationMsg {
     LeaseLost,
 }
 
-/// Starts a conversation actor.
-pub struct ConversationArgs {
-    pub key: ConversationKey,
-    /// Whether the conversation must be stored already, may be new, or is new.
-    pub activation: Activation,
-    pub ctx: Arc<ConversationContext>,
+/// Why a conversation actor did not start.
+#[derive(Debug)]
+pub enum NotOpened {
+    /// Another actor already runs the conversation: the activation that started this one lost
+    /// a race, and the request goes to the winner.
+    AlreadyRunning,
+    /// The conversation could not be claimed or loaded.
+    Failed(ChatError),
 }
-
-/// Why an actor did not start: another one already runs its conversation. The activation that
-/// started it lost a race and the request goes to the winner.
-#[derive(Debug, thiserror::Error)]
-#[error("the conversation already has an actor")]
-pub struct AlreadyRunning;
-
-/// The actor itself; all its data lives in [`ConversationState`].
-pub struct ConversationActor;
 
 /// A conversation actor's data.
 pub struct ConversationState {
@@ -222,115 +215,60 @@ pub struct ConversationState {
     pending: Arc<AtomicUsize>,
 }
 
-impl Actor for ConversationActor {
+impl Actor for ConversationState {
     type Msg = ConversationMsg;
-    type State = ConversationState;
-    type Arguments = ConversationArgs;
 
-    /// Registers the actor; then, only if it is the registered one, claims the conversation (in
-    /// a cluster), loads it, and ends the replies a crash, a failed actor or a dead node left
-    /// `streaming`.
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: ConversationArgs,
-    ) -> Result<ConversationState, ActorProcessingErr> {
-        let ConversationArgs {
-            key,
-            activation,
-            ctx,
-        } = args;
-        let pending = Arc::new(AtomicUsize::new(0));
-        if !ctx
-            .registry
-            .register(key.clone(), myself.clone(), pending.clone())
-        {
-            return Err(Box::new(AlreadyRunning));
-        }
-        let started = Box::pin(ConversationState::start(
-            key.clone(),
-            activation,
-            ctx.clone(),
-        ));
-        match started.await {
-            Ok(mut state) => {
-                state.pending = pending;
-                ctx.metrics.actor_started();
-                Ok(state)
-            }
-            Err(error) => {
-                ctx.registry.remove(&key, myself.get_id());
-                Err(Box::new(error))
-            }
-        }
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut ConversationState,
-    ) -> Result<(), ActorProcessingErr> {
-        // Stopped on purpose (passivation, shutdown): the members are not asked to join again,
-        // as they are when the actor fails.
-        state.members.remove_all();
-        state.ctx.metrics.actor_stopped();
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        message: ConversationMsg,
-        state: &mut ConversationState,
-    ) -> Result<(), ActorProcessingErr> {
-        // The work is boxed: ractor keeps each actor's loop as one future, as large as the largest
-        // handler, for the actor's whole life.
+    async fn handle(&mut self, myself: &Mailbox<ConversationMsg>, message: ConversationMsg) {
+        // The work is boxed: the actor's loop is one future, as large as the largest handler,
+        // for the actor's whole life.
         match message {
             ConversationMsg::Request(request) => {
-                state.last_activity = Instant::now();
-                Box::pin(state.handle_request(&myself, request)).await;
-                state.pending.fetch_sub(1, Ordering::AcqRel);
+                self.last_activity = Instant::now();
+                Box::pin(self.handle_request(myself, request)).await;
+                self.pending.fetch_sub(1, Ordering::AcqRel);
             }
             ConversationMsg::Generated { generation, event } => {
-                Box::pin(state.handle_generated(generation, event)).await;
+                Box::pin(self.handle_generated(generation, event)).await;
             }
             ConversationMsg::LeaseLost => {
-                Box::pin(state.lose(&myself)).await;
-                return Ok(());
+                Box::pin(self.lose(myself)).await;
+                return;
             }
             ConversationMsg::IdleCheck => {
-                state.idle_timer = false;
-                if let Some(publication) = state.members.publication() {
+                self.idle_timer = false;
+                if let Some(publication) = self.members.publication() {
                     publication.forget_dead_relays();
                 }
-                if state.is_idle() {
-                    let idle_for = state.last_activity.elapsed();
-                    let limit = state.idle_limit();
+                if self.is_idle() {
+                    let idle_for = self.last_activity.elapsed();
+                    let limit = self.idle_limit();
                     if idle_for < limit {
-                        state.arm_idle_timer(&myself, limit - idle_for);
-                        return Ok(());
+                        self.arm_idle_timer(myself, limit - idle_for);
+                        return;
                     }
-                    if state
-                        .ctx
-                        .registry
-                        .remove_if_unused(&state.key, myself.get_id())
-                    {
-                        tracing::debug!(conversation = %state.key.id, "passivating idle conversation");
-                        myself.stop(None);
-                        return Ok(());
+                    if self.ctx.registry.remove_if_unused(&self.key, myself) {
+                        tracing::debug!(conversation = %self.key.id, "passivating idle conversation");
+                        myself.stop();
+                        return;
                     }
                 }
             }
         }
-        if state.fenced {
-            Box::pin(state.lose(&myself)).await;
-            return Ok(());
+        if self.fenced {
+            Box::pin(self.lose(myself)).await;
+            return;
         }
-        if state.is_quiet() && !state.idle_timer {
-            let after = state.idle_limit();
-            state.arm_idle_timer(&myself, after);
+        if self.is_quiet() && !self.idle_timer {
+            let after = self.idle_limit();
+            self.arm_idle_timer(myself, after);
         }
-        Ok(())
+    }
+
+    /// Stopped on purpose (passivation, shutdown): the members are not asked to join again, as
+    /// they are when the actor fails.
+    fn stopped(&mut self) {
+        self.members.remove_all();
+        self.ctx.metrics.actor_stopped();
     }
 }
 
@@ -353,12 +291,41 @@ async fn mark_interrupted(
 }
 
 impl ConversationState {
-    /// The state of a registered actor: the conversation claimed (in a cluster) and loaded, as
-    /// `activation` allows.
-    async fn start(
+    /// Registers the actor `myself`; then, only if it is the registered one, claims the
+    /// conversation (in a cluster), loads it, and ends the replies a crash, a failed actor or a
+    /// dead node left `streaming`.
+    pub(super) async fn open(
+        myself: Mailbox<ConversationMsg>,
         key: ConversationKey,
         activation: Activation,
         ctx: Arc<ConversationContext>,
+    ) -> Result<ConversationState, NotOpened> {
+        let pending = Arc::new(AtomicUsize::new(0));
+        if !ctx
+            .registry
+            .register(key.clone(), myself.clone(), pending.clone())
+        {
+            return Err(NotOpened::AlreadyRunning);
+        }
+        match Box::pin(Self::load(key.clone(), activation, ctx.clone(), pending)).await {
+            Ok(state) => {
+                ctx.metrics.actor_started();
+                Ok(state)
+            }
+            Err(error) => {
+                ctx.registry.remove(&key, &myself);
+                Err(NotOpened::Failed(error))
+            }
+        }
+    }
+
+    /// The state of a registered actor: the conversation claimed (in a cluster) and loaded, as
+    /// `activation` allows.
+    async fn load(
+        key: ConversationKey,
+        activation: Activation,
+        ctx: Arc<ConversationContext>,
+        pending: Arc<AtomicUsize>,
     ) -> Result<ConversationState, ChatError> {
         let store = &ctx.store;
         let fence = match &ctx.cluster {
@@ -404,7 +371,7 @@ impl ConversationState {
             idle_timer: false,
             last_activity: Instant::now(),
             ctx,
-            pending: Arc::default(),
+            pending,
         })
     }
 
@@ -438,16 +405,16 @@ impl ConversationState {
     /// Stops after another node took the conversation's lease: the reply in progress is dropped
     /// unwritten (the store would refuse it), and the members join again wherever it runs now,
     /// from where they stood in that reply.
-    async fn lose(&mut self, myself: &ActorRef<ConversationMsg>) {
+    async fn lose(&mut self, myself: &Mailbox<ConversationMsg>) {
         tracing::warn!(conversation = %self.key.id, "another node owns the conversation now; stopping here");
-        self.ctx.registry.remove(&self.key, myself.get_id());
+        self.ctx.registry.remove(&self.key, myself);
         let resume = self.position();
         self.end_reply(reply::Ending::Lost).await;
         self.members.lose_all(resume);
-        myself.stop(None);
+        myself.stop();
     }
 
-    fn arm_idle_timer(&mut self, myself: &ActorRef<ConversationMsg>, after: Duration) {
+    fn arm_idle_timer(&mut self, myself: &Mailbox<ConversationMsg>, after: Duration) {
         self.idle_timer = true;
         self.ctx.idle_timers.set(myself, after);
     }
@@ -468,7 +435,7 @@ impl ConversationState {
         }
     }
 
-    async fn handle_request(&mut self, myself: &ActorRef<ConversationMsg>, request: Request) {
+    async fn handle_request(&mut self, myself: &Mailbox<ConversationMsg>, request: Request) {
         match request {
             Request::Snapshot(answer) => {
                 let result = self.snapshot();
