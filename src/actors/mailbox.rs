@@ -63,7 +63,7 @@ struct Queue<M> {
 pub enum NotStarted<E> {
     /// Its start refused, with this error.
     Refused(E),
-    /// Its start panicked; its supervisor has heard.
+    /// Its start panicked (or its runtime is shutting down); its mailbox is closed.
     Panicked,
 }
 
@@ -136,7 +136,7 @@ impl<M> Mailbox<M> {
 
 /// Starts an actor on its own task: `start` builds its state, given its mailbox (messages sent
 /// meanwhile wait there), and the answer comes once it has. `failed` hears, with the panic's
-/// message, that the start or a handler panicked; the mailbox is closed by then.
+/// message, that a handler of the started actor panicked; the mailbox is closed by then.
 pub async fn spawn<A, E, S, F, P>(start: S, failed: P) -> Result<Mailbox<A::Msg>, NotStarted<E>>
 where
     A: Actor,
@@ -149,16 +149,19 @@ where
     let (started, starting) = oneshot::channel();
     let own = mailbox.clone();
     tokio::spawn(async move {
+        let mut actor = match AssertUnwindSafe(start(own.clone())).catch_unwind().await {
+            Ok(Ok(actor)) => actor,
+            refused => {
+                own.stop();
+                let _ = started.send(Err(match refused {
+                    Ok(Err(error)) => NotStarted::Refused(error),
+                    _ => NotStarted::Panicked,
+                }));
+                return;
+            }
+        };
+        let _ = started.send(Ok(()));
         let run = async {
-            let mut actor = match start(own.clone()).await {
-                Ok(actor) => actor,
-                Err(error) => {
-                    own.stop();
-                    let _ = started.send(Err(error));
-                    return;
-                }
-            };
-            let _ = started.send(Ok(()));
             while let Some(message) = own.next().await {
                 actor.handle(&own, message).await;
             }
@@ -171,7 +174,7 @@ where
     });
     match starting.await {
         Ok(Ok(())) => Ok(mailbox),
-        Ok(Err(error)) => Err(NotStarted::Refused(error)),
+        Ok(Err(not_started)) => Err(not_started),
         Err(_) => Err(NotStarted::Panicked),
     }
 }
@@ -276,29 +279,34 @@ mod tests {
         assert_eq!(mailbox.send(3), Err(3));
     }
 
-    #[tokio::test]
-    async fn a_refused_start_answers_its_error_and_takes_no_message() {
+    /// Starts a recorder whose start refuses, or panics; answers with the mailbox it was given.
+    async fn fail_to_start(panics: bool) -> (Result<(), NotStarted<&'static str>>, Mailbox<u32>) {
         let seen = Arc::new(Mutex::new(None));
         let kept = seen.clone();
         let start = move |myself: Mailbox<u32>| async move {
             *kept.lock().unwrap() = Some(myself);
+            if panics {
+                panic!("cannot start");
+            }
             Err::<Recorder, _>("no")
         };
-        let answer = spawn(start, |_, _| {}).await;
-        assert!(matches!(answer, Err(NotStarted::Refused("no"))));
+        let supervise = |_: &Mailbox<u32>, _| panic!("only a started actor fails");
+        let answer = spawn(start, supervise).await.map(drop);
         let myself = seen.lock().unwrap().take().unwrap();
+        (answer, myself)
+    }
+
+    #[tokio::test]
+    async fn a_refused_start_answers_its_error_and_takes_no_message() {
+        let (answer, myself) = fail_to_start(false).await;
+        assert!(matches!(answer, Err(NotStarted::Refused("no"))));
         assert_eq!(myself.send(2), Err(2));
     }
 
     #[tokio::test]
-    async fn a_start_that_panics_is_reported() {
-        let (failed, failure) = oneshot::channel();
-        let start = |_| async { panic!("cannot start") };
-        let supervise = move |_: &Mailbox<u32>, error| {
-            let _ = failed.send(error);
-        };
-        let answer = spawn::<Recorder, (), _, _, _>(start, supervise).await;
+    async fn a_start_that_panics_answers_so_and_takes_no_message() {
+        let (answer, myself) = fail_to_start(true).await;
         assert!(matches!(answer, Err(NotStarted::Panicked)));
-        assert_eq!(failure.await.unwrap(), "cannot start");
+        assert_eq!(myself.send(2), Err(2));
     }
 }
