@@ -3,7 +3,7 @@
 //!
 //! There is one conversation actor per active conversation, so what an actor costs is what a
 //! conversation costs. ractor spends about 5.8 KB on each (two channels with their first blocks
-//! allocated up front, its task, its cell); an actor here costs its task and a few hundred bytes
+//! allocated up front, its task, its cell); an actor here costs its task and a 96-byte mailbox
 //! (BENCHMARKS.md has the heap profiles). The semantics are ractor's: messages are handled one
 //! at a time, in order; a stop takes effect once the message in hand is handled, and the messages
 //! still waiting are dropped; a handler that panics fails the actor, which its supervisor hears
